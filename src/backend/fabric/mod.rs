@@ -1,0 +1,527 @@
+//! The libfabric backend: one RDM endpoint, CQ and AV per NIC, for the
+//! providers `efa`, `tcp` (as `tcp;ofi_rxm`) and `shm`.
+//!
+//! Memory-registration modes are honoured as the provider returns them:
+//! `FI_MR_LOCAL` (descriptors passed with local buffers), `FI_MR_VIRT_ADDR`
+//! (remote addresses are virtual addresses, else offsets from the region
+//! start), `FI_MR_PROV_KEY` (provider-chosen keys, else unique keys we request
+//! per domain), `FI_MR_ENDPOINT` (regions bound to the endpoint and enabled),
+//! `FI_MR_ALLOCATED` (we only register allocated memory) and `FI_MR_HMEM`.
+//! Operation contexts are `fi_context2` slots from a fixed arena, so
+//! `FI_CONTEXT`/`FI_CONTEXT2` are met without allocating per operation.
+//! With `FI_RX_CQ_DATA`, immediates consume posted receive buffers; the
+//! engine keeps a pool posted and handles that case.
+
+mod handle;
+mod info;
+
+use std::ffi::{c_int, c_void};
+use std::os::fd::RawFd;
+use std::ptr;
+use std::sync::Arc;
+
+use fabric_sys as sys;
+use fabric_sys::ops as fi;
+
+use self::handle::{check, fabric_error, Domain, Fabric, Owned};
+pub(crate) use self::info::InfoRequest;
+use super::{Event, Nic, NicRegion, Op, OpKind, Posted};
+use crate::descriptor::Access;
+use crate::error::{Error, Result};
+use crate::provider::{Provider, ProviderKind};
+
+/// How a group of fabric NICs is opened.
+#[derive(Clone, Debug)]
+pub(crate) struct FabricOptions {
+    pub provider: Provider,
+    pub info: InfoRequest,
+    /// Open CQs with a wait descriptor (adaptive polling) or without (busy).
+    pub wait_fd: bool,
+    /// Receive buffers the engine will post per NIC.
+    pub rx_slots: usize,
+}
+
+/// Opens `count` NICs. On EFA each NIC is a distinct device (domain); tcp
+/// and shm have one domain, opened once per NIC to stand for several NICs.
+pub(crate) fn open_group(options: &FabricOptions, count: usize) -> Result<(ProviderKind, Vec<FabricNic>)> {
+    let (kind, list) = info::select(options.provider, &options.info)?;
+    let mut entries: Vec<*mut sys::fi_info> = Vec::new();
+    let mut seen = Vec::new();
+    let wanted_domain = options.info.domain.as_deref().filter(|_| kind == ProviderKind::Tcp);
+    let matching = list.iter().filter(|&i| {
+        // libfabric treats the domain-name hint loosely for layered
+        // providers: keep only the interface asked for, so that a test bound
+        // to `lo` never opens an endpoint on another interface.
+        info::provider_name(i).starts_with(kind.fabric_name()) && wanted_domain.is_none_or(|d| info::domain_name(i) == d)
+    });
+    for i in matching {
+        let name = info::domain_name(i);
+        if !seen.contains(&name) {
+            seen.push(name);
+            entries.push(i);
+        }
+    }
+    let Some(&first) = entries.first() else {
+        return Err(Error::BackendUnavailable { backend: kind.fabric_name(), reason: format!("no domain named {wanted_domain:?}") });
+    };
+    let mut fabric_ptr = ptr::null_mut();
+    let lib = sys::Library::get().map_err(|e| Error::BackendUnavailable { backend: "libfabric", reason: e.to_string() })?;
+    // SAFETY: fabric_attr comes from a live fi_info; the fabric is owned below.
+    check("fi_fabric", unsafe { (lib.fi_fabric)((*first).fabric_attr, &mut fabric_ptr, ptr::null_mut()) } as isize)?;
+    // SAFETY: fabric_ptr was just opened and is owned by nobody else.
+    let fabric: Fabric = Arc::new(unsafe { Owned::new(fabric_ptr, "fabric", ()) });
+    let nics = (0..count)
+        .map(|n| {
+            let entry = entries[n % entries.len()];
+            tracing::debug!(nic = n, provider = %info::provider_name(entry), domain = %info::domain_name(entry), "opening NIC");
+            FabricNic::open(&fabric, entry, options)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    tracing::info!(provider = %kind, nics = count, domains = ?seen, "libfabric group open");
+    Ok((kind, nics))
+}
+
+/// An operation context handed to libfabric: `fi_context2` first, as
+/// FI_CONTEXT/FI_CONTEXT2 require, then the engine's token.
+#[repr(C)]
+struct Slot {
+    ctx: sys::fi_context2,
+    token: u64,
+    rx: bool,
+}
+
+/// Fixed arena of contexts: no allocation per operation, and a natural bound
+/// on operations in flight.
+struct Slots {
+    slots: Box<[Slot]>,
+    tx_free: Vec<u32>,
+    rx_free: Vec<u32>,
+}
+
+impl Slots {
+    fn new(tx: usize, rx: usize) -> Self {
+        let slots = (0..tx + rx)
+            .map(|i| Slot { ctx: sys::fi_context2 { internal: [ptr::null_mut(); 8] }, token: 0, rx: i >= tx })
+            .collect();
+        Slots { slots, tx_free: (0..tx as u32).rev().collect(), rx_free: (tx as u32..(tx + rx) as u32).rev().collect() }
+    }
+
+    fn take(&mut self, token: u64, rx: bool) -> Option<*mut c_void> {
+        let index = if rx { self.rx_free.pop()? } else { self.tx_free.pop()? };
+        let slot = &mut self.slots[index as usize];
+        slot.token = token;
+        Some(slot as *mut Slot as *mut c_void)
+    }
+
+    fn give_back(&mut self, ctx: *mut c_void) {
+        let index = self.index(ctx);
+        if self.slots[index].rx {
+            self.rx_free.push(index as u32);
+        } else {
+            self.tx_free.push(index as u32);
+        }
+    }
+
+    fn index(&self, ctx: *mut c_void) -> usize {
+        let base = self.slots.as_ptr() as usize;
+        let index = (ctx as usize - base) / std::mem::size_of::<Slot>();
+        debug_assert!(index < self.slots.len());
+        index
+    }
+
+    /// Token and direction of a context returned by the CQ, or `None` for a
+    /// context that is not one of ours (null, for remote events).
+    fn lookup(&self, ctx: *mut c_void) -> Option<(u64, bool)> {
+        let base = self.slots.as_ptr() as usize;
+        let end = base + self.slots.len() * std::mem::size_of::<Slot>();
+        if (ctx as usize) < base || ctx as usize >= end {
+            return None;
+        }
+        let slot = &self.slots[self.index(ctx)];
+        Some((slot.token, slot.rx))
+    }
+}
+
+const CQ_BATCH: usize = 64;
+
+/// One libfabric endpoint with its CQ and AV, on its own domain.
+pub(crate) struct FabricNic {
+    // Declaration order is drop order: endpoint before the objects bound to
+    // it, everything before the domain (held by each), domain before fabric.
+    ep: Owned<sys::fid_ep, Domain>,
+    av: Owned<sys::fid_av, Domain>,
+    cq: Owned<sys::fid_cq, Domain>,
+    domain: Domain,
+    fabric: Fabric,
+    address: Box<[u8]>,
+    mr_mode: u32,
+    next_key: u64,
+    wait_fd: Option<RawFd>,
+    delivery_complete: bool,
+    slots: Slots,
+    entries: Box<[sys::fi_cq_data_entry; CQ_BATCH]>,
+}
+
+// SAFETY: the raw pointers in the fields (context arena, CQ entry buffer,
+// objects behind the owners) are only touched through `&mut self` by the one
+// thread that owns the NIC; libfabric objects opened with FI_THREAD_DOMAIN may
+// move between threads as long as calls on them are not concurrent.
+unsafe impl Send for FabricNic {}
+
+impl std::fmt::Debug for FabricNic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FabricNic").field("mr_mode", &self.mr_mode).finish_non_exhaustive()
+    }
+}
+
+impl FabricNic {
+    fn open(fabric: &Fabric, info: *mut sys::fi_info, options: &FabricOptions) -> Result<Self> {
+        // SAFETY: every call below gets live objects opened just before it
+        // (or the fi_info from fi_getinfo, alive for this call), and each new
+        // object is handed to exactly one owner right away.
+        unsafe {
+            let mut dom = ptr::null_mut();
+            check("fi_domain", fi::fi_domain(fabric.as_ptr(), info, &mut dom, ptr::null_mut()) as isize)?;
+            let domain: Domain = Arc::new(Owned::new(dom, "domain", fabric.clone()));
+            let tx_depth = ((*(*info).tx_attr).size).clamp(16, 1024);
+            let mr_mode = (*(*info).domain_attr).mr_mode as u32;
+
+            let mut cq_attr: sys::fi_cq_attr = std::mem::zeroed();
+            cq_attr.size = tx_depth + options.rx_slots + 64;
+            cq_attr.format = sys::fi_cq_format_FI_CQ_FORMAT_DATA;
+            let mut cq_ptr = ptr::null_mut();
+            let mut wait_fd = None;
+            if options.wait_fd {
+                cq_attr.wait_obj = sys::fi_wait_obj_FI_WAIT_FD;
+                if fi::fi_cq_open(dom, &mut cq_attr, &mut cq_ptr, ptr::null_mut()) == 0 {
+                    let mut fd: c_int = -1;
+                    if fi::fi_control(cq_ptr.cast(), sys::FI_GETWAIT as c_int, (&mut fd as *mut c_int).cast()) == 0 {
+                        wait_fd = Some(fd);
+                    }
+                } else {
+                    cq_ptr = ptr::null_mut();
+                }
+            }
+            if cq_ptr.is_null() {
+                cq_attr.wait_obj = sys::fi_wait_obj_FI_WAIT_NONE;
+                check("fi_cq_open", fi::fi_cq_open(dom, &mut cq_attr, &mut cq_ptr, ptr::null_mut()) as isize)?;
+            }
+            let cq = Owned::new(cq_ptr, "completion queue", domain.clone());
+
+            let mut av_attr: sys::fi_av_attr = std::mem::zeroed();
+            av_attr.type_ = sys::fi_av_type_FI_AV_TABLE;
+            av_attr.count = 64;
+            let mut av_ptr = ptr::null_mut();
+            check("fi_av_open", fi::fi_av_open(dom, &mut av_attr, &mut av_ptr, ptr::null_mut()) as isize)?;
+            let av = Owned::new(av_ptr, "address vector", domain.clone());
+
+            let mut ep_ptr = ptr::null_mut();
+            check("fi_endpoint", fi::fi_endpoint(dom, info, &mut ep_ptr, ptr::null_mut()) as isize)?;
+            let ep = Owned::new(ep_ptr, "endpoint", domain.clone());
+            let transmit_recv = (sys::FI_TRANSMIT | sys::FI_RECV) as u64;
+            check("fi_ep_bind(cq)", fi::fi_ep_bind(ep_ptr, cq.fid(), transmit_recv) as isize)?;
+            check("fi_ep_bind(av)", fi::fi_ep_bind(ep_ptr, av.fid(), 0) as isize)?;
+            check("fi_enable", fi::fi_enable(ep_ptr) as isize)?;
+
+            let mut buf = [0u8; 256];
+            let mut len = buf.len();
+            check("fi_getname", fi::fi_getname(ep_ptr, buf.as_mut_ptr().cast(), &mut len) as isize)?;
+            if len == 0 || len > crate::wire::MAX_NIC_ADDRESS_LEN {
+                return Err(Error::BackendUnavailable {
+                    backend: "libfabric",
+                    reason: format!("endpoint address of {len} bytes is not supported"),
+                });
+            }
+            Ok(FabricNic {
+                ep,
+                av,
+                cq,
+                domain,
+                fabric: fabric.clone(),
+                address: buf[..len].into(),
+                mr_mode,
+                next_key: 1,
+                wait_fd,
+                delivery_complete: true,
+                slots: Slots::new(tx_depth, options.rx_slots),
+                entries: Box::new([sys::fi_cq_data_entry {
+                    op_context: ptr::null_mut(),
+                    flags: 0,
+                    len: 0,
+                    buf: ptr::null_mut(),
+                    data: 0,
+                }; CQ_BATCH]),
+            })
+        }
+    }
+
+    fn read_error(&mut self, events: &mut Vec<Event>) {
+        // SAFETY: zeroed is a valid fi_cq_err_entry (err_data null, size 0).
+        let mut err: sys::fi_cq_err_entry = unsafe { std::mem::zeroed() };
+        // SAFETY: the CQ is live; err is a valid out-buffer.
+        let rc = unsafe { fi::fi_cq_readerr(self.cq.as_ptr(), &mut err, 0) };
+        if rc < 0 {
+            return;
+        }
+        let message = self.cq_strerror(&err);
+        let error = completion_error(&err, message);
+        match self.slots.lookup(err.op_context) {
+            Some((token, rx)) => {
+                self.slots.give_back(err.op_context);
+                events.push(if rx { Event::ReceiveFailed { token, error } } else { Event::Failed { token, error } });
+            }
+            None => tracing::warn!(%error, "completion error with no operation attached"),
+        }
+    }
+
+    fn cq_strerror(&self, err: &sys::fi_cq_err_entry) -> String {
+        let mut buf = [0 as std::ffi::c_char; 256];
+        // SAFETY: the CQ is live; err_data/size come from fi_cq_readerr; the
+        // returned string is NUL-terminated (in buf or provider-static).
+        unsafe {
+            let s = fi::fi_cq_strerror(self.cq.as_ptr(), err.prov_errno, err.err_data, buf.as_mut_ptr(), buf.len());
+            if s.is_null() {
+                String::new()
+            } else {
+                std::ffi::CStr::from_ptr(s).to_string_lossy().into_owned()
+            }
+        }
+    }
+}
+
+/// Maps a CQ error entry to the engine's error kinds.
+fn completion_error(err: &sys::fi_cq_err_entry, message: String) -> Error {
+    let code = err.err;
+    let op = if err.flags & sys::FI_READ as u64 != 0 {
+        "read"
+    } else if err.flags & sys::FI_RECV as u64 != 0 {
+        "recv"
+    } else if err.flags & sys::FI_SEND as u64 != 0 {
+        "send"
+    } else {
+        "write"
+    };
+    let detail = || format!("{op}: {message} (errno {code}, provider errno {})", err.prov_errno);
+    match code as u32 {
+        sys::FI_ECONNREFUSED | sys::FI_ECONNRESET | sys::FI_ENOTCONN | sys::FI_EHOSTUNREACH | sys::FI_ETIMEDOUT => {
+            Error::PeerUnreachable(detail())
+        }
+        c if c == libc::EPIPE as u32 => Error::PeerUnreachable(detail()),
+        sys::FI_EACCES | sys::FI_EKEYREJECTED => Error::RemoteAccess(detail()),
+        c if c == sys::FI_ENOKEY => Error::RemoteAccess(detail()),
+        _ => Error::Transport { op, code, prov_errno: err.prov_errno, message },
+    }
+}
+
+impl Nic for FabricNic {
+    fn address(&self) -> &[u8] {
+        &self.address
+    }
+
+    fn virtual_addresses(&self) -> bool {
+        self.mr_mode & sys::FI_MR_VIRT_ADDR != 0
+    }
+
+    unsafe fn register(&mut self, addr: *mut u8, len: u64, access: Access) -> Result<NicRegion> {
+        let iov = sys::iovec { iov_base: addr.cast(), iov_len: len as usize };
+        // SAFETY: zeroed is a valid fi_mr_attr (null pointers, system iface).
+        let mut attr: sys::fi_mr_attr = unsafe { std::mem::zeroed() };
+        attr.mr_iov = &iov;
+        attr.iov_count = 1;
+        attr.access = (sys::FI_READ | sys::FI_WRITE | sys::FI_SEND | sys::FI_RECV) as u64;
+        if access.remote_write {
+            attr.access |= sys::FI_REMOTE_WRITE as u64;
+        }
+        if access.remote_read {
+            attr.access |= sys::FI_REMOTE_READ as u64;
+        }
+        attr.iface = sys::fi_hmem_iface_FI_HMEM_SYSTEM;
+        if self.mr_mode & sys::FI_MR_PROV_KEY == 0 {
+            attr.requested_key = self.next_key;
+            self.next_key += 1;
+        }
+        let register_error = |reason: String| Error::RegisterMemory { addr: addr as usize, len, reason };
+        let mut mr = ptr::null_mut();
+        // SAFETY: the domain is live; attr points at iov for this call; the
+        // caller keeps the memory valid until deregister.
+        let rc = unsafe { fi::fi_mr_regattr(self.domain.as_ptr(), &attr, 0, &mut mr) };
+        if rc != 0 {
+            return Err(register_error(fabric_error("fi_mr_regattr", rc).to_string()));
+        }
+        let region = NicRegion {
+            handle: mr.cast(),
+            // SAFETY: mr was just registered.
+            key: unsafe { fi::fi_mr_key(mr) },
+            // SAFETY: as above.
+            desc: unsafe { fi::fi_mr_desc(mr) },
+        };
+        if self.mr_mode & sys::FI_MR_ENDPOINT != 0 {
+            // SAFETY: mr and the endpoint are live.
+            let rc = unsafe { fi::fi_mr_bind(mr, self.ep.fid(), 0) };
+            // SAFETY: as above.
+            let rc = if rc == 0 { unsafe { fi::fi_mr_enable(mr) } } else { rc };
+            if rc != 0 {
+                self.deregister(region);
+                return Err(register_error(fabric_error("fi_mr_bind/enable", rc).to_string()));
+            }
+        }
+        Ok(region)
+    }
+
+    fn deregister(&mut self, region: NicRegion) {
+        // SAFETY: the handle is a live fid_mr from `register`, closed once.
+        let rc = unsafe { fi::fi_close(region.handle.cast()) };
+        if rc != 0 {
+            tracing::warn!(error = %fabric_error("fi_close(mr)", rc), "deregistering memory failed");
+        }
+    }
+
+    fn insert_peer(&mut self, address: &[u8]) -> Result<u64> {
+        let mut fi_addr = sys::FI_ADDR_UNSPEC;
+        // SAFETY: the AV is live; address holds one provider address.
+        let rc = unsafe { fi::fi_av_insert(self.av.as_ptr(), address.as_ptr().cast(), 1, &mut fi_addr, 0, ptr::null_mut()) };
+        if rc != 1 {
+            let code = if rc < 0 { rc } else { -(sys::FI_EINVAL as i32) };
+            return Err(Error::PeerUnreachable(format!("inserting peer address: {}", fabric_error("fi_av_insert", code))));
+        }
+        Ok(fi_addr)
+    }
+
+    unsafe fn post(&mut self, op: &Op) -> Result<Posted> {
+        let Some(context) = self.slots.take(op.token, false) else {
+            return Ok(Posted::Busy);
+        };
+        let iov = sys::iovec { iov_base: op.local.cast(), iov_len: op.len as usize };
+        let mut desc = op.local_desc;
+        let iov_count = usize::from(op.len > 0);
+        let rc = match op.kind {
+            OpKind::Write | OpKind::Read => {
+                let rma = sys::fi_rma_iov { addr: op.remote_addr, len: op.len as usize, key: op.key };
+                let msg = sys::fi_msg_rma {
+                    msg_iov: &iov,
+                    desc: &mut desc,
+                    iov_count,
+                    addr: op.peer,
+                    rma_iov: &rma,
+                    rma_iov_count: 1,
+                    context,
+                    data: op.imm.unwrap_or(0) as u64,
+                };
+                let mut flags = sys::FI_COMPLETION as u64;
+                if op.imm.is_some() {
+                    flags |= sys::FI_REMOTE_CQ_DATA as u64;
+                }
+                if op.delivery_complete && self.delivery_complete {
+                    flags |= sys::FI_DELIVERY_COMPLETE as u64;
+                }
+                if op.kind == OpKind::Write {
+                    // SAFETY: endpoint live; msg and what it points to live
+                    // for the call; buffers valid until completion (caller).
+                    unsafe { fi::fi_writemsg(self.ep.as_ptr(), &msg, flags) }
+                } else {
+                    // SAFETY: as above.
+                    unsafe { fi::fi_readmsg(self.ep.as_ptr(), &msg, sys::FI_COMPLETION as u64) }
+                }
+            }
+            OpKind::Send => {
+                let msg = sys::fi_msg { msg_iov: &iov, desc: &mut desc, iov_count, addr: op.peer, context, data: 0 };
+                // SAFETY: as above.
+                unsafe { fi::fi_sendmsg(self.ep.as_ptr(), &msg, sys::FI_COMPLETION as u64) }
+            }
+        };
+        if rc == 0 {
+            return Ok(Posted::Accepted);
+        }
+        self.slots.give_back(context);
+        if rc == -(sys::FI_EAGAIN as isize) {
+            return Ok(Posted::Busy);
+        }
+        if rc == -(sys::FI_EBADFLAGS as isize) && op.delivery_complete && self.delivery_complete {
+            // The provider has no FI_DELIVERY_COMPLETE; its completions then
+            // already mean delivery for the reliable endpoints we open.
+            tracing::warn!("provider rejects FI_DELIVERY_COMPLETE; relying on its default completion semantics");
+            self.delivery_complete = false;
+            // SAFETY: same operation, same guarantees from the caller.
+            return unsafe { self.post(op) };
+        }
+        Err(fabric_error(
+            match op.kind {
+                OpKind::Write => "fi_writemsg",
+                OpKind::Read => "fi_readmsg",
+                OpKind::Send => "fi_sendmsg",
+            },
+            rc as i32,
+        ))
+    }
+
+    unsafe fn post_recv(&mut self, buf: *mut u8, len: usize, desc: *mut c_void, token: u64) -> Result<Posted> {
+        let Some(context) = self.slots.take(token, true) else {
+            return Ok(Posted::Busy);
+        };
+        let iov = sys::iovec { iov_base: buf.cast(), iov_len: len };
+        let mut desc = desc;
+        let msg = sys::fi_msg { msg_iov: &iov, desc: &mut desc, iov_count: 1, addr: sys::FI_ADDR_UNSPEC, context, data: 0 };
+        // SAFETY: endpoint live; buffer valid until completion (caller).
+        let rc = unsafe { fi::fi_recvmsg(self.ep.as_ptr(), &msg, sys::FI_COMPLETION as u64) };
+        match rc {
+            0 => Ok(Posted::Accepted),
+            rc => {
+                self.slots.give_back(context);
+                if rc == -(sys::FI_EAGAIN as isize) {
+                    Ok(Posted::Busy)
+                } else {
+                    Err(fabric_error("fi_recvmsg", rc as i32))
+                }
+            }
+        }
+    }
+
+    fn poll(&mut self, events: &mut Vec<Event>) -> usize {
+        let before = events.len();
+        loop {
+            // SAFETY: the CQ is live; entries has room for CQ_BATCH entries
+            // of the DATA format the CQ was opened with.
+            let rc = unsafe { fi::fi_cq_read(self.cq.as_ptr(), self.entries.as_mut_ptr().cast(), CQ_BATCH) };
+            if rc == -(sys::FI_EAVAIL as isize) {
+                self.read_error(events);
+                continue;
+            }
+            if rc <= 0 {
+                break;
+            }
+            for i in 0..rc as usize {
+                let e = self.entries[i];
+                let imm = (e.flags & sys::FI_REMOTE_CQ_DATA as u64 != 0).then_some(e.data as u32);
+                match self.slots.lookup(e.op_context) {
+                    Some((token, true)) => {
+                        self.slots.give_back(e.op_context);
+                        let message = e.flags & sys::FI_MSG as u64 != 0 || imm.is_none();
+                        events.push(Event::Received { token, len: e.len, message, imm });
+                    }
+                    Some((token, false)) => {
+                        self.slots.give_back(e.op_context);
+                        events.push(Event::Done { token });
+                    }
+                    None => match imm {
+                        Some(value) => events.push(Event::Imm { value }),
+                        None => tracing::trace!(flags = e.flags, "completion with no context ignored"),
+                    },
+                }
+            }
+            if (rc as usize) < CQ_BATCH {
+                break;
+            }
+        }
+        events.len() - before
+    }
+
+    fn wait_fd(&self) -> Option<RawFd> {
+        self.wait_fd
+    }
+
+    fn ready_to_sleep(&mut self) -> bool {
+        let mut fid = self.cq.fid();
+        // SAFETY: the fabric and CQ are live; fids points at one fid.
+        unsafe { fi::fi_trywait(self.fabric.as_ptr(), &mut fid, 1) == 0 }
+    }
+}

@@ -1,0 +1,136 @@
+//! The backend contract: what every transport provides to the engine.
+//!
+//! A backend is a set of [`Nic`]s. The engine's worker thread owns them and
+//! is the only caller, so a `Nic` never needs internal locking; it must be
+//! `Send` so that the worker can own it.
+//!
+//! # What a NIC must guarantee
+//! * Every operation accepted by [`Nic::post`] (it returned
+//!   [`Posted::Accepted`]) produces exactly one [`Event::Done`] or
+//!   [`Event::Failed`] carrying the operation's token, eventually, as long
+//!   as [`Nic::poll`] keeps being called. A post that returns
+//!   [`Posted::Busy`] or an error produced nothing and may be retried or
+//!   failed by the engine.
+//! * A write with an immediate that completed at the initiator has delivered
+//!   the immediate to the target's [`Nic::poll`] as an [`Event::Imm`] (or,
+//!   when the provider consumes receive buffers for immediates, as an
+//!   [`Event::Received`] with `imm` set).
+//! * An operation posted with `delivery_complete` completes at the initiator
+//!   only once its data is visible in the target's memory.
+//! * Memory registered without remote access is not reachable by peers.
+//!
+//! # What the engine must not assume
+//! * Ordering: completions, and the landing of data at the target, may come
+//!   in any order, even for two writes through one NIC pair.
+//! * That `poll` makes progress on its own: transports such as libfabric
+//!   `tcp` and `shm` progress only inside `poll`, so an idle target must keep
+//!   polling (or sleep on the wait descriptor) for its peers to progress.
+//! * That a dead peer is reported: some transports (`shm`) never report one.
+
+pub(crate) mod fabric;
+
+use std::ffi::c_void;
+use std::os::fd::RawFd;
+
+use crate::descriptor::Access;
+use crate::error::Result;
+
+/// A NIC's handle for one registered range.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NicRegion {
+    /// The provider's object (closed by [`Nic::deregister`]).
+    pub handle: *mut c_void,
+    /// The key peers use.
+    pub key: u64,
+    /// The local descriptor passed with buffers in this range.
+    pub desc: *mut c_void,
+}
+
+/// What an operation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OpKind {
+    Write,
+    Read,
+    Send,
+}
+
+/// One operation to post. `local`/`len` lie in a range registered on this
+/// NIC (`local_desc` from its [`NicRegion`]); `remote_addr`/`key` address the
+/// peer's region for writes and reads.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Op {
+    pub kind: OpKind,
+    pub local: *mut u8,
+    pub len: u64,
+    pub local_desc: *mut c_void,
+    pub peer: u64,
+    pub remote_addr: u64,
+    pub key: u64,
+    pub imm: Option<u32>,
+    pub delivery_complete: bool,
+    pub token: u64,
+}
+
+/// Result of a post that did not fail outright.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Posted {
+    /// The operation is in flight; an event with its token will come.
+    Accepted,
+    /// The NIC cannot take it now (queue full, connection being set up):
+    /// poll, then try again.
+    Busy,
+}
+
+/// Something a NIC reports from [`Nic::poll`].
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// The operation with this token completed.
+    Done { token: u64 },
+    /// The operation with this token failed.
+    Failed { token: u64, error: crate::Error },
+    /// A peer's write delivered an immediate (no receive buffer consumed).
+    Imm { value: u32 },
+    /// A posted receive buffer was consumed: by a message of `len` bytes, or
+    /// (`imm` set, `message` false) by an immediate on providers that need
+    /// buffers for them. The buffer must be posted again.
+    Received { token: u64, len: usize, message: bool, imm: Option<u32> },
+    /// A receive buffer failed (the buffer may be posted again).
+    ReceiveFailed { token: u64, error: crate::Error },
+}
+
+/// One NIC of a group: see the module docs for the contract.
+pub(crate) trait Nic: Send {
+    /// This NIC's address, as peers insert it.
+    fn address(&self) -> &[u8];
+    /// True when peers address regions by virtual address, false when by
+    /// offset from the region start.
+    fn virtual_addresses(&self) -> bool;
+    /// Registers `len` bytes at `addr`.
+    ///
+    /// # Safety
+    /// The memory must stay valid until [`deregister`](Self::deregister).
+    unsafe fn register(&mut self, addr: *mut u8, len: u64, access: Access) -> Result<NicRegion>;
+    /// Releases a registration; peers lose access.
+    fn deregister(&mut self, region: NicRegion);
+    /// Makes a peer NIC reachable; the result is passed as [`Op::peer`].
+    fn insert_peer(&mut self, address: &[u8]) -> Result<u64>;
+    /// Posts one operation.
+    ///
+    /// # Safety
+    /// The local buffer must stay valid and registered until the operation's
+    /// event is returned by `poll`.
+    unsafe fn post(&mut self, op: &Op) -> Result<Posted>;
+    /// Posts a receive buffer; its event carries `token`.
+    ///
+    /// # Safety
+    /// As for [`post`](Self::post).
+    unsafe fn post_recv(&mut self, buf: *mut u8, len: usize, desc: *mut c_void, token: u64) -> Result<Posted>;
+    /// Reads available completions into `events`; returns how many.
+    fn poll(&mut self, events: &mut Vec<Event>) -> usize;
+    /// A file descriptor that becomes readable when `poll` has work, if the
+    /// transport has one.
+    fn wait_fd(&self) -> Option<RawFd>;
+    /// Called before sleeping on [`wait_fd`](Self::wait_fd): false when
+    /// `poll` must run first.
+    fn ready_to_sleep(&mut self) -> bool;
+}

@@ -1,0 +1,181 @@
+//! `MrDesc`: the remote view of a registered region.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::address::EngineAddress;
+use crate::error::{Error, Result};
+use crate::provider::ProviderKind;
+use crate::wire::{self, Reader};
+
+const MAGIC: &[u8; 3] = b"STD";
+const VERSION: u8 = 1;
+
+const FLAG_REMOTE_WRITE: u8 = 1;
+const FLAG_REMOTE_READ: u8 = 2;
+const KNOWN_FLAGS: u8 = FLAG_REMOTE_WRITE | FLAG_REMOTE_READ;
+
+/// What a region lets peers do. Local use (source of writes and sends,
+/// destination of reads and receives) is always allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Access {
+    /// Peers may write into the region (and deliver immediates through it).
+    pub remote_write: bool,
+    /// Peers may read from the region.
+    pub remote_read: bool,
+}
+
+impl Access {
+    /// Local use only: no peer can touch the region.
+    pub const LOCAL: Access = Access { remote_write: false, remote_read: false };
+    /// Peers may write.
+    pub const REMOTE_WRITE: Access = Access { remote_write: true, remote_read: false };
+    /// Peers may read.
+    pub const REMOTE_READ: Access = Access { remote_write: false, remote_read: true };
+    /// Peers may read and write.
+    pub const REMOTE_READ_WRITE: Access = Access { remote_write: true, remote_read: true };
+
+    fn flags(self) -> u8 {
+        (self.remote_write as u8 * FLAG_REMOTE_WRITE) | (self.remote_read as u8 * FLAG_REMOTE_READ)
+    }
+}
+
+/// The remote view of a [`MemoryRegion`](crate::MemoryRegion): who owns it
+/// (the owner's [`EngineAddress`]), where it starts, how long it is, and the
+/// key of each of the owner's NICs.
+///
+/// Send it to peers as bytes ([`to_bytes`](Self::to_bytes)); a peer decodes it
+/// with [`from_bytes`](Self::from_bytes), which validates everything, and then
+/// writes into or reads from it. Cheap to clone.
+///
+/// Holding a descriptor grants what the region's [`Access`] says to anyone
+/// who can reach the owner's NICs, until the owner drops the region.
+///
+/// Encoding (version 1): `"STD" 1`, flags byte (bit 0 remote write, bit 1
+/// remote read), base address (u64 LE; the owner's virtual address when its
+/// provider addresses regions by virtual address, else 0), length (u64 LE),
+/// then the owner's engine address (as [`EngineAddress`] encodes it) and one
+/// key (u64 LE) per NIC of that address.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MrDesc {
+    inner: Arc<Inner>,
+}
+
+#[derive(PartialEq, Eq)]
+struct Inner {
+    access: Access,
+    base: u64,
+    len: u64,
+    owner: EngineAddress,
+    keys: Vec<u64>,
+}
+
+impl MrDesc {
+    pub(crate) fn new(owner: EngineAddress, base: u64, len: u64, access: Access, keys: Vec<u64>) -> Self {
+        debug_assert_eq!(keys.len(), owner.nic_count());
+        MrDesc { inner: Arc::new(Inner { access, base, len, owner, keys }) }
+    }
+
+    /// Decodes a descriptor received from another process. Every field is
+    /// checked: header, flags, address, that `base + len` does not overflow,
+    /// one key per NIC, and no trailing bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let mut r = Reader::new(bytes, "memory descriptor");
+        r.header(MAGIC, VERSION)?;
+        let flags = r.u8("flags")?;
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(r.error(format!("unknown flags {flags:#x}")));
+        }
+        let base = r.u64("base")?;
+        let len = r.u64("length")?;
+        if base.checked_add(len).is_none() {
+            return Err(r.error("base + length overflows"));
+        }
+        let (provider, nics) = EngineAddress::read(&mut r)?;
+        let keys = (0..nics.len()).map(|_| r.u64("key")).collect::<Result<Vec<_>>>()?;
+        r.finish()?;
+        let access = Access { remote_write: flags & FLAG_REMOTE_WRITE != 0, remote_read: flags & FLAG_REMOTE_READ != 0 };
+        Ok(Self::new(EngineAddress::new(provider, nics), base, len, access, keys))
+    }
+
+    /// The canonical byte encoding.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let owner = self.inner.owner.encoded();
+        let mut out = Vec::with_capacity(4 + 1 + 16 + owner.len() + 8 * self.inner.keys.len());
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.push(self.inner.access.flags());
+        out.extend_from_slice(&self.inner.base.to_le_bytes());
+        out.extend_from_slice(&self.inner.len.to_le_bytes());
+        out.extend_from_slice(owner);
+        for key in &self.inner.keys {
+            out.extend_from_slice(&key.to_le_bytes());
+        }
+        out
+    }
+
+    /// Length of the region in bytes.
+    pub fn len(&self) -> u64 {
+        self.inner.len
+    }
+
+    /// True for a zero-length region (never produced by registration).
+    pub fn is_empty(&self) -> bool {
+        self.inner.len == 0
+    }
+
+    /// What the owner allows.
+    pub fn access(&self) -> Access {
+        self.inner.access
+    }
+
+    /// The engine that owns the region.
+    pub fn owner(&self) -> &EngineAddress {
+        &self.inner.owner
+    }
+
+    /// The provider family of the owner.
+    pub fn provider(&self) -> ProviderKind {
+        self.inner.owner.provider()
+    }
+
+    /// Remote address of byte `offset` of the region (as the provider wants
+    /// it: virtual address or offset).
+    pub(crate) fn remote_addr(&self, offset: u64) -> u64 {
+        self.inner.base + offset
+    }
+
+    /// The key for the owner's NIC `nic`.
+    pub(crate) fn key(&self, nic: usize) -> u64 {
+        self.inner.keys[nic]
+    }
+
+    /// Checks that `offset..offset+len` lies inside the region.
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        check_range("destination", offset, len, self.inner.len)
+    }
+}
+
+/// Checks that `offset..offset+len` lies inside a region of `region_len`.
+pub(crate) fn check_range(side: &'static str, offset: u64, len: u64, region_len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= region_len => Ok(()),
+        _ => Err(Error::OutOfBounds { side, offset, len, region_len }),
+    }
+}
+
+impl fmt::Debug for MrDesc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MrDesc")
+            .field("len", &self.inner.len)
+            .field("access", &self.inner.access)
+            .field("owner", &self.inner.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for MrDesc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&wire::to_hex(&self.to_bytes()))
+    }
+}

@@ -1,0 +1,339 @@
+//! Counting immediates at the target: `expect_imm` counters and the tally
+//! of immediates nobody was waiting for yet.
+//!
+//! # Semantics
+//! Immediates are counted per 32-bit value. An immediate that arrives while
+//! a counter is armed for its value counts towards that counter. One that
+//! arrives while none is armed goes to the engine's unclaimed-immediate
+//! callback or queue if one was configured, and otherwise is kept in a tally
+//! that the next counter armed for that value starts from, so a sender that
+//! races ahead of the receiver's `expect_imm` loses nothing. A counter takes
+//! from the tally at most the count it expects; the rest stays for the next.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// Where immediates no counter claims go.
+pub(crate) enum UnclaimedImm {
+    /// Kept per value for a later `expect_imm` (the default).
+    Tally,
+    /// Handed to a callback on the worker thread.
+    Callback(Box<dyn Fn(u32) + Send + Sync>),
+    /// Pushed into a queue read by `TransferEngine::next_imm`.
+    Queue(crossbeam_channel::Sender<u32>),
+}
+
+pub(crate) struct ImmTable {
+    state: Mutex<TableState>,
+    unclaimed: UnclaimedImm,
+}
+
+struct TableState {
+    tally: HashMap<u32, u64>,
+    armed: HashMap<u32, Arc<CounterShared>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    Armed,
+    Reached,
+    Cancelled,
+}
+
+struct CounterShared {
+    value: u32,
+    state: Mutex<CounterState>,
+    cv: Condvar,
+}
+
+struct CounterState {
+    expected: u64,
+    seen: u64,
+    status: Status,
+    waker: Option<Waker>,
+    callback: Option<Arc<dyn Fn(u32) + Send + Sync>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ImmTable {
+    pub(crate) fn new(unclaimed: UnclaimedImm) -> Arc<Self> {
+        Arc::new(ImmTable { state: Mutex::new(TableState { tally: HashMap::new(), armed: HashMap::new() }), unclaimed })
+    }
+
+    /// One immediate arrived (worker thread).
+    pub(crate) fn deliver(&self, value: u32) {
+        let mut t = lock(&self.state);
+        if let Some(counter) = t.armed.get(&value).cloned() {
+            let mut c = lock(&counter.state);
+            c.seen += 1;
+            if c.seen >= c.expected {
+                t.armed.remove(&value);
+                drop(t);
+                c.status = Status::Reached;
+                let waker = c.waker.take();
+                let callback = c.callback.clone();
+                drop(c);
+                counter.cv.notify_all();
+                if let Some(w) = waker {
+                    w.wake();
+                }
+                if let Some(cb) = callback {
+                    cb(value);
+                }
+            }
+            return;
+        }
+        match &self.unclaimed {
+            UnclaimedImm::Tally => *t.tally.entry(value).or_insert(0) += 1,
+            UnclaimedImm::Callback(cb) => {
+                drop(t);
+                cb(value);
+            }
+            UnclaimedImm::Queue(tx) => {
+                drop(t);
+                let _ = tx.send(value);
+            }
+        }
+    }
+
+    /// Arms `counter` for `count` more immediates, starting from the tally.
+    fn arm(&self, counter: &Arc<CounterShared>, count: u64) -> Result<()> {
+        if count == 0 {
+            return Err(Error::InvalidRequest("expect_imm count must be at least 1".into()));
+        }
+        let mut t = lock(&self.state);
+        if let Some(other) = t.armed.get(&counter.value) {
+            if !Arc::ptr_eq(other, counter) {
+                return Err(Error::InvalidRequest(format!("a counter for immediate {} is already armed", counter.value)));
+            }
+        }
+        let from_tally = match t.tally.get_mut(&counter.value) {
+            Some(n) => {
+                let take = (*n).min(count);
+                *n -= take;
+                if *n == 0 {
+                    t.tally.remove(&counter.value);
+                }
+                take
+            }
+            None => 0,
+        };
+        let mut c = lock(&counter.state);
+        c.expected = count;
+        c.seen = from_tally;
+        if from_tally >= count {
+            c.status = Status::Reached;
+            t.armed.remove(&counter.value);
+        } else {
+            c.status = Status::Armed;
+            t.armed.insert(counter.value, counter.clone());
+        }
+        Ok(())
+    }
+
+    pub(crate) fn expect(self: &Arc<Self>, value: u32, count: u64) -> Result<ImmCounter> {
+        let shared = Arc::new(CounterShared {
+            value,
+            state: Mutex::new(CounterState { expected: count, seen: 0, status: Status::Armed, waker: None, callback: None }),
+            cv: Condvar::new(),
+        });
+        self.arm(&shared, count)?;
+        Ok(ImmCounter { shared, table: self.clone() })
+    }
+}
+
+/// Counts immediates of one value at the target, from
+/// [`TransferEngine::expect_imm`](crate::TransferEngine::expect_imm).
+///
+/// Wait on it (with or without a deadline), poll it, give it a callback,
+/// cancel it, and re-arm it for the next round. Dropping it cancels it.
+pub struct ImmCounter {
+    shared: Arc<CounterShared>,
+    table: Arc<ImmTable>,
+}
+
+impl fmt::Debug for ImmCounter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = lock(&self.shared.state);
+        f.debug_struct("ImmCounter")
+            .field("value", &self.shared.value)
+            .field("seen", &c.seen)
+            .field("expected", &c.expected)
+            .finish()
+    }
+}
+
+impl ImmCounter {
+    /// The immediate value counted.
+    pub fn value(&self) -> u32 {
+        self.shared.value
+    }
+
+    /// Immediates counted in this round so far (capped at the expected count).
+    pub fn seen(&self) -> u64 {
+        let c = lock(&self.shared.state);
+        c.seen.min(c.expected)
+    }
+
+    /// True once the expected count has arrived.
+    pub fn is_reached(&self) -> bool {
+        lock(&self.shared.state).status == Status::Reached
+    }
+
+    /// Blocks until the count is reached. Fails with [`Error::Cancelled`] if
+    /// the counter is cancelled meanwhile.
+    pub fn wait(&self) -> Result<()> {
+        self.wait_until(None)
+    }
+
+    /// Like [`wait`](Self::wait) with a deadline: [`Error::Timeout`] when it
+    /// passes (the counter stays armed).
+    pub fn wait_timeout(&self, timeout: Duration) -> Result<()> {
+        self.wait_until(Some((Instant::now() + timeout, timeout)))
+    }
+
+    fn wait_until(&self, deadline: Option<(Instant, Duration)>) -> Result<()> {
+        let mut c = lock(&self.shared.state);
+        loop {
+            match c.status {
+                Status::Reached => return Ok(()),
+                Status::Cancelled => return Err(Error::Cancelled),
+                Status::Armed => {}
+            }
+            c = match deadline {
+                None => self.shared.cv.wait(c).unwrap_or_else(|e| e.into_inner()),
+                Some((at, timeout)) => {
+                    let now = Instant::now();
+                    if now >= at {
+                        return Err(Error::Timeout(timeout));
+                    }
+                    self.shared.cv.wait_timeout(c, at - now).unwrap_or_else(|e| e.into_inner()).0
+                }
+            };
+        }
+    }
+
+    /// Calls `callback(value)` each time the counter reaches its count (on
+    /// the worker thread; or right away if it already has).
+    pub fn on_reached(&self, callback: impl Fn(u32) + Send + Sync + 'static) {
+        let callback: Arc<dyn Fn(u32) + Send + Sync> = Arc::new(callback);
+        let mut c = lock(&self.shared.state);
+        c.callback = Some(callback.clone());
+        if c.status == Status::Reached {
+            drop(c);
+            callback(self.shared.value);
+        }
+    }
+
+    /// Stops counting: waiters get [`Error::Cancelled`]. Immediates of this
+    /// value that arrive later go to the tally (or the unclaimed sink).
+    pub fn cancel(&self) {
+        let mut t = lock(&self.table.state);
+        if t.armed.get(&self.shared.value).is_some_and(|a| Arc::ptr_eq(a, &self.shared)) {
+            t.armed.remove(&self.shared.value);
+        }
+        drop(t);
+        let mut c = lock(&self.shared.state);
+        if c.status == Status::Armed {
+            c.status = Status::Cancelled;
+        }
+        let waker = c.waker.take();
+        drop(c);
+        self.shared.cv.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Starts a new round expecting `count` more immediates of the same value
+    /// (arrivals beyond the previous round's count are already in the tally).
+    pub fn rearm(&self, count: u64) -> Result<()> {
+        self.table.arm(&self.shared, count)
+    }
+}
+
+impl Drop for ImmCounter {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+impl std::future::Future for ImmCounter {
+    type Output = Result<()>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<()>> {
+        let mut c = lock(&self.shared.state);
+        match c.status {
+            Status::Reached => std::task::Poll::Ready(Ok(())),
+            Status::Cancelled => std::task::Poll::Ready(Err(Error::Cancelled)),
+            Status::Armed => {
+                c.waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_arrivals_are_kept_for_the_next_counter() {
+        let t = ImmTable::new(UnclaimedImm::Tally);
+        for _ in 0..5 {
+            t.deliver(7);
+        }
+        let c = t.expect(7, 3).unwrap();
+        assert!(c.is_reached());
+        c.rearm(3).unwrap();
+        assert_eq!(c.seen(), 2, "two left over from the tally");
+        assert!(!c.is_reached());
+        t.deliver(7);
+        assert!(c.wait_timeout(Duration::from_millis(10)).is_ok());
+    }
+
+    #[test]
+    fn counts_exactly_and_times_out() {
+        let t = ImmTable::new(UnclaimedImm::Tally);
+        let c = t.expect(1, 2).unwrap();
+        t.deliver(1);
+        t.deliver(2);
+        assert!(matches!(c.wait_timeout(Duration::from_millis(5)), Err(Error::Timeout(_))));
+        assert_eq!(c.seen(), 1);
+        t.deliver(1);
+        assert!(c.wait().is_ok());
+    }
+
+    #[test]
+    fn cancel_wakes_waiters_and_one_counter_per_value() {
+        let t = ImmTable::new(UnclaimedImm::Tally);
+        let c = t.expect(9, 1).unwrap();
+        assert!(t.expect(9, 1).is_err());
+        c.cancel();
+        assert!(matches!(c.wait(), Err(Error::Cancelled)));
+        t.deliver(9);
+        let d = t.expect(9, 1).unwrap();
+        assert!(d.is_reached());
+        assert!(t.expect(3, 0).is_err());
+    }
+
+    #[test]
+    fn unclaimed_go_to_the_queue() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let t = ImmTable::new(UnclaimedImm::Queue(tx));
+        let c = t.expect(1, 1).unwrap();
+        t.deliver(2);
+        t.deliver(1);
+        assert!(c.is_reached());
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [2]);
+    }
+}

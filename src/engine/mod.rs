@@ -1,0 +1,561 @@
+//! `TransferEngine`: the handle users hold, and its builder.
+
+mod completion;
+mod imm;
+mod link;
+mod memory;
+mod worker;
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+
+pub use self::completion::Transfer;
+pub use self::imm::ImmCounter;
+pub use self::memory::{MemoryRegion, PAGE_SIZE};
+pub use self::worker::PollMode;
+
+use self::completion::{Completion, PartGuard};
+use self::imm::{ImmTable, UnclaimedImm};
+use self::link::Link;
+use self::memory::{AlignedBuf, MrInner};
+use self::worker::{Command, MessageSink, RecvConfig, RequestOp, Submission, Worker};
+use crate::address::EngineAddress;
+use crate::backend::fabric::{self, FabricOptions, InfoRequest};
+use crate::backend::Nic;
+use crate::descriptor::{check_range, Access, MrDesc};
+use crate::error::{Error, Result};
+use crate::plan::{PagedLayout, PagedPlan, ShardConfig, ShardPlan};
+use crate::provider::{Provider, ProviderKind};
+
+/// Configures and starts a [`TransferEngine`].
+///
+/// ```no_run
+/// # fn main() -> strait::Result<()> {
+/// use strait::{PollMode, Provider, TransferEngine};
+/// let engine = TransferEngine::builder()
+///     .provider(Provider::Tcp)
+///     .interface("lo")
+///     .nics(2)
+///     .poll_mode(PollMode::Busy)
+///     .build()?;
+/// # Ok(()) }
+/// ```
+pub struct EngineBuilder {
+    provider: Provider,
+    nics: usize,
+    poll_mode: PollMode,
+    cpu: Option<usize>,
+    interface: Option<String>,
+    shard: ShardConfig,
+    recv: RecvConfig,
+    messages: Option<Box<dyn Fn(&[u8]) + Send + Sync>>,
+    unclaimed_imm: Option<UnclaimedImm>,
+    imm_queue: Option<Receiver<u32>>,
+}
+
+impl fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EngineBuilder")
+            .field("provider", &self.provider)
+            .field("nics", &self.nics)
+            .field("poll_mode", &self.poll_mode)
+            .field("cpu", &self.cpu)
+            .field("interface", &self.interface)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for EngineBuilder {
+    fn default() -> Self {
+        EngineBuilder {
+            provider: Provider::Auto,
+            nics: 1,
+            poll_mode: PollMode::default(),
+            cpu: None,
+            interface: None,
+            shard: ShardConfig::default(),
+            recv: RecvConfig { count: 64, size: 64 << 10 },
+            messages: None,
+            unclaimed_imm: None,
+            imm_queue: None,
+        }
+    }
+}
+
+impl EngineBuilder {
+    /// Which provider to use (default [`Provider::Auto`]: efa, then tcp).
+    pub fn provider(mut self, provider: Provider) -> Self {
+        self.provider = provider;
+        self
+    }
+
+    /// NICs in the group (default 1, at most 16). On EFA each is a device,
+    /// taken in the order libfabric lists them; on tcp and shm each is its
+    /// own endpoint on the same interface, standing in for a NIC.
+    pub fn nics(mut self, nics: usize) -> Self {
+        self.nics = nics;
+        self
+    }
+
+    /// How the worker waits (default: [`PollMode::Adaptive`] with a 50 µs spin).
+    pub fn poll_mode(mut self, mode: PollMode) -> Self {
+        self.poll_mode = mode;
+        self
+    }
+
+    /// Pins the worker thread to this CPU.
+    pub fn pin_worker(mut self, cpu: usize) -> Self {
+        self.cpu = Some(cpu);
+        self
+    }
+
+    /// tcp only: the interface (libfabric domain) to use, e.g. `lo`. Without
+    /// it libfabric picks the first interface it lists (often `eth0`).
+    pub fn interface(mut self, name: impl Into<String>) -> Self {
+        self.interface = Some(name.into());
+        self
+    }
+
+    /// How contiguous transfers are split across NICs.
+    pub fn shard_config(mut self, config: ShardConfig) -> Self {
+        self.shard = config;
+        self
+    }
+
+    /// Receive buffers posted per NIC for two-sided messages (default 64 of
+    /// 64 KiB). A peer's message must fit in one buffer.
+    pub fn receive_buffers(mut self, count: usize, size: usize) -> Self {
+        self.recv = RecvConfig { count: count.max(1), size: size.max(64) };
+        self
+    }
+
+    /// Delivers two-sided messages to `callback` on the worker thread instead
+    /// of the queue read by [`TransferEngine::recv_timeout`].
+    pub fn on_message(mut self, callback: impl Fn(&[u8]) + Send + Sync + 'static) -> Self {
+        self.messages = Some(Box::new(callback));
+        self
+    }
+
+    /// Delivers immediates that no armed counter claims to `callback` (worker
+    /// thread) instead of keeping them for a later
+    /// [`expect_imm`](TransferEngine::expect_imm).
+    pub fn on_unclaimed_imm(mut self, callback: impl Fn(u32) + Send + Sync + 'static) -> Self {
+        self.unclaimed_imm = Some(UnclaimedImm::Callback(Box::new(callback)));
+        self
+    }
+
+    /// Queues immediates that no armed counter claims, for
+    /// [`TransferEngine::next_imm`], instead of keeping them for a later
+    /// [`expect_imm`](TransferEngine::expect_imm).
+    pub fn unclaimed_imm_queue(mut self) -> Self {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        self.unclaimed_imm = Some(UnclaimedImm::Queue(tx));
+        self.imm_queue = Some(rx);
+        self
+    }
+
+    /// Opens the NICs and starts the worker.
+    pub fn build(self) -> Result<TransferEngine> {
+        if self.nics == 0 || self.nics > crate::wire::MAX_NICS {
+            return Err(Error::InvalidRequest(format!("nics must be in 1..={}", crate::wire::MAX_NICS)));
+        }
+        let options = FabricOptions {
+            provider: self.provider,
+            info: InfoRequest { domain: self.interface.clone(), hmem: false },
+            wait_fd: matches!(self.poll_mode, PollMode::Adaptive { .. }),
+            rx_slots: self.recv.count,
+        };
+        let (kind, nics) = fabric::open_group(&options, self.nics)?;
+        self.start(kind, nics)
+    }
+
+    fn start<N: Nic + 'static>(self, kind: ProviderKind, nics: Vec<N>) -> Result<TransferEngine> {
+        let address = EngineAddress::new(kind, nics.iter().map(|n| n.address().into()).collect());
+        let virtual_addresses = nics[0].virtual_addresses();
+        let nic_count = nics.len();
+        let (link, commands) = Link::new()?;
+        let link = Arc::new(link);
+        let imm = ImmTable::new(self.unclaimed_imm.unwrap_or(UnclaimedImm::Tally));
+        let (message_queue, messages) = match self.messages {
+            Some(cb) => (None, MessageSink::Callback(cb)),
+            None => {
+                let (tx, rx) = crossbeam_channel::unbounded();
+                (Some(rx), MessageSink::Queue(tx))
+            }
+        };
+        let worker = Worker::new(nics, commands, link.clone(), imm.clone(), messages, self.poll_mode, self.recv);
+        let cpu = self.cpu;
+        let thread = std::thread::Builder::new()
+            .name("strait-worker".into())
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    pin_current_thread(cpu);
+                }
+                worker.run()
+            })
+            .map_err(|e| Error::InvalidRequest(format!("spawning the worker: {e}")))?;
+        link.set_worker(thread.thread().id());
+        tracing::info!(provider = %kind, nics = nic_count, address = %address, "engine started");
+        Ok(TransferEngine {
+            shared: Arc::new(Shared {
+                link,
+                address,
+                kind,
+                nic_count,
+                virtual_addresses,
+                imm,
+                shard: self.shard,
+                rotation: AtomicUsize::new(0),
+                messages: message_queue,
+                imm_queue: self.imm_queue,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+}
+
+fn pin_current_thread(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!(cpu, error = %std::io::Error::last_os_error(), "pinning the worker failed");
+        }
+    }
+}
+
+struct Shared {
+    link: Arc<Link>,
+    address: EngineAddress,
+    kind: ProviderKind,
+    nic_count: usize,
+    virtual_addresses: bool,
+    imm: Arc<ImmTable>,
+    shard: ShardConfig,
+    rotation: AtomicUsize,
+    messages: Option<Receiver<Vec<u8>>>,
+    imm_queue: Option<Receiver<u32>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Shared {
+    fn shutdown(&self) {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = self.link.send(Command::Shutdown);
+            self.link.wake();
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A group of NICs and the worker thread that drives them: the entry point
+/// of strait.
+///
+/// Cheap to clone (`Arc` inside), `Send + Sync`. The worker stops when the
+/// last clone is dropped or [`shutdown`](Self::shutdown) is called: requests
+/// still in flight then end with [`Error::Shutdown`], and drop returns once
+/// the worker has released every NIC.
+///
+/// Every submit method checks its arguments (ranges against regions and
+/// descriptors, provider and NIC counts) before anything is posted, returning
+/// the error directly; after that the request's outcome comes through the
+/// returned [`Transfer`].
+#[derive(Clone)]
+pub struct TransferEngine {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for TransferEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransferEngine").field("address", &self.shared.address).finish()
+    }
+}
+
+/// One destination of [`TransferEngine::scatter`].
+#[derive(Clone, Debug)]
+pub struct ScatterTarget {
+    /// The peer's region.
+    pub dst: MrDesc,
+    /// Offset in the local source region.
+    pub src_offset: u64,
+    /// Offset in the peer's region.
+    pub dst_offset: u64,
+    /// Bytes to write.
+    pub len: u64,
+    /// Immediate delivered to this peer once its bytes have landed.
+    pub imm: Option<u32>,
+}
+
+impl TransferEngine {
+    /// A builder with the defaults.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    /// The addresses of this engine's NICs, to give to peers.
+    pub fn address(&self) -> &EngineAddress {
+        &self.shared.address
+    }
+
+    /// The provider the engine runs on.
+    pub fn provider(&self) -> ProviderKind {
+        self.shared.kind
+    }
+
+    /// NICs in the group.
+    pub fn nic_count(&self) -> usize {
+        self.shared.nic_count
+    }
+
+    /// Allocates `len` zeroed, page-aligned bytes and registers them with
+    /// every NIC. The engine frees the memory after deregistration.
+    pub fn alloc(&self, len: u64, access: Access) -> Result<MemoryRegion> {
+        let buf = AlignedBuf::zeroed(len)?;
+        let ptr = buf.as_ptr();
+        self.register_inner(ptr, len, access, Some(buf))
+    }
+
+    /// Registers memory you own with every NIC.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be valid memory (for the provider: host memory,
+    /// or device memory where the provider supports it) and stay valid until
+    /// the returned region and every request using it have ended, which is
+    /// after the region is dropped and [`Transfer`]s using it have completed.
+    pub unsafe fn register_raw(&self, ptr: *mut u8, len: u64, access: Access) -> Result<MemoryRegion> {
+        self.register_inner(ptr, len, access, None)
+    }
+
+    fn register_inner(&self, ptr: *mut u8, len: u64, access: Access, owned: Option<AlignedBuf>) -> Result<MemoryRegion> {
+        if ptr.is_null() || len == 0 {
+            return Err(Error::RegisterMemory { addr: ptr as usize, len, reason: "null or empty".into() });
+        }
+        if (ptr as u64).checked_add(len).is_none() {
+            return Err(Error::RegisterMemory { addr: ptr as usize, len, reason: "range wraps the address space".into() });
+        }
+        if self.shared.link.on_worker() {
+            return Err(Error::WouldDeadlock("registering memory"));
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.shared.link.send(Command::Register { ptr: ptr as usize, len, access, reply: tx })?;
+        let registration = rx.recv().map_err(|_| Error::Shutdown)??;
+        let base = if self.shared.virtual_addresses { ptr as u64 } else { 0 };
+        let keys = registration.regions.iter().map(|r| r.key).collect();
+        let descs = registration.regions.iter().map(|r| r.desc).collect();
+        let desc = MrDesc::new(self.shared.address.clone(), base, len, access, keys);
+        Ok(MemoryRegion {
+            inner: Arc::new(MrInner::new(registration.id, ptr, len, descs, desc, owned, self.shared.link.clone())),
+        })
+    }
+
+    fn check_local(&self, region: &MemoryRegion) -> Result<()> {
+        if !Arc::ptr_eq(&region.inner.link, &self.shared.link) {
+            return Err(Error::InvalidRequest("the region is registered with another engine".into()));
+        }
+        Ok(())
+    }
+
+    fn check_peer(&self, peer: &EngineAddress) -> Result<()> {
+        if peer.provider() != self.shared.kind {
+            return Err(Error::InvalidRequest(format!(
+                "peer runs on {} but this engine on {}",
+                peer.provider(),
+                self.shared.kind
+            )));
+        }
+        Ok(())
+    }
+
+    fn rotation(&self) -> usize {
+        self.shared.rotation.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn submit(&self, op: RequestOp) -> Result<Transfer> {
+        let completion = Completion::new(1);
+        self.submit_part(op, &completion)?;
+        Ok(Transfer::new(completion))
+    }
+
+    fn submit_part(&self, op: RequestOp, completion: &Arc<Completion>) -> Result<()> {
+        self.shared.link.send(Command::Submit(Submission { op, guard: PartGuard::new(completion.clone()) }))
+    }
+
+    fn write_op(&self, src: Option<&MemoryRegion>, src_offset: u64, dst: &MrDesc, dst_offset: u64, len: u64, imm: Option<u32>) -> Result<RequestOp> {
+        self.check_peer(dst.owner())?;
+        if !dst.access().remote_write {
+            return Err(Error::RemoteAccess("the destination region does not allow remote writes".into()));
+        }
+        if len == 0 && imm.is_none() {
+            return Err(Error::InvalidRequest("a zero-length write must carry an immediate".into()));
+        }
+        if let Some(src) = src {
+            self.check_local(src)?;
+            check_range("source", src_offset, len, src.len())?;
+        }
+        dst.check_range(dst_offset, len)?;
+        let plan = ShardPlan::new(src_offset, dst_offset, len, self.rotation(), self.shared.nic_count, dst.owner().nic_count(), &self.shared.shard);
+        Ok(RequestOp::Write { src: src.map(|s| s.inner.clone()), dst: dst.clone(), plan, imm })
+    }
+
+    /// Writes `len` bytes from `src` at `src_offset` into the peer's region
+    /// `dst` at `dst_offset`. With `imm`, the peer receives that immediate
+    /// exactly once, after all bytes have landed (see [`crate::plan`]).
+    /// Large writes are split across the NICs of both sides.
+    pub fn write(&self, src: &MemoryRegion, src_offset: u64, dst: &MrDesc, dst_offset: u64, len: u64, imm: Option<u32>) -> Result<Transfer> {
+        let op = self.write_op(Some(src), src_offset, dst, dst_offset, len, imm)?;
+        self.submit(op)
+    }
+
+    /// Delivers only an immediate to the owner of `dst` (a zero-length write).
+    pub fn write_imm(&self, dst: &MrDesc, imm: u32) -> Result<Transfer> {
+        let op = self.write_op(None, 0, dst, 0, 0, Some(imm))?;
+        self.submit(op)
+    }
+
+    /// Writes pages: page `src_pages[i]` of `src` to page `dst_pages[i]` of
+    /// `dst`, with the geometry of `layout` (the KV-cache shape). Runs of
+    /// pages consecutive on both sides are coalesced; pieces are spread across
+    /// NICs. With `imm`, one immediate after all pages have landed.
+    pub fn write_paged(
+        &self,
+        src: &MemoryRegion,
+        dst: &MrDesc,
+        layout: PagedLayout,
+        src_pages: Vec<u32>,
+        dst_pages: Vec<u32>,
+        imm: Option<u32>,
+    ) -> Result<Transfer> {
+        self.check_local(src)?;
+        self.check_peer(dst.owner())?;
+        if !dst.access().remote_write {
+            return Err(Error::RemoteAccess("the destination region does not allow remote writes".into()));
+        }
+        let plan = PagedPlan::new(
+            layout,
+            src_pages,
+            dst_pages,
+            src.len(),
+            dst.len(),
+            self.rotation(),
+            self.shared.nic_count,
+            dst.owner().nic_count(),
+            self.shared.shard.max_piece,
+        )?;
+        self.submit(RequestOp::Paged { src: src.inner.clone(), dst: dst.clone(), plan: Box::new(plan), imm })
+    }
+
+    /// Writes parts of `src` to several peers (or several places of one
+    /// peer), each with its own range and optional immediate. One handle for
+    /// all: it succeeds when every target has, else carries the first error.
+    /// Every target is validated before any is posted.
+    pub fn scatter(&self, src: &MemoryRegion, targets: &[ScatterTarget]) -> Result<Transfer> {
+        if targets.is_empty() {
+            return Err(Error::InvalidRequest("scatter with no targets".into()));
+        }
+        let ops = targets
+            .iter()
+            .map(|t| self.write_op(Some(src), t.src_offset, &t.dst, t.dst_offset, t.len, t.imm))
+            .collect::<Result<Vec<_>>>()?;
+        self.submit_all(ops)
+    }
+
+    /// Delivers immediate `imm` to the owner of each descriptor (one per
+    /// peer): a barrier's signal. Succeeds once every peer has it.
+    pub fn barrier(&self, peers: &[MrDesc], imm: u32) -> Result<Transfer> {
+        if peers.is_empty() {
+            return Err(Error::InvalidRequest("barrier with no peers".into()));
+        }
+        let ops = peers.iter().map(|d| self.write_op(None, 0, d, 0, 0, Some(imm))).collect::<Result<Vec<_>>>()?;
+        self.submit_all(ops)
+    }
+
+    fn submit_all(&self, ops: Vec<RequestOp>) -> Result<Transfer> {
+        let completion = Completion::new(ops.len() as u32);
+        for op in ops {
+            // A failed send means the engine is gone: the guard inside the
+            // dropped command reports Shutdown for that part, and so will the
+            // remaining parts' guards below.
+            if let Err(e) = self.submit_part(op, &completion) {
+                let _ = e;
+            }
+        }
+        Ok(Transfer::new(completion))
+    }
+
+    /// Reads `len` bytes of the peer's region `src` at `src_offset` into
+    /// `dst` at `dst_offset` (one-sided; the peer's region needs remote read
+    /// access). Split across NICs like writes.
+    pub fn read(&self, dst: &MemoryRegion, dst_offset: u64, src: &MrDesc, src_offset: u64, len: u64) -> Result<Transfer> {
+        self.check_local(dst)?;
+        self.check_peer(src.owner())?;
+        if !src.access().remote_read {
+            return Err(Error::RemoteAccess("the source region does not allow remote reads".into()));
+        }
+        if len == 0 {
+            return Err(Error::InvalidRequest("zero-length read".into()));
+        }
+        check_range("destination", dst_offset, len, dst.len())?;
+        check_range("source", src_offset, len, src.len())?;
+        let plan = ShardPlan::new(dst_offset, src_offset, len, self.rotation(), self.shared.nic_count, src.owner().nic_count(), &self.shared.shard);
+        self.submit(RequestOp::Read { local: dst.inner.clone(), remote: src.clone(), plan })
+    }
+
+    /// Sends `len` bytes of `src` at `offset` as one message to `peer`
+    /// (two-sided: it lands in one of the peer's receive buffers, so it must
+    /// fit in one).
+    pub fn send(&self, peer: &EngineAddress, src: &MemoryRegion, offset: u64, len: u64) -> Result<Transfer> {
+        self.check_local(src)?;
+        self.check_peer(peer)?;
+        check_range("source", offset, len, src.len())?;
+        self.submit(RequestOp::Send { peer: peer.clone(), src: src.inner.clone(), offset, len, rotation: self.rotation() })
+    }
+
+    /// The next two-sided message received, waiting up to `timeout`.
+    /// Unavailable when an [`on_message`](EngineBuilder::on_message) callback
+    /// was configured.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Vec<u8>> {
+        let queue = self.shared.messages.as_ref().ok_or_else(|| Error::InvalidRequest("messages go to the on_message callback".into()))?;
+        queue.recv_timeout(timeout).map_err(|e| match e {
+            crossbeam_channel::RecvTimeoutError::Timeout => Error::Timeout(timeout),
+            crossbeam_channel::RecvTimeoutError::Disconnected => Error::Shutdown,
+        })
+    }
+
+    /// The next immediate no counter claimed, waiting up to `timeout`; only
+    /// with [`EngineBuilder::unclaimed_imm_queue`].
+    pub fn next_imm(&self, timeout: Duration) -> Result<u32> {
+        let queue = self.shared.imm_queue.as_ref().ok_or_else(|| Error::InvalidRequest("no unclaimed-immediate queue configured".into()))?;
+        queue.recv_timeout(timeout).map_err(|e| match e {
+            crossbeam_channel::RecvTimeoutError::Timeout => Error::Timeout(timeout),
+            crossbeam_channel::RecvTimeoutError::Disconnected => Error::Shutdown,
+        })
+    }
+
+    /// A counter that is reached once `count` immediates of `value` have
+    /// arrived (counting those that arrived before this call and were not
+    /// yet claimed). One armed counter per value at a time.
+    pub fn expect_imm(&self, value: u32, count: u64) -> Result<ImmCounter> {
+        self.shared.imm.expect(value, count)
+    }
+
+    /// Stops the worker now (clones of the handle then fail with
+    /// [`Error::Shutdown`]). In-flight requests end with `Shutdown`.
+    pub fn shutdown(&self) {
+        self.shared.shutdown();
+    }
+}

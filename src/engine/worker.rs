@@ -1,0 +1,644 @@
+//! The worker thread: owns a group's NICs, posts work items, reads
+//! completions, and turns every outcome into exactly one completion.
+//!
+//! The thread is a thin loop around [`Worker::step`]. A transport error never
+//! panics the loop: it becomes the outcome of the request it belongs to.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use super::completion::PartGuard;
+use super::imm::ImmTable;
+use super::link::Link;
+use super::memory::{AlignedBuf, MrInner};
+use crate::address::EngineAddress;
+use crate::backend::{Event, Nic, NicRegion, Op, OpKind, Posted};
+use crate::descriptor::{Access, MrDesc};
+use crate::error::{Error, Result};
+use crate::plan::{PagedPlan, Piece, Sequencer, ShardPlan};
+
+/// How the worker waits for work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollMode {
+    /// Never sleeps: lowest latency, one core per engine. For production
+    /// with pinned workers.
+    Busy,
+    /// Spins for `spin` after the last piece of work, then sleeps on the
+    /// completion queues' wait descriptors (or, for providers without one,
+    /// in short naps) until a completion or a new request arrives. Keeps
+    /// several engines on a small machine fast; the default.
+    Adaptive {
+        /// How long to keep spinning when idle before sleeping.
+        spin: Duration,
+    },
+}
+
+impl Default for PollMode {
+    fn default() -> Self {
+        PollMode::Adaptive { spin: Duration::from_micros(50) }
+    }
+}
+
+/// Where two-sided messages go.
+pub(crate) enum MessageSink {
+    Queue(Sender<Vec<u8>>),
+    Callback(Box<dyn Fn(&[u8]) + Send + Sync>),
+}
+
+/// Registered per-NIC handles for one region, as the worker returns them.
+pub(crate) struct Registration {
+    pub id: u64,
+    pub regions: Vec<NicRegion>,
+}
+
+// SAFETY: NicRegion holds provider handles that are only dereferenced by the
+// provider on the worker thread; carrying them through a channel is inert.
+unsafe impl Send for Registration {}
+// SAFETY: as above.
+unsafe impl Send for NicRegion {}
+
+pub(crate) enum Command {
+    Submit(Submission),
+    Register { ptr: usize, len: u64, access: Access, reply: Sender<Result<Registration>> },
+    Deregister { id: u64, memory: Option<AlignedBuf>, done: Option<Sender<()>> },
+    Shutdown,
+}
+
+/// One part of a request, ready for the worker.
+pub(crate) struct Submission {
+    pub op: RequestOp,
+    pub guard: PartGuard,
+}
+
+pub(crate) enum RequestOp {
+    /// A contiguous write (zero-length with an immediate: immediate only).
+    Write { src: Option<Arc<MrInner>>, dst: MrDesc, plan: ShardPlan, imm: Option<u32> },
+    /// A paged write.
+    Paged { src: Arc<MrInner>, dst: MrDesc, plan: Box<PagedPlan>, imm: Option<u32> },
+    /// A one-sided read: `plan`'s source offsets are in `local`, its
+    /// destination offsets in `remote`.
+    Read { local: Arc<MrInner>, remote: MrDesc, plan: ShardPlan },
+    /// A two-sided send.
+    Send { peer: EngineAddress, src: Arc<MrInner>, offset: u64, len: u64, rotation: usize },
+}
+
+impl RequestOp {
+    fn pieces(&self) -> u64 {
+        match self {
+            RequestOp::Write { plan, .. } | RequestOp::Read { plan, .. } => plan.count(),
+            RequestOp::Paged { plan, .. } => plan.count(),
+            RequestOp::Send { .. } => 1,
+        }
+    }
+
+    fn imm(&self) -> Option<u32> {
+        match self {
+            RequestOp::Write { imm, .. } | RequestOp::Paged { imm, .. } => *imm,
+            _ => None,
+        }
+    }
+
+    fn peer(&self) -> &EngineAddress {
+        match self {
+            RequestOp::Write { dst, .. } | RequestOp::Paged { dst, .. } => dst.owner(),
+            RequestOp::Read { remote, .. } => remote.owner(),
+            RequestOp::Send { peer, .. } => peer,
+        }
+    }
+
+    /// Piece `index`; pieces are asked for in order, once each.
+    fn piece(&mut self, index: u64, local_nics: usize, remote_nics: usize) -> Piece {
+        match self {
+            RequestOp::Write { plan, .. } | RequestOp::Read { plan, .. } => plan.piece(index),
+            RequestOp::Paged { plan, .. } => plan.next_piece().expect("sequencer asks for counted pieces only"),
+            RequestOp::Send { offset, len, rotation, .. } => {
+                let (local_nic, remote_nic) = crate::plan::nic_pair(0, *rotation, local_nics, remote_nics);
+                Piece { local_nic, remote_nic, src_offset: *offset, dst_offset: 0, len: *len }
+            }
+        }
+    }
+}
+
+struct Active {
+    op: RequestOp,
+    seq: Sequencer,
+    guard: Option<PartGuard>,
+    peer: usize,
+    error: Option<Error>,
+    retry: Option<Piece>,
+    queued: bool,
+}
+
+struct Peer {
+    remote_nics: usize,
+    /// `fi_addr` of remote NIC `r` in local NIC `l`'s AV at `l * remote_nics + r`.
+    addrs: Vec<u64>,
+}
+
+struct RecvPool {
+    memory: AlignedBuf,
+    region: NicRegion,
+    size: usize,
+}
+
+const RECV_TOKEN: u64 = 1 << 63;
+
+/// Receive buffers per NIC and their size.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RecvConfig {
+    pub count: usize,
+    pub size: usize,
+}
+
+pub(crate) struct Worker<N: Nic> {
+    nics: Vec<N>,
+    commands: Receiver<Command>,
+    link: Arc<Link>,
+    imm: Arc<ImmTable>,
+    messages: MessageSink,
+    poll_mode: PollMode,
+    active: Vec<Option<Active>>,
+    free: Vec<usize>,
+    ready: VecDeque<usize>,
+    peers: Vec<Peer>,
+    peer_index: HashMap<EngineAddress, usize>,
+    regions: HashMap<u64, Vec<NicRegion>>,
+    next_region: u64,
+    pools: Vec<RecvPool>,
+    recv: RecvConfig,
+    events: Vec<Event>,
+    pollfds: Vec<libc::pollfd>,
+    stopping: bool,
+}
+
+impl<N: Nic> Worker<N> {
+    pub(crate) fn new(
+        nics: Vec<N>,
+        commands: Receiver<Command>,
+        link: Arc<Link>,
+        imm: Arc<ImmTable>,
+        messages: MessageSink,
+        poll_mode: PollMode,
+        recv: RecvConfig,
+    ) -> Self {
+        Worker {
+            nics,
+            commands,
+            link,
+            imm,
+            messages,
+            poll_mode,
+            active: Vec::new(),
+            free: Vec::new(),
+            ready: VecDeque::new(),
+            peers: Vec::new(),
+            peer_index: HashMap::new(),
+            regions: HashMap::new(),
+            next_region: 1,
+            pools: Vec::new(),
+            recv,
+            events: Vec::with_capacity(256),
+            pollfds: Vec::new(),
+            stopping: false,
+        }
+    }
+
+    /// Posts every NIC's receive pool. Runs on the worker before the loop.
+    fn post_receive_pools(&mut self) -> Result<()> {
+        let RecvConfig { count, size } = self.recv;
+        for nic in 0..self.nics.len() {
+            let memory = AlignedBuf::zeroed((count * size) as u64)?;
+            // SAFETY: the pool memory lives in self.pools until it is
+            // deregistered at shutdown.
+            let region = unsafe { self.nics[nic].register(memory.as_ptr(), (count * size) as u64, Access::LOCAL)? };
+            self.pools.push(RecvPool { memory, region, size });
+            for i in 0..count {
+                self.post_recv(nic, i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn post_recv(&mut self, nic: usize, index: usize) -> Result<()> {
+        let pool = &self.pools[nic];
+        // SAFETY: index < count, so the buffer lies inside the pool memory.
+        let buf = unsafe { pool.memory.as_ptr().add(index * pool.size) };
+        let token = RECV_TOKEN | (nic as u64) << 32 | index as u64;
+        // SAFETY: the buffer is registered and stays valid until shutdown.
+        match unsafe { self.nics[nic].post_recv(buf, pool.size, pool.region.desc, token)? } {
+            Posted::Accepted => Ok(()),
+            Posted::Busy => Err(Error::InvalidRequest("receive queue smaller than the receive pool".into())),
+        }
+    }
+
+    /// Runs until shutdown.
+    pub(crate) fn run(mut self) {
+        if let Err(e) = self.post_receive_pools() {
+            tracing::error!(error = %e, "posting receive buffers failed; two-sided receives are unavailable");
+        }
+        self.pollfds = std::iter::once(self.link.eventfd())
+            .chain(self.nics.iter().filter_map(|n| n.wait_fd()))
+            .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+            .collect();
+        let mut idle_since: Option<Instant> = None;
+        while !self.stopping {
+            if self.step() {
+                idle_since = None;
+                continue;
+            }
+            if let PollMode::Adaptive { spin } = self.poll_mode {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= spin {
+                    self.sleep();
+                    idle_since = None;
+                }
+            }
+        }
+        self.teardown();
+    }
+
+    /// One turn: take commands, post what can go, read completions. Returns
+    /// whether anything happened.
+    pub(crate) fn step(&mut self) -> bool {
+        let mut busy = false;
+        loop {
+            match self.commands.try_recv() {
+                Ok(command) => {
+                    busy = true;
+                    self.handle(command);
+                    if self.stopping {
+                        return true;
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.stopping = true;
+                    return true;
+                }
+            }
+        }
+        busy |= self.pump();
+        for nic in 0..self.nics.len() {
+            self.nics[nic].poll(&mut self.events);
+        }
+        if !self.events.is_empty() {
+            busy = true;
+            let mut events = std::mem::take(&mut self.events);
+            for event in events.drain(..) {
+                self.on_event(event);
+            }
+            self.events = events;
+            busy |= self.pump();
+        }
+        busy
+    }
+
+    /// Sleeps until a wait descriptor or the wake-up fires, or a short cap.
+    fn sleep(&mut self) {
+        self.link.set_sleeping(true);
+        if !self.commands.is_empty() || !self.ready.is_empty() {
+            self.link.set_sleeping(false);
+            return;
+        }
+        let all_have_fds = self.nics.iter().all(|n| n.wait_fd().is_some());
+        for nic in &mut self.nics {
+            if !nic.ready_to_sleep() {
+                self.link.set_sleeping(false);
+                return;
+            }
+        }
+        // With wait descriptors the cap only bounds a missed wake-up; without
+        // them (EFA, busy CQs) the provider needs regular progress calls.
+        let timeout_ms = if all_have_fds { 10 } else { 1 };
+        // SAFETY: pollfds is a live array of len pollfd structs.
+        unsafe { libc::poll(self.pollfds.as_mut_ptr(), self.pollfds.len() as libc::nfds_t, timeout_ms) };
+        self.link.set_sleeping(false);
+        self.link.drain_wakeups();
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Submit(s) => self.submit(s),
+            Command::Register { ptr, len, access, reply } => {
+                let _ = reply.send(self.register(ptr as *mut u8, len, access));
+            }
+            Command::Deregister { id, memory, done } => {
+                if let Some(regions) = self.regions.remove(&id) {
+                    for (nic, region) in regions.into_iter().enumerate() {
+                        self.nics[nic].deregister(region);
+                    }
+                }
+                drop(memory);
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            }
+            Command::Shutdown => self.stopping = true,
+        }
+    }
+
+    fn register(&mut self, ptr: *mut u8, len: u64, access: Access) -> Result<Registration> {
+        let mut regions = Vec::with_capacity(self.nics.len());
+        for nic in 0..self.nics.len() {
+            // SAFETY: the caller of register_raw/alloc keeps the memory valid
+            // until the region's Deregister command, handled above.
+            match unsafe { self.nics[nic].register(ptr, len, access) } {
+                Ok(r) => regions.push(r),
+                Err(e) => {
+                    for (n, r) in regions.into_iter().enumerate() {
+                        self.nics[n].deregister(r);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let id = self.next_region;
+        self.next_region += 1;
+        self.regions.insert(id, regions.clone());
+        Ok(Registration { id, regions })
+    }
+
+    fn resolve_peer(&mut self, address: &EngineAddress) -> Result<usize> {
+        if let Some(&i) = self.peer_index.get(address) {
+            return Ok(i);
+        }
+        let remote_nics = address.nic_count();
+        let mut addrs = Vec::with_capacity(self.nics.len() * remote_nics);
+        for nic in &mut self.nics {
+            for r in 0..remote_nics {
+                addrs.push(nic.insert_peer(address.nic(r))?);
+            }
+        }
+        tracing::debug!(peer = %address, remote_nics, "peer inserted");
+        self.peers.push(Peer { remote_nics, addrs });
+        self.peer_index.insert(address.clone(), self.peers.len() - 1);
+        Ok(self.peers.len() - 1)
+    }
+
+    fn submit(&mut self, s: Submission) {
+        let peer = match self.resolve_peer(s.op.peer()) {
+            Ok(p) => p,
+            Err(e) => return s.guard.finish(Err(e)),
+        };
+        let seq = Sequencer::new(s.op.pieces(), s.op.imm().is_some());
+        let active = Active { op: s.op, seq, guard: Some(s.guard), peer, error: None, retry: None, queued: true };
+        let index = match self.free.pop() {
+            Some(i) => {
+                self.active[i] = Some(active);
+                i
+            }
+            None => {
+                self.active.push(Some(active));
+                self.active.len() - 1
+            }
+        };
+        self.ready.push_back(index);
+    }
+
+    /// Posts what the ready requests may post. Returns whether anything moved.
+    fn pump(&mut self) -> bool {
+        let mut moved = false;
+        for _ in 0..self.ready.len() {
+            let Some(index) = self.ready.pop_front() else { break };
+            let (posted, busy) = self.post_some(index);
+            moved |= posted > 0;
+            if busy {
+                if let Some(a) = self.active[index].as_mut() {
+                    a.queued = true;
+                    self.ready.push_back(index);
+                }
+            }
+        }
+        moved
+    }
+
+    /// Posts pieces of one request until it blocks. Returns (posted, busy).
+    fn post_some(&mut self, index: usize) -> (u64, bool) {
+        let local_nics = self.nics.len();
+        let Some(a) = self.active[index].as_mut() else { return (0, false) };
+        a.queued = false;
+        let peer = &self.peers[a.peer];
+        let mut posted = 0;
+        let mut busy = false;
+        while let Some(i) = a.seq.next_to_post() {
+            let piece = match a.retry.take() {
+                Some(p) => p,
+                None => a.op.piece(i, local_nics, peer.remote_nics),
+            };
+            let last = a.seq.is_last(i);
+            let imm = a.op.imm();
+            let fi_addr = peer.addrs[piece.local_nic * peer.remote_nics + piece.remote_nic];
+            let op = build_op(&a.op, &piece, fi_addr, if last { imm } else { None }, imm.is_some() && !last, index as u64);
+            // SAFETY: the op's local buffer lies in a region held by
+            // `a.op` (an Arc of its registration) until the request ends,
+            // which is after this op's completion.
+            match unsafe { self.nics[piece.local_nic].post(&op) } {
+                Ok(Posted::Accepted) => {
+                    a.seq.posted();
+                    posted += 1;
+                }
+                Ok(Posted::Busy) => {
+                    a.retry = Some(piece);
+                    busy = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "post failed");
+                    a.error.get_or_insert(e);
+                    a.seq.abort();
+                    break;
+                }
+            }
+        }
+        if a.seq.outcome().is_some() {
+            self.finish(index);
+        }
+        (posted, busy)
+    }
+
+    fn finish(&mut self, index: usize) {
+        let mut a = self.active[index].take().expect("finishing a live request");
+        self.free.push(index);
+        let result = match a.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        if let Some(guard) = a.guard.take() {
+            guard.finish(result);
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Done { token } => self.piece_done(token as usize, None),
+            Event::Failed { token, error } => self.piece_done(token as usize, Some(error)),
+            Event::Imm { value } => self.imm.deliver(value),
+            Event::Received { token, len, message, imm } => {
+                let (nic, index) = recv_slot(token);
+                if let Some(value) = imm {
+                    self.imm.deliver(value);
+                }
+                if message {
+                    let pool = &self.pools[nic];
+                    // SAFETY: the provider wrote `len` bytes (at most the
+                    // buffer size) into this buffer, which we own again.
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts(pool.memory.as_ptr().add(index * pool.size), len.min(pool.size))
+                    };
+                    match &self.messages {
+                        MessageSink::Queue(tx) => {
+                            let _ = tx.send(bytes.to_vec());
+                        }
+                        MessageSink::Callback(cb) => cb(bytes),
+                    }
+                }
+                self.repost(nic, index);
+            }
+            Event::ReceiveFailed { token, error } => {
+                tracing::warn!(%error, "receive failed");
+                let (nic, index) = recv_slot(token);
+                self.repost(nic, index);
+            }
+        }
+    }
+
+    fn repost(&mut self, nic: usize, index: usize) {
+        if self.stopping {
+            return;
+        }
+        if let Err(e) = self.post_recv(nic, index) {
+            tracing::error!(error = %e, nic, "reposting a receive buffer failed");
+        }
+    }
+
+    fn piece_done(&mut self, index: usize, error: Option<Error>) {
+        let Some(a) = self.active.get_mut(index).and_then(Option::as_mut) else {
+            tracing::error!(index, "completion for no request");
+            return;
+        };
+        let ok = error.is_none();
+        if let Some(e) = error {
+            a.error.get_or_insert(e);
+        }
+        a.seq.completed(ok);
+        if a.seq.outcome().is_some() {
+            self.finish(index);
+        } else if !a.queued && a.seq.next_to_post().is_some() {
+            a.queued = true;
+            self.ready.push_back(index);
+        }
+    }
+
+    /// Fails what is left, releases every registration, then the NICs.
+    fn teardown(mut self) {
+        let left = self.active.iter().filter(|a| a.is_some()).count();
+        if left > 0 {
+            tracing::info!(requests = left, "engine shutting down with requests in flight");
+        }
+        for slot in &mut self.active {
+            if let Some(mut a) = slot.take() {
+                if let Some(g) = a.guard.take() {
+                    g.finish(Err(Error::Shutdown));
+                }
+                // Its registrations are released below with the rest; any
+                // Deregister the drop queues is answered from the drain.
+                drop(a);
+            }
+        }
+        for (_, regions) in self.regions.drain() {
+            for (nic, region) in regions.into_iter().enumerate() {
+                self.nics[nic].deregister(region);
+            }
+        }
+        for (nic, pool) in self.pools.drain(..).enumerate() {
+            self.nics[nic].deregister(pool.region);
+        }
+        // Anything still queued gets its outcome: submissions end with
+        // Shutdown as their guards drop, deregistrations are confirmed.
+        while let Ok(command) = self.commands.try_recv() {
+            if let Command::Deregister { done: Some(done), .. } = command {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+fn recv_slot(token: u64) -> (usize, usize) {
+    (((token & !RECV_TOKEN) >> 32) as usize, (token & 0xffff_ffff) as usize)
+}
+
+fn build_op(op: &RequestOp, piece: &Piece, peer: u64, imm: Option<u32>, delivery_complete: bool, token: u64) -> Op {
+    let nic = piece.local_nic;
+    let local = |mr: &MrInner, offset: u64| -> (*mut u8, *mut std::ffi::c_void) {
+        // SAFETY: offsets were checked against the region at submission.
+        (unsafe { mr.ptr.add(offset as usize) }, mr.descs[nic])
+    };
+    match op {
+        RequestOp::Write { src, dst, .. } => {
+            let (ptr, desc) = match src {
+                Some(mr) if piece.len > 0 => local(mr, piece.src_offset),
+                _ => (std::ptr::null_mut(), std::ptr::null_mut()),
+            };
+            Op {
+                kind: OpKind::Write,
+                local: ptr,
+                len: piece.len,
+                local_desc: desc,
+                peer,
+                remote_addr: dst.remote_addr(piece.dst_offset),
+                key: dst.key(piece.remote_nic),
+                imm,
+                delivery_complete,
+                token,
+            }
+        }
+        RequestOp::Paged { src, dst, .. } => {
+            let (ptr, desc) = local(src, piece.src_offset);
+            Op {
+                kind: OpKind::Write,
+                local: ptr,
+                len: piece.len,
+                local_desc: desc,
+                peer,
+                remote_addr: dst.remote_addr(piece.dst_offset),
+                key: dst.key(piece.remote_nic),
+                imm,
+                delivery_complete,
+                token,
+            }
+        }
+        RequestOp::Read { local: mr, remote, .. } => {
+            let (ptr, desc) = local(mr, piece.src_offset);
+            Op {
+                kind: OpKind::Read,
+                local: ptr,
+                len: piece.len,
+                local_desc: desc,
+                peer,
+                remote_addr: remote.remote_addr(piece.dst_offset),
+                key: remote.key(piece.remote_nic),
+                imm: None,
+                delivery_complete: false,
+                token,
+            }
+        }
+        RequestOp::Send { src, .. } => {
+            let (ptr, desc) = local(src, piece.src_offset);
+            Op {
+                kind: OpKind::Send,
+                local: ptr,
+                len: piece.len,
+                local_desc: desc,
+                peer,
+                remote_addr: 0,
+                key: 0,
+                imm: None,
+                delivery_complete: false,
+                token,
+            }
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Planning: requests in, per-NIC work items out.
+//!
+//! Pure and deterministic: no FFI, no threads, no clock. The engine's worker
+//! asks a plan for its pieces one at a time (nothing is materialised per
+//! request) and feeds completions to a [`Sequencer`], which decides when the
+//! piece carrying the immediate may go.
+//!
+//! # Immediate semantics
+//! A write request with an immediate delivers **exactly one** immediate to
+//! the target, whatever the sharding and the NIC counts of the two peers.
+//! The immediate rides on the request's *last* piece, and that piece is
+//! posted only after every other piece has completed at the initiator with
+//! delivery-complete semantics, so a target that sees the immediate sees all
+//! of the request's bytes, on an unordered transport too. A request of one
+//! piece carries its immediate directly and pays no extra latency.
+
+mod paged;
+mod sequencer;
+mod shard;
+
+pub use paged::{PagedLayout, PagedPlan};
+pub use sequencer::Sequencer;
+pub use shard::{ShardConfig, ShardPlan};
+
+/// One work item: a contiguous range written (or read) through one local NIC
+/// to one remote NIC. Offsets are relative to the start of the source and
+/// destination regions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// Index of the local NIC in the group.
+    pub local_nic: usize,
+    /// Index of the peer's NIC.
+    pub remote_nic: usize,
+    /// Offset in the local region.
+    pub src_offset: u64,
+    /// Offset in the remote region.
+    pub dst_offset: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// NIC pair used by the `index`-th piece of a request whose first piece goes
+/// to NIC pair `rotation`: consecutive pieces (and consecutive requests) walk
+/// both groups round robin, so peers with different NIC counts still use all
+/// NICs on both sides.
+pub fn nic_pair(index: u64, rotation: usize, local_nics: usize, remote_nics: usize) -> (usize, usize) {
+    let i = rotation as u64 + index;
+    ((i % local_nics as u64) as usize, (i % remote_nics as u64) as usize)
+}

@@ -1,0 +1,150 @@
+//! Finding and opening libfabric at run time.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::fmt;
+use std::sync::OnceLock;
+
+use crate::bindings::{fi_info, fid_fabric, fi_fabric_attr};
+
+/// Environment variable naming a libfabric shared object to use before any
+/// other (a full path, or a name the dynamic loader can find).
+pub const ENV_LIBRARY_PATH: &str = "STRAIT_LIBFABRIC";
+
+/// Where libfabric is looked for, in order, after [`ENV_LIBRARY_PATH`]:
+/// AWS's EFA installer first (it carries the `efa` provider), then the
+/// system library.
+pub const SEARCH_PATHS: [&str; 2] = ["/opt/amazon/efa/lib/libfabric.so.1", "libfabric.so.1"];
+
+type GetInfoFn =
+    unsafe extern "C" fn(u32, *const c_char, *const c_char, u64, *const fi_info, *mut *mut fi_info) -> c_int;
+type FreeInfoFn = unsafe extern "C" fn(*mut fi_info);
+type DupInfoFn = unsafe extern "C" fn(*const fi_info) -> *mut fi_info;
+type FabricFn = unsafe extern "C" fn(*mut fi_fabric_attr, *mut *mut fid_fabric, *mut c_void) -> c_int;
+type StrErrorFn = unsafe extern "C" fn(c_int) -> *const c_char;
+type VersionFn = unsafe extern "C" fn() -> u32;
+
+/// libfabric could not be opened: every place searched, with the reason.
+#[derive(Clone, Debug)]
+pub struct LoadError {
+    /// `(path, why it failed)` for every candidate tried, in order.
+    pub attempts: Vec<(String, String)>,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "libfabric not found (searched")?;
+        for (i, (path, why)) in self.attempts.iter().enumerate() {
+            let sep = if i == 0 { " " } else { ", " };
+            write!(f, "{sep}{path}: {why}")?;
+        }
+        write!(
+            f,
+            "); install it with `apt-get install libfabric1`, or set {ENV_LIBRARY_PATH} to its path"
+        )
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// The exported libfabric functions strait calls, resolved from one loaded
+/// copy of the library. Obtain it with [`Library::get`].
+///
+/// Versioned symbols are resolved at the version matching the headers the
+/// bindings came from (`fi_getinfo@FABRIC_1.3`, ...), so that a newer
+/// libfabric hands back structures of the layout these bindings describe.
+pub struct Library {
+    /// Where the library was found.
+    pub path: String,
+    pub fi_getinfo: GetInfoFn,
+    pub fi_freeinfo: FreeInfoFn,
+    pub fi_dupinfo: DupInfoFn,
+    pub fi_fabric: FabricFn,
+    pub fi_strerror: StrErrorFn,
+    pub fi_version: VersionFn,
+}
+
+impl fmt::Debug for Library {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Library").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+static LIBRARY: OnceLock<Result<Library, LoadError>> = OnceLock::new();
+
+impl Library {
+    /// The process-wide libfabric, opened on first call. The library is never
+    /// unloaded: providers start threads and register atexit handlers that
+    /// must outlive every handle.
+    pub fn get() -> Result<&'static Library, LoadError> {
+        LIBRARY.get_or_init(Self::open).as_ref().map_err(Clone::clone)
+    }
+
+    fn open() -> Result<Library, LoadError> {
+        let mut attempts = Vec::new();
+        let from_env = std::env::var(ENV_LIBRARY_PATH).ok().filter(|p| !p.is_empty());
+        for path in from_env.iter().map(String::as_str).chain(SEARCH_PATHS) {
+            match Self::open_path(path) {
+                Ok(lib) => return Ok(lib),
+                Err(why) => attempts.push((path.to_owned(), why)),
+            }
+        }
+        Err(LoadError { attempts })
+    }
+
+    fn open_path(path: &str) -> Result<Library, String> {
+        // SAFETY: loading libfabric runs its constructors, which only set up
+        // provider tables; the handle is leaked on purpose (see `get`).
+        let lib = unsafe {
+            libloading::os::unix::Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_LOCAL)
+        }
+        .map_err(|e| e.to_string())?;
+        let handle = lib.into_raw();
+        // SAFETY: each symbol is resolved from the handle just opened and
+        // transmuted to the C signature libfabric declares for it in
+        // fabric.h (the version named is the one those headers describe).
+        unsafe {
+            Ok(Library {
+                path: path.to_owned(),
+                fi_getinfo: std::mem::transmute::<*mut c_void, GetInfoFn>(symbol(handle, c"fi_getinfo", c"FABRIC_1.3")?),
+                fi_freeinfo: std::mem::transmute::<*mut c_void, FreeInfoFn>(symbol(handle, c"fi_freeinfo", c"FABRIC_1.3")?),
+                fi_dupinfo: std::mem::transmute::<*mut c_void, DupInfoFn>(symbol(handle, c"fi_dupinfo", c"FABRIC_1.3")?),
+                fi_fabric: std::mem::transmute::<*mut c_void, FabricFn>(symbol(handle, c"fi_fabric", c"FABRIC_1.1")?),
+                fi_strerror: std::mem::transmute::<*mut c_void, StrErrorFn>(symbol(handle, c"fi_strerror", c"FABRIC_1.0")?),
+                fi_version: std::mem::transmute::<*mut c_void, VersionFn>(symbol(handle, c"fi_version", c"FABRIC_1.0")?),
+            })
+        }
+    }
+
+    /// `fi_strerror` as an owned string.
+    pub fn strerror(&self, errnum: c_int) -> String {
+        // SAFETY: fi_strerror returns a pointer to a static NUL-terminated
+        // string for any input.
+        unsafe {
+            let s = (self.fi_strerror)(errnum.abs());
+            if s.is_null() {
+                format!("libfabric error {errnum}")
+            } else {
+                CStr::from_ptr(s).to_string_lossy().into_owned()
+            }
+        }
+    }
+}
+
+/// Resolves `name` at `version`, falling back to the default version for a
+/// library built without symbol versions.
+///
+/// # Safety
+/// `handle` must be a live handle returned by `dlopen`.
+unsafe fn symbol(handle: *mut c_void, name: &CStr, version: &CStr) -> Result<*mut c_void, String> {
+    // SAFETY: handle is live (caller), name and version are NUL-terminated.
+    let mut sym = unsafe { libc::dlvsym(handle, name.as_ptr(), version.as_ptr()) };
+    if sym.is_null() {
+        // SAFETY: as above.
+        sym = unsafe { libc::dlsym(handle, name.as_ptr()) };
+    }
+    if sym.is_null() {
+        Err(format!("symbol {} missing", name.to_string_lossy()))
+    } else {
+        Ok(sym)
+    }
+}
