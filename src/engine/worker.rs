@@ -431,7 +431,7 @@ impl<N: Nic> Worker<N> {
             let last = a.seq.is_last(i);
             let imm = a.op.imm();
             let fi_addr = peer.addrs[piece.local_nic * peer.remote_nics + piece.remote_nic];
-            let op = build_op(&a.op, &piece, fi_addr, if last { imm } else { None }, imm.is_some() && !last, index as u64);
+            let op = build_op(&a.op, &piece, fi_addr, if last { imm } else { None }, index as u64);
             // SAFETY: the op's local buffer lies in a region held by
             // `a.op` (an Arc of its registration) until the request ends,
             // which is after this op's completion.
@@ -570,7 +570,13 @@ fn recv_slot(token: u64) -> (usize, usize) {
     (((token & !RECV_TOKEN) >> 32) as usize, (token & 0xffff_ffff) as usize)
 }
 
-fn build_op(op: &RequestOp, piece: &Piece, peer: u64, imm: Option<u32>, delivery_complete: bool, token: u64) -> Op {
+/// Writes complete at the initiator only once their bytes are visible at
+/// the target (delivery complete), like RC writes on verbs: a write's
+/// `Transfer` succeeding means the data has landed, with or without an
+/// immediate, and the pieces of a request ahead of its immediate are known
+/// to have landed before the immediate goes.
+fn build_op(op: &RequestOp, piece: &Piece, peer: u64, imm: Option<u32>, token: u64) -> Op {
+    let delivery_complete = true;
     let nic = piece.local_nic;
     let local = |mr: &MrInner, offset: u64| -> (*mut u8, *mut std::ffi::c_void) {
         // SAFETY: offsets were checked against the region at submission.

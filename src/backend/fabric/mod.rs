@@ -195,7 +195,9 @@ impl FabricNic {
                 cq_attr.wait_obj = sys::fi_wait_obj_FI_WAIT_FD;
                 if fi::fi_cq_open(dom, &mut cq_attr, &mut cq_ptr, ptr::null_mut()) == 0 {
                     let mut fd: c_int = -1;
-                    if fi::fi_control(cq_ptr.cast(), sys::FI_GETWAIT as c_int, (&mut fd as *mut c_int).cast()) == 0 {
+                    let rc = fi::fi_control(cq_ptr.cast(), sys::FI_GETWAIT as c_int, (&mut fd as *mut c_int).cast());
+                    tracing::debug!(rc, fd, "wait descriptor of the completion queue");
+                    if rc == 0 && fd >= 0 {
                         wait_fd = Some(fd);
                     }
                 } else {
@@ -408,10 +410,13 @@ impl Nic for FabricNic {
                     data: op.imm.unwrap_or(0) as u64,
                 };
                 let mut flags = sys::FI_COMPLETION as u64;
+                // Zero-length writes (an immediate only) carry no data to
+                // wait for, and libfabric 1.17's shm mishandles them with
+                // FI_DELIVERY_COMPLETE (lost completions, then a crash).
                 if op.imm.is_some() {
                     flags |= sys::FI_REMOTE_CQ_DATA as u64;
                 }
-                if op.delivery_complete && self.delivery_complete {
+                if op.delivery_complete && self.delivery_complete && op.len > 0 {
                     flags |= sys::FI_DELIVERY_COMPLETE as u64;
                 }
                 if op.kind == OpKind::Write {
@@ -520,6 +525,10 @@ impl Nic for FabricNic {
     }
 
     fn ready_to_sleep(&mut self) -> bool {
+        if self.wait_fd.is_none() {
+            // Nothing to arm: the worker naps briefly and polls again.
+            return true;
+        }
         let mut fid = self.cq.fid();
         // SAFETY: the fabric and CQ are live; fids points at one fid.
         unsafe { fi::fi_trywait(self.fabric.as_ptr(), &mut fid, 1) == 0 }
