@@ -109,3 +109,24 @@ impl FromStr for EngineAddress {
         Self::from_bytes(&bytes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_and_string_round_trip() {
+        let a = EngineAddress::new(ProviderKind::Tcp, vec![vec![1; 16].into(), vec![2; 16].into()]);
+        assert_eq!(EngineAddress::from_bytes(&a.to_bytes()).unwrap(), a);
+        let s = a.to_string();
+        assert_eq!(s.parse::<EngineAddress>().unwrap(), a);
+        assert_eq!(a.nic_count(), 2);
+        assert_eq!(a.nic(1), &[2; 16]);
+        assert!("zz".parse::<EngineAddress>().is_err());
+        assert!("abc".parse::<EngineAddress>().is_err());
+        let bytes = a.to_bytes();
+        for cut in 0..bytes.len() {
+            assert!(EngineAddress::from_bytes(&bytes[..cut]).is_err());
+        }
+    }
+}

@@ -179,3 +179,91 @@ impl fmt::Display for MrDesc {
         f.write_str(&wire::to_hex(&self.to_bytes()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample(nics: usize, addr_len: usize) -> MrDesc {
+        let owner = EngineAddress::new(ProviderKind::Efa, (0..nics).map(|i| vec![i as u8 + 1; addr_len].into()).collect());
+        MrDesc::new(owner, 0x7f00_0000_1000, 6 << 30, Access::REMOTE_READ_WRITE, (0..nics as u64).map(|k| k * 1000 + 7).collect())
+    }
+
+    #[test]
+    fn round_trip() {
+        for nics in [1, 2, 4, 16] {
+            let d = sample(nics, 32);
+            let back = MrDesc::from_bytes(&d.to_bytes()).unwrap();
+            assert_eq!(back, d);
+            assert_eq!(back.len(), 6 << 30, "lengths above 4 GiB survive");
+            assert_eq!(back.key(nics - 1), (nics as u64 - 1) * 1000 + 7);
+            assert_eq!(back.remote_addr(10), 0x7f00_0000_1000 + 10);
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_rejected() {
+        let bytes = sample(4, 19).to_bytes();
+        for cut in 0..bytes.len() {
+            assert!(
+                matches!(MrDesc::from_bytes(&bytes[..cut]), Err(Error::InvalidDescriptor { .. })),
+                "prefix of {cut} bytes accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn corrupt_fields_are_rejected() {
+        let good = sample(2, 16).to_bytes();
+        let reject = |mutate: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = good.clone();
+            mutate(&mut b);
+            assert!(matches!(MrDesc::from_bytes(&b), Err(Error::InvalidDescriptor { .. })));
+        };
+        reject(&|b| b[0] = b'X'); // magic
+        reject(&|b| b[3] = 2); // version
+        reject(&|b| b[4] = 0x80); // unknown flag
+        reject(&|b| b[5..13].copy_from_slice(&u64::MAX.to_le_bytes())); // base + len overflows
+        reject(&|b| b.push(0)); // trailing byte
+        reject(&|b| b[21] = b'Z'); // owner magic
+        reject(&|b| b[25] = 99); // unknown provider
+        reject(&|b| b[26] = 0); // zero NICs
+        reject(&|b| b[26] = 17); // too many NICs
+        reject(&|b| b[26] = 3); // more NICs than addresses and keys
+        reject(&|b| b[27] = 0); // empty address
+        reject(&|b| b[27] = 65); // oversized address
+    }
+
+    #[test]
+    fn range_checks() {
+        let d = sample(1, 16);
+        assert!(d.check_range(0, 6 << 30).is_ok());
+        assert!(d.check_range(1, 6 << 30).is_err());
+        assert!(d.check_range(u64::MAX, 2).is_err());
+        assert!(d.check_range(6 << 30, 0).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = MrDesc::from_bytes(&bytes);
+            let _ = EngineAddress::from_bytes(&bytes);
+        }
+
+        #[test]
+        fn mutated_descriptors_never_panic_and_valid_ones_round_trip(
+            nics in 1usize..=16, addr_len in 1usize..=64, flip in any::<(usize, u8)>()
+        ) {
+            let d = sample(nics, addr_len);
+            let mut bytes = d.to_bytes();
+            prop_assert_eq!(&MrDesc::from_bytes(&bytes).unwrap(), &d);
+            let i = flip.0 % bytes.len();
+            bytes[i] ^= flip.1 | 1;
+            if let Ok(other) = MrDesc::from_bytes(&bytes) {
+                // A change that still decodes must re-encode to itself.
+                prop_assert_eq!(other.to_bytes(), bytes);
+            }
+        }
+    }
+}

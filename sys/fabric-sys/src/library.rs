@@ -6,11 +6,13 @@ use std::sync::OnceLock;
 
 use crate::bindings::{fi_info, fid_fabric, fi_fabric_attr};
 
-/// Environment variable naming a libfabric shared object to use before any
-/// other (a full path, or a name the dynamic loader can find).
+/// Environment variable naming the libfabric shared object to use (a full
+/// path, or a name the dynamic loader can find). When set, it is the only
+/// candidate: an override that silently fell back to another copy would hide
+/// a broken install.
 pub const ENV_LIBRARY_PATH: &str = "STRAIT_LIBFABRIC";
 
-/// Where libfabric is looked for, in order, after [`ENV_LIBRARY_PATH`]:
+/// Where libfabric is looked for, in order, unless [`ENV_LIBRARY_PATH`] is set:
 /// AWS's EFA installer first (it carries the `efa` provider), then the
 /// system library.
 pub const SEARCH_PATHS: [&str; 2] = ["/opt/amazon/efa/lib/libfabric.so.1", "libfabric.so.1"];
@@ -82,7 +84,11 @@ impl Library {
     fn open() -> Result<Library, LoadError> {
         let mut attempts = Vec::new();
         let from_env = std::env::var(ENV_LIBRARY_PATH).ok().filter(|p| !p.is_empty());
-        for path in from_env.iter().map(String::as_str).chain(SEARCH_PATHS) {
+        let candidates: Vec<&str> = match &from_env {
+            Some(path) => vec![path.as_str()],
+            None => SEARCH_PATHS.to_vec(),
+        };
+        for path in candidates {
             match Self::open_path(path) {
                 Ok(lib) => return Ok(lib),
                 Err(why) => attempts.push((path.to_owned(), why)),

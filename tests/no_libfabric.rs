@@ -1,0 +1,20 @@
+//! Without libfabric the crate still builds, and opening an engine fails with
+//! a typed error that says what was searched and how to install it. (Its own
+//! test binary, so that the process-wide library handle is not yet loaded.)
+
+use strait::{Error, Provider, TransferEngine};
+
+#[test]
+fn missing_library_is_a_clear_error() {
+    std::env::set_var("STRAIT_LIBFABRIC", "/nonexistent/libfabric.so.1");
+    let err = TransferEngine::builder().provider(Provider::Tcp).build().unwrap_err();
+    match &err {
+        Error::BackendUnavailable { backend: "libfabric", reason } => {
+            assert!(reason.contains("/nonexistent/libfabric.so.1"), "{reason}");
+            assert!(reason.contains("apt-get install libfabric1"), "{reason}");
+        }
+        other => panic!("expected BackendUnavailable, got {other:?}"),
+    }
+    // Every later attempt reports the same, and nothing panics.
+    assert!(matches!(TransferEngine::builder().build(), Err(Error::BackendUnavailable { .. })));
+}
