@@ -102,10 +102,8 @@ impl FromStr for EngineAddress {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let bytes = wire::from_hex(s).ok_or_else(|| Error::InvalidDescriptor {
-            what: "engine address",
-            reason: "not a hex string".into(),
-        })?;
+        let bytes = wire::from_hex(s)
+            .ok_or_else(|| Error::InvalidDescriptor { what: "engine address", reason: "not a hex string".into() })?;
         Self::from_bytes(&bytes)
     }
 }

@@ -94,7 +94,8 @@ impl MrDesc {
         let (provider, nics) = EngineAddress::read(&mut r)?;
         let keys = (0..nics.len()).map(|_| r.u64("key")).collect::<Result<Vec<_>>>()?;
         r.finish()?;
-        let access = Access { remote_write: flags & FLAG_REMOTE_WRITE != 0, remote_read: flags & FLAG_REMOTE_READ != 0 };
+        let access =
+            Access { remote_write: flags & FLAG_REMOTE_WRITE != 0, remote_read: flags & FLAG_REMOTE_READ != 0 };
         Ok(Self::new(EngineAddress::new(provider, nics), base, len, access, keys))
     }
 
@@ -186,8 +187,15 @@ mod tests {
     use proptest::prelude::*;
 
     fn sample(nics: usize, addr_len: usize) -> MrDesc {
-        let owner = EngineAddress::new(ProviderKind::Efa, (0..nics).map(|i| vec![i as u8 + 1; addr_len].into()).collect());
-        MrDesc::new(owner, 0x7f00_0000_1000, 6 << 30, Access::REMOTE_READ_WRITE, (0..nics as u64).map(|k| k * 1000 + 7).collect())
+        let owner =
+            EngineAddress::new(ProviderKind::Efa, (0..nics).map(|i| vec![i as u8 + 1; addr_len].into()).collect());
+        MrDesc::new(
+            owner,
+            0x7f00_0000_1000,
+            6 << 30,
+            Access::REMOTE_READ_WRITE,
+            (0..nics as u64).map(|k| k * 1000 + 7).collect(),
+        )
     }
 
     #[test]

@@ -108,7 +108,9 @@ mod wire;
 
 pub use address::EngineAddress;
 pub use descriptor::{Access, MrDesc};
-pub use engine::{EngineBuilder, ImmCounter, MemoryRegion, PollMode, ScatterTarget, Transfer, TransferEngine, PAGE_SIZE};
+pub use engine::{
+    EngineBuilder, ImmCounter, MemoryRegion, PollMode, ScatterTarget, Transfer, TransferEngine, PAGE_SIZE,
+};
 pub use error::{Error, Result};
 pub use plan::{PagedLayout, ShardConfig};
 pub use provider::{Provider, ProviderKind};

@@ -33,7 +33,13 @@ impl Completion {
     pub(crate) fn new(parts: u32) -> Arc<Self> {
         Arc::new(Completion {
             done: AtomicBool::new(false),
-            state: Mutex::new(State { parts_left: parts.max(1), first_error: None, outcome: None, waker: None, callback: None }),
+            state: Mutex::new(State {
+                parts_left: parts.max(1),
+                first_error: None,
+                outcome: None,
+                waker: None,
+                callback: None,
+            }),
             cv: Condvar::new(),
         })
     }

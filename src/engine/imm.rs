@@ -112,7 +112,10 @@ impl ImmTable {
         let mut t = lock(&self.state);
         if let Some(other) = t.armed.get(&counter.value) {
             if !Arc::ptr_eq(other, counter) {
-                return Err(Error::InvalidRequest(format!("a counter for immediate {} is already armed", counter.value)));
+                return Err(Error::InvalidRequest(format!(
+                    "a counter for immediate {} is already armed",
+                    counter.value
+                )));
             }
         }
         let from_tally = match t.tally.get_mut(&counter.value) {
@@ -142,7 +145,13 @@ impl ImmTable {
     pub(crate) fn expect(self: &Arc<Self>, value: u32, count: u64) -> Result<ImmCounter> {
         let shared = Arc::new(CounterShared {
             value,
-            state: Mutex::new(CounterState { expected: count, seen: 0, status: Status::Armed, waker: None, callback: None }),
+            state: Mutex::new(CounterState {
+                expected: count,
+                seen: 0,
+                status: Status::Armed,
+                waker: None,
+                callback: None,
+            }),
             cv: Condvar::new(),
         });
         self.arm(&shared, count)?;

@@ -25,7 +25,8 @@ unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
     pub(crate) fn zeroed(len: u64) -> Result<Self> {
-        let size = usize::try_from(len).map_err(|_| Error::InvalidRequest(format!("{len} bytes do not fit in memory")))?;
+        let size =
+            usize::try_from(len).map_err(|_| Error::InvalidRequest(format!("{len} bytes do not fit in memory")))?;
         if size == 0 {
             return Err(Error::InvalidRequest("cannot allocate 0 bytes".into()));
         }

@@ -23,7 +23,7 @@ use self::completion::{Completion, PartGuard};
 use self::imm::{ImmTable, UnclaimedImm};
 use self::link::Link;
 use self::memory::{AlignedBuf, MrInner};
-use self::worker::{Command, MessageSink, RecvConfig, RequestOp, Submission, Worker};
+use self::worker::{Command, MessageCallback, MessageSink, RecvConfig, RequestOp, Submission, Worker};
 use crate::address::EngineAddress;
 use crate::backend::fabric::{self, FabricOptions, InfoRequest};
 use crate::backend::Nic;
@@ -53,7 +53,7 @@ pub struct EngineBuilder {
     interface: Option<String>,
     shard: ShardConfig,
     recv: RecvConfig,
-    messages: Option<Box<dyn Fn(&[u8]) + Send + Sync>>,
+    messages: Option<MessageCallback>,
     unclaimed_imm: Option<UnclaimedImm>,
     imm_queue: Option<Receiver<u32>>,
 }
@@ -341,12 +341,22 @@ impl TransferEngine {
         self.register_inner(ptr, len, access, None)
     }
 
-    fn register_inner(&self, ptr: *mut u8, len: u64, access: Access, owned: Option<AlignedBuf>) -> Result<MemoryRegion> {
+    fn register_inner(
+        &self,
+        ptr: *mut u8,
+        len: u64,
+        access: Access,
+        owned: Option<AlignedBuf>,
+    ) -> Result<MemoryRegion> {
         if ptr.is_null() || len == 0 {
             return Err(Error::RegisterMemory { addr: ptr as usize, len, reason: "null or empty".into() });
         }
         if (ptr as u64).checked_add(len).is_none() {
-            return Err(Error::RegisterMemory { addr: ptr as usize, len, reason: "range wraps the address space".into() });
+            return Err(Error::RegisterMemory {
+                addr: ptr as usize,
+                len,
+                reason: "range wraps the address space".into(),
+            });
         }
         if self.shared.link.on_worker() {
             return Err(Error::WouldDeadlock("registering memory"));
@@ -395,7 +405,15 @@ impl TransferEngine {
         self.shared.link.send(Command::Submit(Submission { op, guard: PartGuard::new(completion.clone()) }))
     }
 
-    fn write_op(&self, src: Option<&MemoryRegion>, src_offset: u64, dst: &MrDesc, dst_offset: u64, len: u64, imm: Option<u32>) -> Result<RequestOp> {
+    fn write_op(
+        &self,
+        src: Option<&MemoryRegion>,
+        src_offset: u64,
+        dst: &MrDesc,
+        dst_offset: u64,
+        len: u64,
+        imm: Option<u32>,
+    ) -> Result<RequestOp> {
         self.check_peer(dst.owner())?;
         if !dst.access().remote_write {
             return Err(Error::RemoteAccess("the destination region does not allow remote writes".into()));
@@ -408,7 +426,15 @@ impl TransferEngine {
             check_range("source", src_offset, len, src.len())?;
         }
         dst.check_range(dst_offset, len)?;
-        let plan = ShardPlan::new(src_offset, dst_offset, len, self.rotation(), self.shared.nic_count, dst.owner().nic_count(), &self.shared.shard);
+        let plan = ShardPlan::new(
+            src_offset,
+            dst_offset,
+            len,
+            self.rotation(),
+            self.shared.nic_count,
+            dst.owner().nic_count(),
+            &self.shared.shard,
+        );
         Ok(RequestOp::Write { src: src.map(|s| s.inner.clone()), dst: dst.clone(), plan, imm })
     }
 
@@ -416,7 +442,15 @@ impl TransferEngine {
     /// `dst` at `dst_offset`. With `imm`, the peer receives that immediate
     /// exactly once, after all bytes have landed (see [`crate::plan`]).
     /// Large writes are split across the NICs of both sides.
-    pub fn write(&self, src: &MemoryRegion, src_offset: u64, dst: &MrDesc, dst_offset: u64, len: u64, imm: Option<u32>) -> Result<Transfer> {
+    pub fn write(
+        &self,
+        src: &MemoryRegion,
+        src_offset: u64,
+        dst: &MrDesc,
+        dst_offset: u64,
+        len: u64,
+        imm: Option<u32>,
+    ) -> Result<Transfer> {
         let op = self.write_op(Some(src), src_offset, dst, dst_offset, len, imm)?;
         self.submit(op)
     }
@@ -500,7 +534,14 @@ impl TransferEngine {
     /// Reads `len` bytes of the peer's region `src` at `src_offset` into
     /// `dst` at `dst_offset` (one-sided; the peer's region needs remote read
     /// access). Split across NICs like writes.
-    pub fn read(&self, dst: &MemoryRegion, dst_offset: u64, src: &MrDesc, src_offset: u64, len: u64) -> Result<Transfer> {
+    pub fn read(
+        &self,
+        dst: &MemoryRegion,
+        dst_offset: u64,
+        src: &MrDesc,
+        src_offset: u64,
+        len: u64,
+    ) -> Result<Transfer> {
         self.check_local(dst)?;
         self.check_peer(src.owner())?;
         if !src.access().remote_read {
@@ -511,7 +552,15 @@ impl TransferEngine {
         }
         check_range("destination", dst_offset, len, dst.len())?;
         check_range("source", src_offset, len, src.len())?;
-        let plan = ShardPlan::new(dst_offset, src_offset, len, self.rotation(), self.shared.nic_count, src.owner().nic_count(), &self.shared.shard);
+        let plan = ShardPlan::new(
+            dst_offset,
+            src_offset,
+            len,
+            self.rotation(),
+            self.shared.nic_count,
+            src.owner().nic_count(),
+            &self.shared.shard,
+        );
         self.submit(RequestOp::Read { local: dst.inner.clone(), remote: src.clone(), plan })
     }
 
@@ -522,14 +571,24 @@ impl TransferEngine {
         self.check_local(src)?;
         self.check_peer(peer)?;
         check_range("source", offset, len, src.len())?;
-        self.submit(RequestOp::Send { peer: peer.clone(), src: src.inner.clone(), offset, len, rotation: self.rotation() })
+        self.submit(RequestOp::Send {
+            peer: peer.clone(),
+            src: src.inner.clone(),
+            offset,
+            len,
+            rotation: self.rotation(),
+        })
     }
 
     /// The next two-sided message received, waiting up to `timeout`.
     /// Unavailable when an [`on_message`](EngineBuilder::on_message) callback
     /// was configured.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Vec<u8>> {
-        let queue = self.shared.messages.as_ref().ok_or_else(|| Error::InvalidRequest("messages go to the on_message callback".into()))?;
+        let queue = self
+            .shared
+            .messages
+            .as_ref()
+            .ok_or_else(|| Error::InvalidRequest("messages go to the on_message callback".into()))?;
         queue.recv_timeout(timeout).map_err(|e| match e {
             crossbeam_channel::RecvTimeoutError::Timeout => Error::Timeout(timeout),
             crossbeam_channel::RecvTimeoutError::Disconnected => Error::Shutdown,
@@ -539,7 +598,11 @@ impl TransferEngine {
     /// The next immediate no counter claimed, waiting up to `timeout`; only
     /// with [`EngineBuilder::unclaimed_imm_queue`].
     pub fn next_imm(&self, timeout: Duration) -> Result<u32> {
-        let queue = self.shared.imm_queue.as_ref().ok_or_else(|| Error::InvalidRequest("no unclaimed-immediate queue configured".into()))?;
+        let queue = self
+            .shared
+            .imm_queue
+            .as_ref()
+            .ok_or_else(|| Error::InvalidRequest("no unclaimed-immediate queue configured".into()))?;
         queue.recv_timeout(timeout).map_err(|e| match e {
             crossbeam_channel::RecvTimeoutError::Timeout => Error::Timeout(timeout),
             crossbeam_channel::RecvTimeoutError::Disconnected => Error::Shutdown,

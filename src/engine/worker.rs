@@ -42,10 +42,13 @@ impl Default for PollMode {
     }
 }
 
+/// A user callback for two-sided messages.
+pub(crate) type MessageCallback = Box<dyn Fn(&[u8]) + Send + Sync>;
+
 /// Where two-sided messages go.
 pub(crate) enum MessageSink {
     Queue(Sender<Vec<u8>>),
-    Callback(Box<dyn Fn(&[u8]) + Send + Sync>),
+    Callback(MessageCallback),
 }
 
 /// Registered per-NIC handles for one region, as the worker returns them.

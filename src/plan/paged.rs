@@ -156,7 +156,14 @@ impl PagedPlan {
     }
 }
 
-fn check_page(side: &'static str, offset: u64, stride: u64, page_len: u64, max_page: u32, region_len: u64) -> Result<()> {
+fn check_page(
+    side: &'static str,
+    offset: u64,
+    stride: u64,
+    page_len: u64,
+    max_page: u32,
+    region_len: u64,
+) -> Result<()> {
     let start = (max_page as u64).checked_mul(stride).and_then(|s| s.checked_add(offset));
     match start {
         Some(start) => check_range(side, start, page_len, region_len),
@@ -177,9 +184,18 @@ mod tests {
 
     #[test]
     fn coalesces_runs_consecutive_on_both_sides() {
-        let plan =
-            PagedPlan::new(PagedLayout::contiguous(1024), vec![0, 1, 2, 7, 8], vec![4, 5, 6, 9, 3], 16 << 10, 16 << 10, 0, 1, 1, 1 << 20)
-                .unwrap();
+        let plan = PagedPlan::new(
+            PagedLayout::contiguous(1024),
+            vec![0, 1, 2, 7, 8],
+            vec![4, 5, 6, 9, 3],
+            16 << 10,
+            16 << 10,
+            0,
+            1,
+            1,
+            1 << 20,
+        )
+        .unwrap();
         let ps = all(plan);
         let shape: Vec<_> = ps.iter().map(|p| (p.src_offset, p.dst_offset, p.len)).collect();
         assert_eq!(shape, [(0, 4096, 3072), (7168, 9216, 1024), (8192, 3072, 1024)]);
@@ -197,7 +213,9 @@ mod tests {
     #[test]
     fn coalescing_stops_at_max_piece() {
         let pages: Vec<u32> = (0..10).collect();
-        let ps = all(PagedPlan::new(PagedLayout::contiguous(4096), pages.clone(), pages, 1 << 20, 1 << 20, 0, 1, 1, 16384).unwrap());
+        let ps =
+            all(PagedPlan::new(PagedLayout::contiguous(4096), pages.clone(), pages, 1 << 20, 1 << 20, 0, 1, 1, 16384)
+                .unwrap());
         assert_eq!(ps.iter().map(|p| p.len).collect::<Vec<_>>(), [16384, 16384, 8192]);
     }
 
@@ -214,14 +232,18 @@ mod tests {
         assert!(PagedPlan::new(huge, vec![2], vec![0], u64::MAX, 10, 0, 1, 1, 1).is_err());
         assert!(PagedPlan::new(l, vec![0, 1], vec![0], 1 << 20, 1 << 20, 0, 1, 1, 1 << 20).is_err());
         assert!(PagedPlan::new(l, vec![], vec![], 1 << 20, 1 << 20, 0, 1, 1, 1 << 20).is_err());
-        assert!(PagedPlan::new(PagedLayout::contiguous(0), vec![0], vec![0], 1 << 20, 1 << 20, 0, 1, 1, 1 << 20).is_err());
+        assert!(
+            PagedPlan::new(PagedLayout::contiguous(0), vec![0], vec![0], 1 << 20, 1 << 20, 0, 1, 1, 1 << 20).is_err()
+        );
     }
 
     #[test]
     fn pages_above_four_gib() {
         let l = PagedLayout::contiguous(64 << 10);
         let page = (6u64 << 30) / (64 << 10);
-        let ps = all(PagedPlan::new(l, vec![page as u32], vec![page as u32 + 1], 8 << 30, 8 << 30, 0, 1, 1, 1 << 20).unwrap());
+        let ps =
+            all(PagedPlan::new(l, vec![page as u32], vec![page as u32 + 1], 8 << 30, 8 << 30, 0, 1, 1, 1 << 20)
+                .unwrap());
         assert_eq!(ps[0].src_offset, 6 << 30);
         assert_eq!(ps[0].dst_offset, (6 << 30) + (64 << 10));
     }

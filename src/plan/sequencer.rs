@@ -133,7 +133,13 @@ mod tests {
     /// flight.
     #[test]
     fn exhaustive_small_requests() {
-        fn explore(s: Sequencer, imm: bool, pieces: u64, posted_last_with_data_in_flight: &mut bool, outcomes: &mut u64) {
+        fn explore(
+            s: Sequencer,
+            imm: bool,
+            pieces: u64,
+            posted_last_with_data_in_flight: &mut bool,
+            outcomes: &mut u64,
+        ) {
             if let Some(ok) = s.outcome() {
                 let _ = ok;
                 *outcomes += 1;

@@ -167,6 +167,9 @@ mod tests {
     fn rotation_spreads_small_writes() {
         let c = ShardConfig::default();
         let nics: Vec<_> = (0..4).map(|r| ShardPlan::new(0, 0, 64, r, 2, 4, &c).piece(0)).collect();
-        assert_eq!(nics.iter().map(|p| (p.local_nic, p.remote_nic)).collect::<Vec<_>>(), [(0, 0), (1, 1), (0, 2), (1, 3)]);
+        assert_eq!(
+            nics.iter().map(|p| (p.local_nic, p.remote_nic)).collect::<Vec<_>>(),
+            [(0, 0), (1, 1), (0, 2), (1, 3)]
+        );
     }
 }

@@ -10,11 +10,8 @@ use crate::provider::{Provider, ProviderKind};
 
 /// The mr_mode bits strait can honour; the provider keeps those it needs.
 fn offered_mr_mode(hmem: bool) -> i32 {
-    let mut mode = sys::FI_MR_LOCAL
-        | sys::FI_MR_VIRT_ADDR
-        | sys::FI_MR_ALLOCATED
-        | sys::FI_MR_PROV_KEY
-        | sys::FI_MR_ENDPOINT;
+    let mut mode =
+        sys::FI_MR_LOCAL | sys::FI_MR_VIRT_ADDR | sys::FI_MR_ALLOCATED | sys::FI_MR_PROV_KEY | sys::FI_MR_ENDPOINT;
     if hmem {
         mode |= sys::FI_MR_HMEM;
     }
@@ -90,8 +87,8 @@ pub(crate) struct InfoRequest {
 
 /// Queries `kind` and returns its RDM entries, best first.
 pub(crate) fn query(kind: ProviderKind, request: &InfoRequest) -> Result<InfoList> {
-    let lib = sys::Library::get()
-        .map_err(|e| Error::BackendUnavailable { backend: "libfabric", reason: e.to_string() })?;
+    let lib =
+        sys::Library::get().map_err(|e| Error::BackendUnavailable { backend: "libfabric", reason: e.to_string() })?;
     // SAFETY: fi_dupinfo(NULL) is fi_allocinfo: a zeroed fi_info with all
     // attribute structs allocated, owned by us until fi_freeinfo.
     let hints = unsafe { (lib.fi_dupinfo)(ptr::null()) };
@@ -114,7 +111,8 @@ pub(crate) fn query(kind: ProviderKind, request: &InfoRequest) -> Result<InfoLis
         d.threading = sys::fi_threading_FI_THREAD_DOMAIN;
         d.av_type = sys::fi_av_type_FI_AV_TABLE;
         if let Some(name) = &request.domain {
-            let c = CString::new(name.as_str()).map_err(|_| Error::InvalidRequest("interface name has a NUL".into()))?;
+            let c =
+                CString::new(name.as_str()).map_err(|_| Error::InvalidRequest("interface name has a NUL".into()))?;
             d.name = libc::strdup(c.as_ptr());
         }
         let prov = CString::new(kind.fabric_name()).expect("no NUL");
@@ -130,7 +128,10 @@ pub(crate) fn query(kind: ProviderKind, request: &InfoRequest) -> Result<InfoLis
     if rc == -(sys::FI_ENODATA as i32) || (rc == 0 && info.is_null()) {
         let why = match &request.domain {
             Some(d) => format!("provider {kind} offers no RDM endpoint on domain {d:?}"),
-            None => format!("provider {kind} offers no RDM endpoint here (no device, or not built into this libfabric at {})", lib.path),
+            None => format!(
+                "provider {kind} offers no RDM endpoint here (no device, or not built into this libfabric at {})",
+                lib.path
+            ),
         };
         return Err(Error::BackendUnavailable { backend: kind.fabric_name(), reason: why });
     }
@@ -141,7 +142,10 @@ pub(crate) fn query(kind: ProviderKind, request: &InfoRequest) -> Result<InfoLis
     // layering; keep only entries whose provider name starts with the one
     // asked for (libfabric 1.18+ renames `net` to `tcp`, so match prefixes).
     if !list.iter().any(|i| provider_name(i).starts_with(kind.fabric_name())) {
-        return Err(Error::BackendUnavailable { backend: kind.fabric_name(), reason: "no matching provider entry".into() });
+        return Err(Error::BackendUnavailable {
+            backend: kind.fabric_name(),
+            reason: "no matching provider entry".into(),
+        });
     }
     Ok(list)
 }
@@ -159,7 +163,8 @@ pub(crate) fn select(provider: Provider, request: &InfoRequest) -> Result<(Provi
     for &kind in candidates {
         // The interface restriction names a tcp interface; other providers
         // have their own domain names.
-        let req = InfoRequest { domain: request.domain.clone().filter(|_| kind == ProviderKind::Tcp), ..request.clone() };
+        let req =
+            InfoRequest { domain: request.domain.clone().filter(|_| kind == ProviderKind::Tcp), ..request.clone() };
         match query(kind, &req) {
             Ok(list) => return Ok((kind, list)),
             Err(e @ Error::BackendUnavailable { backend: "libfabric", .. }) => return Err(e),

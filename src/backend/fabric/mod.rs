@@ -52,7 +52,8 @@ pub(crate) fn open_group(options: &FabricOptions, count: usize) -> Result<(Provi
         // libfabric treats the domain-name hint loosely for layered
         // providers: keep only the interface asked for, so that a test bound
         // to `lo` never opens an endpoint on another interface.
-        info::provider_name(i).starts_with(kind.fabric_name()) && wanted_domain.is_none_or(|d| info::domain_name(i) == d)
+        info::provider_name(i).starts_with(kind.fabric_name())
+            && wanted_domain.is_none_or(|d| info::domain_name(i) == d)
     });
     for i in matching {
         let name = info::domain_name(i);
@@ -62,10 +63,14 @@ pub(crate) fn open_group(options: &FabricOptions, count: usize) -> Result<(Provi
         }
     }
     let Some(&first) = entries.first() else {
-        return Err(Error::BackendUnavailable { backend: kind.fabric_name(), reason: format!("no domain named {wanted_domain:?}") });
+        return Err(Error::BackendUnavailable {
+            backend: kind.fabric_name(),
+            reason: format!("no domain named {wanted_domain:?}"),
+        });
     };
     let mut fabric_ptr = ptr::null_mut();
-    let lib = sys::Library::get().map_err(|e| Error::BackendUnavailable { backend: "libfabric", reason: e.to_string() })?;
+    let lib =
+        sys::Library::get().map_err(|e| Error::BackendUnavailable { backend: "libfabric", reason: e.to_string() })?;
     // SAFETY: fabric_attr comes from a live fi_info; the fabric is owned below.
     check("fi_fabric", unsafe { (lib.fi_fabric)((*first).fabric_attr, &mut fabric_ptr, ptr::null_mut()) } as isize)?;
     // SAFETY: fabric_ptr was just opened and is owned by nobody else.
@@ -246,13 +251,15 @@ impl FabricNic {
                 wait_fd,
                 delivery_complete: true,
                 slots: Slots::new(tx_depth, options.rx_slots),
-                entries: Box::new([sys::fi_cq_data_entry {
-                    op_context: ptr::null_mut(),
-                    flags: 0,
-                    len: 0,
-                    buf: ptr::null_mut(),
-                    data: 0,
-                }; CQ_BATCH]),
+                entries: Box::new(
+                    [sys::fi_cq_data_entry {
+                        op_context: ptr::null_mut(),
+                        flags: 0,
+                        len: 0,
+                        buf: ptr::null_mut(),
+                        data: 0,
+                    }; CQ_BATCH],
+                ),
             })
         }
     }
@@ -381,10 +388,14 @@ impl Nic for FabricNic {
     fn insert_peer(&mut self, address: &[u8]) -> Result<u64> {
         let mut fi_addr = sys::FI_ADDR_UNSPEC;
         // SAFETY: the AV is live; address holds one provider address.
-        let rc = unsafe { fi::fi_av_insert(self.av.as_ptr(), address.as_ptr().cast(), 1, &mut fi_addr, 0, ptr::null_mut()) };
+        let rc =
+            unsafe { fi::fi_av_insert(self.av.as_ptr(), address.as_ptr().cast(), 1, &mut fi_addr, 0, ptr::null_mut()) };
         if rc != 1 {
             let code = if rc < 0 { rc } else { -(sys::FI_EINVAL as i32) };
-            return Err(Error::PeerUnreachable(format!("inserting peer address: {}", fabric_error("fi_av_insert", code))));
+            return Err(Error::PeerUnreachable(format!(
+                "inserting peer address: {}",
+                fabric_error("fi_av_insert", code)
+            )));
         }
         Ok(fi_addr)
     }
@@ -465,7 +476,8 @@ impl Nic for FabricNic {
         };
         let iov = sys::iovec { iov_base: buf.cast(), iov_len: len };
         let mut desc = desc;
-        let msg = sys::fi_msg { msg_iov: &iov, desc: &mut desc, iov_count: 1, addr: sys::FI_ADDR_UNSPEC, context, data: 0 };
+        let msg =
+            sys::fi_msg { msg_iov: &iov, desc: &mut desc, iov_count: 1, addr: sys::FI_ADDR_UNSPEC, context, data: 0 };
         // SAFETY: endpoint live; buffer valid until completion (caller).
         let rc = unsafe { fi::fi_recvmsg(self.ep.as_ptr(), &msg, sys::FI_COMPLETION as u64) };
         match rc {

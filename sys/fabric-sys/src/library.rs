@@ -4,7 +4,7 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt;
 use std::sync::OnceLock;
 
-use crate::bindings::{fi_info, fid_fabric, fi_fabric_attr};
+use crate::bindings::{fi_fabric_attr, fi_info, fid_fabric};
 
 /// Environment variable naming the libfabric shared object to use (a full
 /// path, or a name the dynamic loader can find). When set, it is the only
@@ -39,10 +39,7 @@ impl fmt::Display for LoadError {
             let sep = if i == 0 { " " } else { ", " };
             write!(f, "{sep}{path}: {why}")?;
         }
-        write!(
-            f,
-            "); install it with `apt-get install libfabric1`, or set {ENV_LIBRARY_PATH} to its path"
-        )
+        write!(f, "); install it with `apt-get install libfabric1`, or set {ENV_LIBRARY_PATH} to its path")
     }
 }
 
@@ -100,10 +97,8 @@ impl Library {
     fn open_path(path: &str) -> Result<Library, String> {
         // SAFETY: loading libfabric runs its constructors, which only set up
         // provider tables; the handle is leaked on purpose (see `get`).
-        let lib = unsafe {
-            libloading::os::unix::Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_LOCAL)
-        }
-        .map_err(|e| e.to_string())?;
+        let lib = unsafe { libloading::os::unix::Library::open(Some(path), libc::RTLD_NOW | libc::RTLD_LOCAL) }
+            .map_err(|e| e.to_string())?;
         let handle = lib.into_raw();
         // SAFETY: each symbol is resolved from the handle just opened and
         // transmuted to the C signature libfabric declares for it in
@@ -111,12 +106,32 @@ impl Library {
         unsafe {
             Ok(Library {
                 path: path.to_owned(),
-                fi_getinfo: std::mem::transmute::<*mut c_void, GetInfoFn>(symbol(handle, c"fi_getinfo", c"FABRIC_1.3")?),
-                fi_freeinfo: std::mem::transmute::<*mut c_void, FreeInfoFn>(symbol(handle, c"fi_freeinfo", c"FABRIC_1.3")?),
-                fi_dupinfo: std::mem::transmute::<*mut c_void, DupInfoFn>(symbol(handle, c"fi_dupinfo", c"FABRIC_1.3")?),
+                fi_getinfo: std::mem::transmute::<*mut c_void, GetInfoFn>(symbol(
+                    handle,
+                    c"fi_getinfo",
+                    c"FABRIC_1.3",
+                )?),
+                fi_freeinfo: std::mem::transmute::<*mut c_void, FreeInfoFn>(symbol(
+                    handle,
+                    c"fi_freeinfo",
+                    c"FABRIC_1.3",
+                )?),
+                fi_dupinfo: std::mem::transmute::<*mut c_void, DupInfoFn>(symbol(
+                    handle,
+                    c"fi_dupinfo",
+                    c"FABRIC_1.3",
+                )?),
                 fi_fabric: std::mem::transmute::<*mut c_void, FabricFn>(symbol(handle, c"fi_fabric", c"FABRIC_1.1")?),
-                fi_strerror: std::mem::transmute::<*mut c_void, StrErrorFn>(symbol(handle, c"fi_strerror", c"FABRIC_1.0")?),
-                fi_version: std::mem::transmute::<*mut c_void, VersionFn>(symbol(handle, c"fi_version", c"FABRIC_1.0")?),
+                fi_strerror: std::mem::transmute::<*mut c_void, StrErrorFn>(symbol(
+                    handle,
+                    c"fi_strerror",
+                    c"FABRIC_1.0",
+                )?),
+                fi_version: std::mem::transmute::<*mut c_void, VersionFn>(symbol(
+                    handle,
+                    c"fi_version",
+                    c"FABRIC_1.0",
+                )?),
             })
         }
     }
