@@ -556,11 +556,17 @@ impl<N: Nic> Worker<N> {
                 self.nics[nic].deregister(region);
             }
         }
-        for (nic, pool) in self.pools.drain(..).enumerate() {
+        let pools = std::mem::take(&mut self.pools);
+        for (nic, pool) in pools.iter().enumerate() {
             self.nics[nic].deregister(pool.region);
         }
+        // Close the endpoints before any memory they may still touch (posted
+        // receives, operations of the requests failed above) is freed.
+        self.nics.clear();
+        drop(pools);
         // Anything still queued gets its outcome: submissions end with
-        // Shutdown as their guards drop, deregistrations are confirmed.
+        // Shutdown as their guards drop, deregistrations are confirmed and
+        // their memory freed.
         while let Ok(command) = self.commands.try_recv() {
             if let Command::Deregister { done: Some(done), .. } = command {
                 let _ = done.send(());
@@ -579,75 +585,27 @@ fn recv_slot(token: u64) -> (usize, usize) {
 /// immediate, and the pieces of a request ahead of its immediate are known
 /// to have landed before the immediate goes.
 fn build_op(op: &RequestOp, piece: &Piece, peer: u64, imm: Option<u32>, token: u64) -> Op {
-    let delivery_complete = true;
-    let nic = piece.local_nic;
-    let local = |mr: &MrInner, offset: u64| -> (*mut u8, *mut std::ffi::c_void) {
-        // SAFETY: offsets were checked against the region at submission.
-        (unsafe { mr.ptr.add(offset as usize) }, mr.descs[nic])
+    let (kind, local, remote): (OpKind, Option<&MrInner>, Option<&MrDesc>) = match op {
+        RequestOp::Write { src, dst, .. } => (OpKind::Write, src.as_deref(), Some(dst)),
+        RequestOp::Paged { src, dst, .. } => (OpKind::Write, Some(src), Some(dst)),
+        RequestOp::Read { local, remote, .. } => (OpKind::Read, Some(local), Some(remote)),
+        RequestOp::Send { src, .. } => (OpKind::Send, Some(src), None),
     };
-    match op {
-        RequestOp::Write { src, dst, .. } => {
-            let (ptr, desc) = match src {
-                Some(mr) if piece.len > 0 => local(mr, piece.src_offset),
-                _ => (std::ptr::null_mut(), std::ptr::null_mut()),
-            };
-            Op {
-                kind: OpKind::Write,
-                local: ptr,
-                len: piece.len,
-                local_desc: desc,
-                peer,
-                remote_addr: dst.remote_addr(piece.dst_offset),
-                key: dst.key(piece.remote_nic),
-                imm,
-                delivery_complete,
-                token,
-            }
-        }
-        RequestOp::Paged { src, dst, .. } => {
-            let (ptr, desc) = local(src, piece.src_offset);
-            Op {
-                kind: OpKind::Write,
-                local: ptr,
-                len: piece.len,
-                local_desc: desc,
-                peer,
-                remote_addr: dst.remote_addr(piece.dst_offset),
-                key: dst.key(piece.remote_nic),
-                imm,
-                delivery_complete,
-                token,
-            }
-        }
-        RequestOp::Read { local: mr, remote, .. } => {
-            let (ptr, desc) = local(mr, piece.src_offset);
-            Op {
-                kind: OpKind::Read,
-                local: ptr,
-                len: piece.len,
-                local_desc: desc,
-                peer,
-                remote_addr: remote.remote_addr(piece.dst_offset),
-                key: remote.key(piece.remote_nic),
-                imm: None,
-                delivery_complete: false,
-                token,
-            }
-        }
-        RequestOp::Send { src, .. } => {
-            let (ptr, desc) = local(src, piece.src_offset);
-            Op {
-                kind: OpKind::Send,
-                local: ptr,
-                len: piece.len,
-                local_desc: desc,
-                peer,
-                remote_addr: 0,
-                key: 0,
-                imm: None,
-                delivery_complete: false,
-                token,
-            }
-        }
+    let (ptr, desc) = match local {
+        // SAFETY: offsets were checked against the region at submission.
+        Some(mr) if piece.len > 0 => (unsafe { mr.ptr.add(piece.src_offset as usize) }, mr.descs[piece.local_nic]),
+        _ => (std::ptr::null_mut(), std::ptr::null_mut()),
+    };
+    Op {
+        kind,
+        local: ptr,
+        len: piece.len,
+        local_desc: desc,
+        peer,
+        remote_addr: remote.map_or(0, |d| d.remote_addr(piece.dst_offset)),
+        key: remote.map_or(0, |d| d.key(piece.remote_nic)),
+        imm: if kind == OpKind::Write { imm } else { None },
+        delivery_complete: kind == OpKind::Write,
+        token,
     }
 }
