@@ -219,6 +219,15 @@ impl EngineBuilder {
     }
 }
 
+/// Waits on one of the engine's delivery queues, if it has that queue.
+fn receive<T>(queue: Option<&Receiver<T>>, timeout: Duration, missing: &str) -> Result<T> {
+    let queue = queue.ok_or_else(|| Error::InvalidRequest(missing.into()))?;
+    queue.recv_timeout(timeout).map_err(|e| match e {
+        crossbeam_channel::RecvTimeoutError::Timeout => Error::Timeout(timeout),
+        crossbeam_channel::RecvTimeoutError::Disconnected => Error::Shutdown,
+    })
+}
+
 fn pin_current_thread(cpu: usize) {
     // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.
     unsafe {
@@ -584,29 +593,13 @@ impl TransferEngine {
     /// Unavailable when an [`on_message`](EngineBuilder::on_message) callback
     /// was configured.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Vec<u8>> {
-        let queue = self
-            .shared
-            .messages
-            .as_ref()
-            .ok_or_else(|| Error::InvalidRequest("messages go to the on_message callback".into()))?;
-        queue.recv_timeout(timeout).map_err(|e| match e {
-            crossbeam_channel::RecvTimeoutError::Timeout => Error::Timeout(timeout),
-            crossbeam_channel::RecvTimeoutError::Disconnected => Error::Shutdown,
-        })
+        receive(self.shared.messages.as_ref(), timeout, "messages go to the on_message callback")
     }
 
     /// The next immediate no counter claimed, waiting up to `timeout`; only
     /// with [`EngineBuilder::unclaimed_imm_queue`].
     pub fn next_imm(&self, timeout: Duration) -> Result<u32> {
-        let queue = self
-            .shared
-            .imm_queue
-            .as_ref()
-            .ok_or_else(|| Error::InvalidRequest("no unclaimed-immediate queue configured".into()))?;
-        queue.recv_timeout(timeout).map_err(|e| match e {
-            crossbeam_channel::RecvTimeoutError::Timeout => Error::Timeout(timeout),
-            crossbeam_channel::RecvTimeoutError::Disconnected => Error::Shutdown,
-        })
+        receive(self.shared.imm_queue.as_ref(), timeout, "no unclaimed-immediate queue configured")
     }
 
     /// A counter that is reached once `count` immediates of `value` have
