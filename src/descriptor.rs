@@ -1,6 +1,7 @@
 //! `MrDesc`: the remote view of a registered region.
 
 use std::fmt;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::address::EngineAddress;
@@ -181,6 +182,18 @@ impl fmt::Display for MrDesc {
     }
 }
 
+/// Parses the hex form that `Display` prints, validating as
+/// [`MrDesc::from_bytes`] does.
+impl FromStr for MrDesc {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bytes = wire::from_hex(s)
+            .ok_or_else(|| Error::InvalidDescriptor { what: "memory descriptor", reason: "not a hex string".into() })?;
+        Self::from_bytes(&bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +217,7 @@ mod tests {
             let d = sample(nics, 32);
             let back = MrDesc::from_bytes(&d.to_bytes()).unwrap();
             assert_eq!(back, d);
+            assert_eq!(d.to_string().parse::<MrDesc>().unwrap(), d, "hex form round-trips");
             assert_eq!(back.len(), 6 << 30, "lengths above 4 GiB survive");
             assert_eq!(back.key(nics - 1), (nics as u64 - 1) * 1000 + 7);
             assert_eq!(back.remote_addr(10), 0x7f00_0000_1000 + 10);

@@ -63,7 +63,7 @@ fn peer_process() {
     let parent_desc = loop {
         let line = lines.next().expect("parent descriptor").unwrap();
         if let Some(hex) = line.strip_prefix("DESC ") {
-            break MrDesc::from_bytes(&from_hex(hex)).unwrap();
+            break hex.trim().parse::<MrDesc>().unwrap();
         }
     };
     c_write.wait_timeout(TIMEOUT).unwrap();
@@ -83,10 +83,6 @@ fn peer_process() {
     out.flush().unwrap();
     // Stay alive (the parent reads our memory) until the parent closes stdin.
     for _ in lines {}
-}
-
-fn from_hex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
 
 fn run_pair(provider: Provider, parent_nics: usize, child_nics: usize) {
@@ -121,7 +117,7 @@ fn run_pair(provider: Provider, parent_nics: usize, child_nics: usize) {
     let engine = open(provider, parent_nics);
     let child_addr: EngineAddress = next("ADDR ").parse().unwrap();
     assert_eq!(child_addr.nic_count(), child_nics);
-    let child_desc = MrDesc::from_bytes(&from_hex(&next("DESC "))).unwrap();
+    let child_desc: MrDesc = next("DESC ").parse().unwrap();
     let inbox = engine.alloc(2 << 20, Access::REMOTE_WRITE).unwrap();
     let back = engine.expect_imm(9, 1).unwrap();
     writeln!(stdin, "DESC {}", inbox.descriptor()).unwrap();
