@@ -28,6 +28,8 @@
 //! * That a dead peer is reported: some transports (`shm`) never report one.
 
 pub(crate) mod fabric;
+#[cfg(feature = "test-backend")]
+pub(crate) mod null;
 
 use std::ffi::c_void;
 use std::os::fd::RawFd;

@@ -159,11 +159,16 @@ impl EngineBuilder {
         self
     }
 
-    /// Opens the NICs and starts the worker.
-    pub fn build(self) -> Result<TransferEngine> {
+    fn check_nics(&self) -> Result<()> {
         if self.nics == 0 || self.nics > crate::wire::MAX_NICS {
             return Err(Error::InvalidRequest(format!("nics must be in 1..={}", crate::wire::MAX_NICS)));
         }
+        Ok(())
+    }
+
+    /// Opens the NICs and starts the worker.
+    pub fn build(self) -> Result<TransferEngine> {
+        self.check_nics()?;
         let options = FabricOptions {
             provider: self.provider,
             info: InfoRequest { domain: self.interface.clone(), hmem: false },
@@ -172,6 +177,19 @@ impl EngineBuilder {
         };
         let (kind, nics) = fabric::open_group(&options, self.nics)?;
         self.start(kind, nics)
+    }
+
+    /// Starts an engine on the null test backend: its NICs complete every
+    /// operation at once without moving bytes, so that benchmarks see the
+    /// engine's own cost per request and per work item. Regions and
+    /// descriptors work as usual; writes to the engine's own descriptors
+    /// deliver their immediates to it. Only with the `test-backend` feature;
+    /// never use it for real transfers.
+    #[cfg(feature = "test-backend")]
+    pub fn build_null_backend(self) -> Result<TransferEngine> {
+        self.check_nics()?;
+        let nics = (0..self.nics).map(|_| crate::backend::null::NullNic::new()).collect();
+        self.start(ProviderKind::Tcp, nics)
     }
 
     fn start<N: Nic + 'static>(self, kind: ProviderKind, nics: Vec<N>) -> Result<TransferEngine> {
