@@ -99,10 +99,13 @@
 
 mod address;
 mod backend;
+#[cfg(feature = "raw-baseline")]
+pub mod baseline;
 mod descriptor;
 mod engine;
 mod error;
 pub mod plan;
+pub mod probe;
 mod provider;
 mod wire;
 

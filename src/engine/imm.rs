@@ -25,7 +25,7 @@ pub(crate) enum UnclaimedImm {
     /// Handed to a callback on the worker thread.
     Callback(Box<dyn Fn(u32) + Send + Sync>),
     /// Pushed into a queue read by `TransferEngine::next_imm`.
-    Queue(crossbeam_channel::Sender<u32>),
+    Queue(super::mailbox::Poster<u32>),
 }
 
 pub(crate) struct ImmTable {
@@ -99,7 +99,7 @@ impl ImmTable {
             }
             UnclaimedImm::Queue(tx) => {
                 drop(t);
-                let _ = tx.send(value);
+                tx.push(value);
             }
         }
     }
@@ -337,12 +337,13 @@ mod tests {
 
     #[test]
     fn unclaimed_go_to_the_queue() {
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = super::super::mailbox::Mailbox::new();
         let t = ImmTable::new(UnclaimedImm::Queue(tx));
         let c = t.expect(1, 1).unwrap();
         t.deliver(2);
         t.deliver(1);
         assert!(c.is_reached());
-        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [2]);
+        assert_eq!(rx.pop_timeout(Duration::ZERO).unwrap(), 2);
+        assert!(rx.pop_timeout(Duration::ZERO).is_err());
     }
 }

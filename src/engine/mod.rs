@@ -3,6 +3,7 @@
 mod completion;
 mod imm;
 mod link;
+mod mailbox;
 mod memory;
 mod worker;
 
@@ -12,8 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::Receiver;
-
 pub use self::completion::Transfer;
 pub use self::imm::ImmCounter;
 pub use self::memory::{MemoryRegion, PAGE_SIZE};
@@ -22,7 +21,9 @@ pub use self::worker::PollMode;
 use self::completion::{Completion, PartGuard};
 use self::imm::{ImmTable, UnclaimedImm};
 use self::link::Link;
-use self::memory::{AlignedBuf, MrInner};
+use self::mailbox::Mailbox;
+pub(crate) use self::memory::AlignedBuf;
+use self::memory::MrInner;
 use self::worker::{Command, MessageCallback, MessageSink, RecvConfig, RequestOp, Submission, Worker};
 use crate::address::EngineAddress;
 use crate::backend::fabric::{self, FabricOptions, InfoRequest};
@@ -55,7 +56,7 @@ pub struct EngineBuilder {
     recv: RecvConfig,
     messages: Option<MessageCallback>,
     unclaimed_imm: Option<UnclaimedImm>,
-    imm_queue: Option<Receiver<u32>>,
+    imm_queue: Option<Arc<Mailbox<u32>>>,
 }
 
 impl fmt::Debug for EngineBuilder {
@@ -153,7 +154,7 @@ impl EngineBuilder {
     /// [`TransferEngine::next_imm`], instead of keeping them for a later
     /// [`expect_imm`](TransferEngine::expect_imm).
     pub fn unclaimed_imm_queue(mut self) -> Self {
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = Mailbox::new();
         self.unclaimed_imm = Some(UnclaimedImm::Queue(tx));
         self.imm_queue = Some(rx);
         self
@@ -202,7 +203,7 @@ impl EngineBuilder {
         let (message_queue, messages) = match self.messages {
             Some(cb) => (None, MessageSink::Callback(cb)),
             None => {
-                let (tx, rx) = crossbeam_channel::unbounded();
+                let (tx, rx) = Mailbox::new();
                 (Some(rx), MessageSink::Queue(tx))
             }
         };
@@ -238,12 +239,8 @@ impl EngineBuilder {
 }
 
 /// Waits on one of the engine's delivery queues, if it has that queue.
-fn receive<T>(queue: Option<&Receiver<T>>, timeout: Duration, missing: &str) -> Result<T> {
-    let queue = queue.ok_or_else(|| Error::InvalidRequest(missing.into()))?;
-    queue.recv_timeout(timeout).map_err(|e| match e {
-        crossbeam_channel::RecvTimeoutError::Timeout => Error::Timeout(timeout),
-        crossbeam_channel::RecvTimeoutError::Disconnected => Error::Shutdown,
-    })
+fn receive<T>(queue: Option<&Arc<Mailbox<T>>>, timeout: Duration, missing: &str) -> Result<T> {
+    queue.ok_or_else(|| Error::InvalidRequest(missing.into()))?.pop_timeout(timeout)
 }
 
 fn pin_current_thread(cpu: usize) {
@@ -266,8 +263,8 @@ struct Shared {
     imm: Arc<ImmTable>,
     shard: ShardConfig,
     rotation: AtomicUsize,
-    messages: Option<Receiver<Vec<u8>>>,
-    imm_queue: Option<Receiver<u32>>,
+    messages: Option<Arc<Mailbox<Vec<u8>>>>,
+    imm_queue: Option<Arc<Mailbox<u32>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 

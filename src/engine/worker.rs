@@ -47,7 +47,7 @@ pub(crate) type MessageCallback = Box<dyn Fn(&[u8]) + Send + Sync>;
 
 /// Where two-sided messages go.
 pub(crate) enum MessageSink {
-    Queue(Sender<Vec<u8>>),
+    Queue(super::mailbox::Poster<Vec<u8>>),
     Callback(MessageCallback),
 }
 
@@ -492,9 +492,7 @@ impl<N: Nic> Worker<N> {
                         std::slice::from_raw_parts(pool.memory.as_ptr().add(index * pool.size), len.min(pool.size))
                     };
                     match &self.messages {
-                        MessageSink::Queue(tx) => {
-                            let _ = tx.send(bytes.to_vec());
-                        }
+                        MessageSink::Queue(tx) => tx.push(bytes.to_vec()),
                         MessageSink::Callback(cb) => cb(bytes),
                     }
                 }

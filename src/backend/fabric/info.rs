@@ -176,3 +176,17 @@ pub(crate) fn select(provider: Provider, request: &InfoRequest) -> Result<(Provi
     }
     Err(Error::BackendUnavailable { backend: "libfabric", reason: reasons.join("; ") })
 }
+
+/// What `fi_getinfo` offers for one provider: its domains (with the
+/// provider's full name), or why it is unavailable.
+pub(crate) fn probe(kind: ProviderKind) -> std::result::Result<Vec<(String, String)>, String> {
+    let list = query(kind, &InfoRequest::default()).map_err(|e| e.to_string())?;
+    let mut domains: Vec<(String, String)> = Vec::new();
+    for i in list.iter().filter(|&i| provider_name(i).starts_with(kind.fabric_name())) {
+        let entry = (provider_name(i), domain_name(i));
+        if !domains.contains(&entry) {
+            domains.push(entry);
+        }
+    }
+    Ok(domains)
+}

@@ -24,7 +24,7 @@ use fabric_sys as sys;
 use fabric_sys::ops as fi;
 
 use self::handle::{check, fabric_error, Domain, Fabric, Owned};
-pub(crate) use self::info::InfoRequest;
+pub(crate) use self::info::{probe, InfoRequest};
 use super::{Event, Nic, NicRegion, Op, OpKind, Posted};
 use crate::descriptor::Access;
 use crate::error::{Error, Result};
