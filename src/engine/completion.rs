@@ -25,6 +25,9 @@ struct State {
     outcome: Option<Result<()>>,
     waker: Option<Waker>,
     callback: Option<Callback>,
+    /// Threads blocked in `wait`: the worker signals the condition variable
+    /// only when there are some (a notify is a system call).
+    waiters: u32,
 }
 
 impl Completion {
@@ -39,6 +42,7 @@ impl Completion {
                 outcome: None,
                 waker: None,
                 callback: None,
+                waiters: 0,
             }),
             cv: Condvar::new(),
         })
@@ -70,9 +74,12 @@ impl Completion {
         s.outcome = Some(outcome.clone());
         let waker = s.waker.take();
         let callback = s.callback.take();
+        let waiters = s.waiters > 0;
         self.done.store(true, Ordering::Release);
         drop(s);
-        self.cv.notify_all();
+        if waiters {
+            self.cv.notify_all();
+        }
         if let Some(w) = waker {
             w.wake();
         }
@@ -150,7 +157,9 @@ impl Transfer {
     pub fn wait(&self) -> Result<()> {
         let mut s = self.completion.lock();
         while s.outcome.is_none() {
+            s.waiters += 1;
             s = self.completion.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.waiters -= 1;
         }
         s.outcome.clone().expect("checked")
     }
@@ -166,7 +175,9 @@ impl Transfer {
             if now >= deadline {
                 return Err(Error::Timeout(timeout));
             }
+            s.waiters += 1;
             s = self.completion.cv.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            s.waiters -= 1;
         }
         s.outcome.clone().expect("checked")
     }

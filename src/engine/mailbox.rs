@@ -16,6 +16,9 @@ use crate::error::{Error, Result};
 struct State<T> {
     items: VecDeque<T>,
     closed: bool,
+    /// Threads blocked in `pop_timeout`: a push signals only when there are
+    /// some (a notify is a system call).
+    waiters: usize,
 }
 
 /// The receiving side (user threads).
@@ -31,7 +34,7 @@ pub(crate) struct Poster<T>(Arc<Mailbox<T>>);
 impl<T> Mailbox<T> {
     pub(crate) fn new() -> (Poster<T>, Arc<Mailbox<T>>) {
         let mailbox = Arc::new(Mailbox {
-            state: Mutex::new(State { items: VecDeque::new(), closed: false }),
+            state: Mutex::new(State { items: VecDeque::new(), closed: false, waiters: 0 }),
             ready: Condvar::new(),
         });
         (Poster(mailbox.clone()), mailbox)
@@ -56,15 +59,22 @@ impl<T> Mailbox<T> {
             if now >= deadline {
                 return Err(Error::Timeout(timeout));
             }
+            state.waiters += 1;
             state = self.ready.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            state.waiters -= 1;
         }
     }
 }
 
 impl<T> Poster<T> {
     pub(crate) fn push(&self, item: T) {
-        self.0.lock().items.push_back(item);
-        self.0.ready.notify_one();
+        let mut state = self.0.lock();
+        state.items.push_back(item);
+        let wake = state.waiters > 0;
+        drop(state);
+        if wake {
+            self.0.ready.notify_one();
+        }
     }
 }
 
