@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check strait has: formatting, clippy with warnings denied, the docs
 # with warnings denied, and all tests (unit, property, transport over
-# libfabric tcp and shm on loopback, two-process). Installs what it needs.
+# libfabric tcp and shm on loopback, two-process, strait-bench end to end)
+# and one pass of each criterion bench. Installs what it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -10,8 +11,10 @@ scripts/setup.sh
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy --all-targets -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 echo "== cargo doc (warnings denied)"
-RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --locked
 echo "== cargo test"
-cargo test --workspace --release --locked
+cargo test --workspace --release --all-features --locked
+echo "== criterion benches, once each (cargo bench --features test-backend measures them)"
+cargo test --release --all-features --locked --benches -p strait

@@ -1,0 +1,145 @@
+//! strait-bench end to end: loopback over tcp and shm with both baselines,
+//! serve and connect started as separate processes, JSON and SVG output,
+//! `info`, and argument errors. Short durations: these check that the tool
+//! works, not how fast.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_strait-bench");
+const QUICK: &[&str] = &["--duration", "0.05", "--iters", "50", "--no-progress"];
+
+fn run(args: &[&str]) -> Output {
+    let out = Command::new(BIN).args(args).output().expect("run strait-bench");
+    if !out.status.success() {
+        panic!(
+            "strait-bench {args:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+fn temp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("strait-bench-test-{}-{name}", std::process::id()))
+}
+
+/// Checks the JSON report: every workload present, positive figures, and
+/// the drivers expected.
+fn check_json(path: &PathBuf, drivers: &[&str]) {
+    let text = std::fs::read_to_string(path).expect("JSON written");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    assert_eq!(v["tool"], "strait-bench");
+    let rows = v["rows"].as_array().expect("rows");
+    for workload in ["write", "paged", "read", "imm_latency", "send_latency"] {
+        assert!(rows.iter().any(|r| r["workload"] == workload), "no {workload} rows in {text}");
+    }
+    for d in drivers {
+        assert!(rows.iter().any(|r| r["driver"] == *d), "no {d} rows in {text}");
+    }
+    for r in rows {
+        assert!(r["seconds"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["ops"].as_u64().unwrap() > 0, "{r}");
+        if r["workload"].as_str().unwrap().ends_with("latency") {
+            let p50 = r["rtt_p50_us"].as_f64().unwrap();
+            assert!(p50 > 0.0 && p50 <= r["rtt_p99_us"].as_f64().unwrap(), "{r}");
+        } else {
+            assert!(r["bytes"].as_u64().unwrap() > 0, "{r}");
+        }
+    }
+}
+
+fn check_svg(path: &PathBuf, lines: usize) {
+    let text = std::fs::read_to_string(path).expect("SVG written");
+    let doc = roxmltree::Document::parse(&text).expect("well-formed SVG");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let polylines = doc.descendants().filter(|n| n.has_tag_name("polyline")).count();
+    assert_eq!(polylines, lines, "one line per configuration in {text}");
+}
+
+#[test]
+fn loopback_tcp_with_both_baselines_writes_json_and_svg() {
+    let (json, svg) = (temp("tcp.json"), temp("tcp.svg"));
+    let mut args = vec!["loopback", "--provider", "tcp", "--nics", "2", "--server-nics", "1", "--sizes", "4K,1M"];
+    args.extend(QUICK);
+    args.extend(["--json", json.to_str().unwrap(), "--plot", svg.to_str().unwrap()]);
+    let out = run(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for table in ["== write", "== paged", "== read", "== imm_latency", "== send_latency", "strait/raw", "tcp-2 GB/s"] {
+        assert!(stdout.contains(table), "{table} missing from:\n{stdout}");
+    }
+    check_json(&json, &["strait", "raw", "tcp-1", "tcp-2"]);
+    // write: strait, raw, tcp-1, tcp-2; read: strait, raw.
+    check_svg(&svg, 6);
+    let _ = std::fs::remove_file(json);
+    let _ = std::fs::remove_file(svg);
+}
+
+#[test]
+fn loopback_shm_with_both_baselines() {
+    let json = temp("shm.json");
+    let mut args = vec!["loopback", "--provider", "shm", "--sizes", "64K"];
+    args.extend(QUICK);
+    args.extend(["--json", json.to_str().unwrap()]);
+    let out = run(&args);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("| shm |"));
+    check_json(&json, &["strait", "raw", "tcp-1", "tcp-2"]);
+    let _ = std::fs::remove_file(json);
+}
+
+#[test]
+fn serve_and_connect_as_separate_processes() {
+    let mut server = Command::new(BIN)
+        .args(["serve", "--bind", "127.0.0.1", "--port", "0", "--provider", "tcp", "--interface", "lo", "--nics", "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start server");
+    let mut stdout = BufReader::new(server.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    let addr = first.trim().strip_prefix("strait-bench serve: listening on ").expect("address line").to_owned();
+    assert!(addr.starts_with("127.0.0.1:"), "{first}");
+
+    let mut args =
+        vec!["connect", &addr, "--provider", "tcp", "--interface", "lo", "--sizes", "64K", "--baseline", "raw"];
+    args.extend(QUICK);
+    let client = run(&args);
+    let client_out = String::from_utf8_lossy(&client.stdout);
+    assert!(client_out.contains("client 1 NIC(s) -> server 2 NIC(s)"), "{client_out}");
+
+    let status = server.wait().unwrap();
+    let mut server_out = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut server_out).unwrap();
+    assert!(status.success(), "server: {status}\n{server_out}");
+    // Both ends print the results.
+    assert!(server_out.contains("== write") && server_out.contains("== send_latency"), "{server_out}");
+}
+
+#[test]
+fn info_reports_providers_and_unavailable_backends() {
+    let out = run(&["info"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("tcp  available"), "{text}");
+    assert!(text.contains("efa  unavailable"), "{text}");
+    assert!(text.contains("verbs (ConnectX): unavailable"), "{text}");
+    assert!(text.contains("GPUs:"), "{text}");
+}
+
+#[test]
+fn bad_arguments_are_reported() {
+    for args in [
+        &["loopback", "--workloads", "bogus"][..],
+        &["loopback", "--sizes", "4X"],
+        &["loopback", "--baseline", "ucx"],
+        &["loopback", "--message-sizes", "1M"],
+        &["connect", "127.0.0.1:1", "--provider", "tcp", "--interface", "lo"],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("strait-bench: "), "{args:?}: {err}");
+    }
+}
