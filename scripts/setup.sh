@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what strait needs on a Debian/Ubuntu machine: libfabric (runtime
-# library and fi_info), and checks the Rust toolchain with rustfmt and clippy.
+# library and fi_info), a C linker for Rust, and, when no `cargo` is found,
+# the Rust toolchain through rustup (with rustfmt and clippy).
 # Safe to run repeatedly: it installs only what is missing.
 set -euo pipefail
 
-packages=(libfabric1 libfabric-bin)
+packages=(libfabric1 libfabric-bin gcc libc6-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -24,12 +25,16 @@ if ! command -v cargo >/dev/null; then
   [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 fi
 if ! command -v cargo >/dev/null; then
-  cat >&2 <<'MSG'
-setup: no Rust toolchain found. strait needs Rust 1.82 or newer:
-  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y
-then run this again.
-MSG
-  exit 1
+  echo "setup: no cargo found; installing Rust (stable, minimal profile) with rustup"
+  if ! command -v curl >/dev/null; then
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq curl ca-certificates
+  fi
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+    sh -s -- -y --profile minimal --component rustfmt,clippy
+  export PATH="$HOME/.cargo/bin:$PATH"
 fi
 for component in rustfmt clippy; do
   if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then

@@ -133,6 +133,9 @@ struct Active {
     error: Option<Error>,
     retry: Option<Piece>,
     queued: bool,
+    /// Pieces that carry data; a sequenced piece past these is the
+    /// zero-length write carrying the immediate.
+    data_pieces: u64,
 }
 
 struct Peer {
@@ -386,8 +389,14 @@ impl<N: Nic> Worker<N> {
             Ok(p) => p,
             Err(e) => return s.guard.finish(Err(e)),
         };
-        let seq = Sequencer::new(s.op.pieces(), s.op.imm().is_some());
-        let active = Active { op: s.op, seq, guard: Some(s.guard), peer, error: None, retry: None, queued: true };
+        let data_pieces = s.op.pieces();
+        // A request split into several pieces sends its immediate alone, in
+        // a zero-length write after every data piece has completed; a
+        // single piece carries it itself.
+        let trailer = s.op.imm().is_some() && data_pieces > 1;
+        let seq = Sequencer::new(data_pieces + u64::from(trailer), s.op.imm().is_some());
+        let active =
+            Active { op: s.op, seq, guard: Some(s.guard), peer, error: None, retry: None, queued: true, data_pieces };
         let index = match self.free.pop() {
             Some(i) => {
                 self.active[i] = Some(active);
@@ -429,6 +438,10 @@ impl<N: Nic> Worker<N> {
         while let Some(i) = a.seq.next_to_post() {
             let piece = match a.retry.take() {
                 Some(p) => p,
+                None if i == a.data_pieces => {
+                    let (local_nic, remote_nic) = crate::plan::nic_pair(i, index, local_nics, peer.remote_nics);
+                    Piece { local_nic, remote_nic, src_offset: 0, dst_offset: 0, len: 0 }
+                }
                 None => a.op.piece(i, local_nics, peer.remote_nics),
             };
             let last = a.seq.is_last(i);

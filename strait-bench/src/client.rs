@@ -73,6 +73,9 @@ pub struct Plan {
     pub depth: usize,
     pub duration: Duration,
     pub iters: u64,
+    /// Measurements per bandwidth point (strait and raw alternating); the
+    /// median is reported, with the spread.
+    pub repeat: u32,
     pub raw: bool,
     pub tcp: bool,
     pub tcp_streams: usize,
@@ -204,8 +207,9 @@ impl Client {
                         if self.plan.tcp {
                             for streams in [1, self.plan.tcp_streams] {
                                 self.progress(&format!("write tcp-{streams} {}", format_size(size)));
-                                let row = self.tcp(size, streams)?;
-                                self.rows.push(row);
+                                let runs =
+                                    (0..self.plan.repeat).map(|_| self.tcp(size, streams)).collect::<Result<_, _>>()?;
+                                self.rows.push(median(runs));
                                 if self.plan.tcp_streams == 1 {
                                     break;
                                 }
@@ -241,6 +245,7 @@ impl Client {
             depth: self.plan.depth,
             pages: self.plan.pages,
             duration: self.plan.duration.as_secs_f64(),
+            repeat: self.plan.repeat,
             rows: self.rows,
         };
         self.ch.send(&Msg::Report { report: Box::new(report.clone()) })?;
@@ -270,14 +275,20 @@ impl Client {
 
     fn stream_point(&mut self, w: Workload, size: u64, page: Option<u64>) -> Result<(), String> {
         let label = format!("{} {}", w.name(), format_size(page.unwrap_or(size)));
-        self.progress(&format!("{label} strait"));
-        let row = self.strait_stream(w, size, page)?;
-        self.progress(&format!("{label} strait {:.3} GB/s", row.gbytes_per_s()));
-        self.rows.push(row);
-        if self.raw.is_some() {
-            self.progress(&format!("{label} raw"));
-            let row = self.raw_stream(w, size, page)?;
-            self.rows.push(row);
+        let (mut strait, mut raw) = (Vec::new(), Vec::new());
+        for run in 1..=self.plan.repeat {
+            self.progress(&format!("{label} strait (run {run})"));
+            let row = self.strait_stream(w, size, page)?;
+            self.progress(&format!("{label} strait {:.3} GB/s", row.gbytes_per_s()));
+            strait.push(row);
+            if self.raw.is_some() {
+                self.progress(&format!("{label} raw (run {run})"));
+                raw.push(self.raw_stream(w, size, page)?);
+            }
+        }
+        self.rows.push(median(strait));
+        if !raw.is_empty() {
+            self.rows.push(median(raw));
         }
         Ok(())
     }
@@ -466,8 +477,18 @@ impl Client {
             seconds,
             rtt_p50_us: None,
             rtt_p99_us: None,
+            spread: None,
         })
     }
+}
+
+/// The run with the median bandwidth, with the spread of all runs.
+fn median(mut runs: Vec<Row>) -> Row {
+    runs.sort_by(|a, b| a.gbytes_per_s().total_cmp(&b.gbytes_per_s()));
+    let spread = (runs.len() > 1).then(|| (runs[0].gbytes_per_s(), runs[runs.len() - 1].gbytes_per_s()));
+    let mut row = runs.swap_remove(runs.len() / 2);
+    row.spread = spread;
+    row
 }
 
 fn row(w: Workload, driver: &str, size: u64, page: Option<u64>, ops: u64, seconds: f64) -> Row {
@@ -481,6 +502,7 @@ fn row(w: Workload, driver: &str, size: u64, page: Option<u64>, ops: u64, second
         seconds,
         rtt_p50_us: None,
         rtt_p99_us: None,
+        spread: None,
     }
 }
 
@@ -496,5 +518,6 @@ fn latency_row(w: Workload, driver: &str, size: u64, rtt: &mut [f64], seconds: f
         seconds,
         rtt_p50_us: Some(percentile(rtt, 0.5)),
         rtt_p99_us: Some(percentile(rtt, 0.99)),
+        spread: None,
     }
 }

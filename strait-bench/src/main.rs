@@ -133,6 +133,10 @@ struct RunArgs {
     /// Measurement time per point, seconds.
     #[arg(long, default_value_t = 0.5)]
     duration: f64,
+    /// Runs per bandwidth point, strait and raw alternating: the median is
+    /// reported (JSON has the spread).
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
     /// Round trips per latency point.
     #[arg(long, default_value_t = 2000)]
     iters: u64,
@@ -225,6 +229,7 @@ impl RunArgs {
             depth: self.depth,
             duration: Duration::from_secs_f64(self.duration),
             iters: self.iters.max(1),
+            repeat: self.repeat.max(1),
             raw: has("raw"),
             tcp: has("tcp"),
             tcp_streams: self.tcp_streams.unwrap_or(nics.max(2)),

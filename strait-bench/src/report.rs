@@ -36,6 +36,10 @@ pub struct Row {
     /// See `rtt_p50_us`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt_p99_us: Option<f64>,
+    /// With `--repeat`: this row is the median run; lowest and highest GB/s
+    /// of all runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<(f64, f64)>,
 }
 
 impl Row {
@@ -73,8 +77,15 @@ pub struct Report {
     pub pages: u32,
     /// Measurement time per point, seconds.
     pub duration: f64,
+    /// Runs per bandwidth point (the median is reported).
+    #[serde(default = "one")]
+    pub repeat: u32,
     /// The points.
     pub rows: Vec<Row>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn describe(workload: &str) -> &'static str {
@@ -136,21 +147,23 @@ impl Report {
         let mut out = String::new();
         for workload in distinct(self.rows.iter(), |r| &r.workload) {
             let points = points(&self.rows, &workload);
-            let _ = writeln!(
-                out,
-                "\n== {workload}: {} | {} | client {} NIC(s) -> server {} NIC(s){}",
+            let mut title = format!(
+                "\n== {workload}: {} | {} | client {} NIC(s) -> server {} NIC(s)",
                 describe(&workload),
                 self.provider,
                 self.client_nics,
-                self.server_nics,
-                if workload == "paged" {
-                    format!(" | {} pages per request, depth {}", self.pages, self.depth)
-                } else if workload.ends_with("latency") {
-                    String::new()
-                } else {
-                    format!(" | depth {}", self.depth)
-                }
+                self.server_nics
             );
+            if workload == "paged" {
+                let _ = write!(title, " | {} pages per request", self.pages);
+            }
+            if !workload.ends_with("latency") {
+                let _ = write!(title, " | depth {}", self.depth);
+                if self.repeat > 1 {
+                    let _ = write!(title, " | median of {} runs", self.repeat);
+                }
+            }
+            let _ = writeln!(out, "{title}");
             let latency = points.first().is_some_and(|p| p.rows.iter().any(|r| r.is_latency()));
             if latency {
                 self.latency_table(&mut out, &points);
@@ -377,6 +390,7 @@ mod tests {
             seconds: 1.0,
             rtt_p50_us: None,
             rtt_p99_us: None,
+            spread: None,
         }
     }
 
@@ -390,6 +404,7 @@ mod tests {
             depth: 16,
             pages: 64,
             duration: 0.5,
+            repeat: 1,
             rows: vec![
                 row("write", "strait", 4096, 0.5),
                 row("write", "raw", 4096, 0.6),
