@@ -310,20 +310,19 @@ impl RawGroup {
         out.len() - before
     }
 
-    /// Sleeps until a completion may be ready or `cap` has passed, as the
-    /// engine's adaptive worker does: on the CQs' wait descriptors when every
-    /// endpoint has one (after `fi_trywait`), else a plain nap of `cap`.
-    pub fn sleep(&mut self, cap: Duration) {
+    /// Sleeps until a completion may be ready, as the engine's adaptive
+    /// worker does: on the CQs' wait descriptors when every endpoint has one
+    /// (after `fi_trywait`; at most 10 ms, like the engine), else a plain
+    /// nap of `nap` (providers without descriptors need progress calls).
+    pub fn sleep(&mut self, nap: Duration) {
         if self.pollfds.len() == self.nics.len() {
             if !self.nics.iter_mut().all(|n| n.ready_to_sleep()) {
                 return;
             }
             // SAFETY: pollfds is a live array of len pollfd structs.
-            unsafe {
-                libc::poll(self.pollfds.as_mut_ptr(), self.pollfds.len() as libc::nfds_t, cap.as_millis() as i32)
-            };
+            unsafe { libc::poll(self.pollfds.as_mut_ptr(), self.pollfds.len() as libc::nfds_t, 10) };
         } else {
-            std::thread::sleep(cap);
+            std::thread::sleep(nap);
         }
     }
 }

@@ -177,8 +177,15 @@ pub(crate) struct Worker<N: Nic> {
     recv: RecvConfig,
     events: Vec<Event>,
     pollfds: Vec<libc::pollfd>,
+    /// Next nap when the NICs have no wait descriptor.
+    nap: Duration,
     stopping: bool,
 }
+
+/// Naps without a wait descriptor start here after activity...
+const NAP_MIN: Duration = Duration::from_micros(20);
+/// ...and double up to this while idle.
+const NAP_MAX: Duration = Duration::from_micros(200);
 
 impl<N: Nic> Worker<N> {
     pub(crate) fn new(
@@ -208,6 +215,7 @@ impl<N: Nic> Worker<N> {
             recv,
             events: Vec::with_capacity(256),
             pollfds: Vec::new(),
+            nap: NAP_MIN,
             stopping: false,
         }
     }
@@ -249,17 +257,23 @@ impl<N: Nic> Worker<N> {
             .chain(self.nics.iter().filter_map(|n| n.wait_fd()))
             .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
             .collect();
+        // Spin only after real work: once asleep, a turn that finds nothing
+        // goes straight back to sleep, so an idle worker costs next to no
+        // CPU even when it must nap instead of waiting on a descriptor.
         let mut idle_since: Option<Instant> = None;
+        let mut asleep = false;
         while !self.stopping {
             if self.step() {
                 idle_since = None;
+                asleep = false;
+                self.nap = NAP_MIN;
                 continue;
             }
             if let PollMode::Adaptive { spin } = self.poll_mode {
                 let since = *idle_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= spin {
+                if asleep || since.elapsed() >= spin {
                     self.sleep();
-                    idle_since = None;
+                    asleep = true;
                 }
             }
         }
@@ -317,10 +331,20 @@ impl<N: Nic> Worker<N> {
             }
         }
         // With wait descriptors the cap only bounds a missed wake-up; without
-        // them (EFA, busy CQs) the provider needs regular progress calls.
-        let timeout_ms = if all_have_fds { 10 } else { 1 };
-        // SAFETY: pollfds is a live array of len pollfd structs.
-        unsafe { libc::poll(self.pollfds.as_mut_ptr(), self.pollfds.len() as libc::nfds_t, timeout_ms) };
+        // them (shm, EFA, busy CQs) the provider needs regular progress
+        // calls, and peers may be waiting on ours (shm's delivery-complete
+        // acknowledgements): nap briefly, doubling while nothing happens.
+        let timeout = if all_have_fds {
+            Duration::from_millis(10)
+        } else {
+            let nap = self.nap;
+            self.nap = (self.nap * 2).min(NAP_MAX);
+            nap
+        };
+        let ts = libc::timespec { tv_sec: 0, tv_nsec: timeout.as_nanos() as libc::c_long };
+        // SAFETY: pollfds is a live array of len pollfd structs; ts is a
+        // valid timeout below one second; no signal mask is passed.
+        unsafe { libc::ppoll(self.pollfds.as_mut_ptr(), self.pollfds.len() as libc::nfds_t, &ts, std::ptr::null()) };
         self.link.set_sleeping(false);
         self.link.drain_wakeups();
     }

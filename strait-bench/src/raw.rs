@@ -17,8 +17,10 @@ pub const RECEIVE_LEN: u64 = 64 << 10;
 /// How long to keep polling after the last event before sleeping, as the
 /// engine's adaptive mode.
 const SPIN: Duration = Duration::from_micros(50);
-/// Longest sleep between progress calls when idle.
-const NAP: Duration = Duration::from_millis(1);
+/// Sleeps between progress calls when idle start at `NAP_MIN` and double
+/// up to `NAP`, as the engine's worker does without wait descriptors.
+const NAP: Duration = Duration::from_micros(200);
+const NAP_MIN: Duration = Duration::from_micros(20);
 /// Tokens of receive buffers have this bit set.
 const RECV_TOKEN: u64 = 1 << 63;
 
@@ -50,6 +52,11 @@ pub struct RawEnd {
     pub tally: HashMap<u32, u64>,
     /// Messages received and not yet consumed.
     received: u64,
+    /// Next idle sleep (see `NAP_MIN`).
+    nap: Duration,
+    /// When the endpoints last had something to do; after `SPIN` without,
+    /// every idle turn sleeps (no spinning between naps).
+    active_at: Instant,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -83,6 +90,8 @@ impl RawEnd {
             events: Vec::with_capacity(256),
             tally: HashMap::new(),
             received: 0,
+            nap: NAP_MIN,
+            active_at: Instant::now(),
         })
     }
 
@@ -117,6 +126,10 @@ impl RawEnd {
     /// receives are reposted and counted.
     fn progress(&mut self, mut done: impl FnMut(u64) -> Result<(), String>) -> Result<usize, String> {
         let n = self.group.poll(&mut self.events);
+        if n > 0 {
+            self.nap = NAP_MIN;
+            self.active_at = Instant::now();
+        }
         for e in std::mem::take(&mut self.events).drain(..) {
             match e {
                 RawEvent::Done(token) => done(token)?,
@@ -137,17 +150,24 @@ impl RawEnd {
         Ok(n)
     }
 
-    /// Keeps the endpoints progressing (serving a peer's operations) for
-    /// about `cap`, returning early when something happened.
-    pub fn serve_for(&mut self, cap: Duration) -> Result<(), String> {
-        let start = Instant::now();
-        while start.elapsed() < SPIN {
-            if self.progress(|_| Ok(()))? > 0 {
-                return Ok(());
-            }
+    /// A turn found nothing to do: keep spinning within `SPIN` of the last
+    /// activity, else sleep on the CQ wait descriptors if there are, or for
+    /// the current nap, doubling it (as the engine's adaptive worker).
+    fn idle(&mut self) {
+        if self.active_at.elapsed() < SPIN {
+            return;
         }
-        self.group.sleep(cap);
-        self.progress(|_| Ok(())).map(|_| ())
+        self.group.sleep(self.nap);
+        self.nap = (self.nap * 2).min(NAP);
+    }
+
+    /// Keeps the endpoints progressing (serving a peer's operations): spins,
+    /// then sleeps once, returning early when something happened.
+    pub fn serve(&mut self) -> Result<(), String> {
+        if self.progress(|_| Ok(()))? == 0 {
+            self.idle();
+        }
+        Ok(())
     }
 
     /// Progresses until `count` immediates `tag` have arrived or `timeout`
@@ -155,7 +175,7 @@ impl RawEnd {
     pub fn wait_tally(&mut self, tag: u32, count: u64, timeout: Duration) -> Result<u64, String> {
         let deadline = Instant::now() + timeout;
         while self.tally.get(&tag).copied().unwrap_or(0) < count && Instant::now() < deadline {
-            self.serve_for(NAP)?;
+            self.serve()?;
         }
         Ok(self.tally.remove(&tag).unwrap_or(0))
     }
@@ -164,7 +184,6 @@ impl RawEnd {
     /// `None`), progressing meanwhile.
     fn wait_one(&mut self, tag: Option<u32>, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
-        let mut idle = Instant::now();
         loop {
             let got = match tag {
                 Some(t) => self.tally.get_mut(&t).filter(|c| **c > 0).map(|c| *c -= 1).is_some(),
@@ -176,10 +195,8 @@ impl RawEnd {
             if Instant::now() > deadline {
                 return Err(format!("raw: nothing arrived within {timeout:?}"));
             }
-            if self.progress(|_| Ok(()))? > 0 {
-                idle = Instant::now();
-            } else if idle.elapsed() > SPIN {
-                self.group.sleep(NAP);
+            if self.progress(|_| Ok(()))? == 0 {
+                self.idle();
             }
         }
     }
@@ -252,7 +269,6 @@ impl RawEnd {
         for slot in 0..depth {
             begin(slot, &mut slots[slot], &mut requests[slot], &mut queue, &mut next_request);
         }
-        let mut idle = Instant::now();
         let mut done_tokens: Vec<u64> = Vec::with_capacity(256);
         while slots.iter().any(|s| s.active) {
             let mut busy = false;
@@ -319,9 +335,9 @@ impl RawEnd {
                 }
             }
             if busy {
-                idle = Instant::now();
-            } else if idle.elapsed() > SPIN {
-                self.group.sleep(NAP);
+                self.active_at = Instant::now();
+            } else {
+                self.idle();
             }
         }
         Ok((completed, start.elapsed()))

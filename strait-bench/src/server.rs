@@ -166,7 +166,7 @@ impl<'a> Session<'a> {
                     if self.ch.readable(Duration::ZERO) {
                         break;
                     }
-                    raw.serve_for(Duration::from_millis(1))?;
+                    raw.serve()?;
                 }
                 None => {
                     if self.ch.readable(Duration::from_millis(200)) {
