@@ -28,8 +28,9 @@ pub enum PollMode {
     Busy,
     /// Spins for `spin` after the last piece of work, then sleeps on the
     /// completion queues' wait descriptors (or, for providers without one,
-    /// in short naps) until a completion or a new request arrives. Keeps
-    /// several engines on a small machine fast; the default.
+    /// in naps of 20 µs doubling to 200 µs) until a completion or a new
+    /// request arrives; once asleep it does not spin again until there is
+    /// work. Keeps several engines on a small machine fast; the default.
     Adaptive {
         /// How long to keep spinning when idle before sleeping.
         spin: Duration,
