@@ -102,7 +102,7 @@ pub(crate) fn to_hex(bytes: &[u8]) -> String {
 /// Parses hex (either case); `None` on odd length or a non-hex digit.
 pub(crate) fn from_hex(s: &str) -> Option<Vec<u8>> {
     let s = s.trim().as_bytes();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);

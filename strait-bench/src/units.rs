@@ -25,7 +25,7 @@ pub fn parse_sizes(s: &str) -> Result<Vec<u64>, String> {
 /// `4 KiB`, `1 MiB`, `64 B`: exact binary units when they divide evenly.
 pub fn format_size(n: u64) -> String {
     for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
-        if n >= 1 << shift && n % (1 << shift) == 0 {
+        if n >= 1 << shift && n.is_multiple_of(1 << shift) {
             return format!("{} {unit}", n >> shift);
         }
     }
