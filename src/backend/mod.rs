@@ -28,6 +28,8 @@
 //! * That a dead peer is reported: some transports (`shm`) never report one.
 
 pub(crate) mod fabric;
+#[cfg(test)]
+pub(crate) mod fault;
 #[cfg(feature = "test-backend")]
 pub(crate) mod null;
 

@@ -1,6 +1,8 @@
 //! `TransferEngine`: the handle users hold, and its builder.
 
 mod completion;
+#[cfg(test)]
+mod fault_tests;
 mod imm;
 mod link;
 mod mailbox;

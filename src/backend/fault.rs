@@ -1,0 +1,140 @@
+//! A test double of the backend (tests only, never a transport): NICs that
+//! complete operations late, in random order, sometimes fail them, refuse
+//! posts now and then, and can be killed. It also checks the engine's side
+//! of the immediate contract: an operation carrying an immediate must not be
+//! posted while another operation of the same request is still in flight.
+//!
+//! Writes loop back: a completed write with an immediate delivers it to the
+//! same NIC's `poll`, as the peer's engine would see it.
+
+use std::ffi::c_void;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::{Event, Nic, NicRegion, Op, OpKind, Posted};
+use crate::descriptor::Access;
+use crate::error::{Error, Result};
+
+/// Knobs and observations shared with the test.
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    /// Operations failed, per thousand.
+    pub fail_per_mille: u64,
+    /// Once set, every pending and later operation fails.
+    pub killed: AtomicBool,
+    /// Immediates posted while their request still had operations in
+    /// flight: must stay 0.
+    pub violations: AtomicU64,
+}
+
+struct Pending {
+    token: u64,
+    imm: Option<u32>,
+    fail: bool,
+}
+
+pub(crate) struct FaultNic {
+    address: Box<[u8]>,
+    rng: u64,
+    faults: Arc<Faults>,
+    pending: Vec<Pending>,
+    in_flight: std::collections::HashMap<u64, u32>,
+    next_key: u64,
+}
+
+impl FaultNic {
+    pub(crate) fn new(index: u8, seed: u64, faults: Arc<Faults>) -> Self {
+        FaultNic {
+            address: vec![0xfa, index].into(),
+            rng: seed | 1,
+            faults,
+            pending: Vec::new(),
+            in_flight: Default::default(),
+            next_key: 1,
+        }
+    }
+
+    /// xorshift64: deterministic per seed.
+    fn next(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+}
+
+impl Nic for FaultNic {
+    fn address(&self) -> &[u8] {
+        &self.address
+    }
+
+    fn virtual_addresses(&self) -> bool {
+        false
+    }
+
+    unsafe fn register(&mut self, _addr: *mut u8, _len: u64, _access: Access) -> Result<NicRegion> {
+        self.next_key += 1;
+        Ok(NicRegion { handle: std::ptr::null_mut(), key: self.next_key, desc: std::ptr::null_mut() })
+    }
+
+    fn deregister(&mut self, _region: NicRegion) {}
+
+    fn insert_peer(&mut self, _address: &[u8]) -> Result<u64> {
+        Ok(0)
+    }
+
+    unsafe fn post(&mut self, op: &Op) -> Result<Posted> {
+        if self.next().is_multiple_of(8) {
+            return Ok(Posted::Busy);
+        }
+        let imm = if op.kind == OpKind::Write { op.imm } else { None };
+        let outstanding = self.in_flight.entry(op.token).or_default();
+        if imm.is_some() && *outstanding > 0 {
+            self.faults.violations.fetch_add(1, Ordering::Relaxed);
+        }
+        *outstanding += 1;
+        let fail = self.faults.killed.load(Ordering::Relaxed) || self.next() % 1000 < self.faults.fail_per_mille;
+        self.pending.push(Pending { token: op.token, imm, fail });
+        Ok(Posted::Accepted)
+    }
+
+    unsafe fn post_recv(&mut self, _buf: *mut u8, _len: usize, _desc: *mut c_void, _token: u64) -> Result<Posted> {
+        Ok(Posted::Accepted)
+    }
+
+    fn poll(&mut self, events: &mut Vec<Event>) -> usize {
+        let before = events.len();
+        let killed = self.faults.killed.load(Ordering::Relaxed);
+        // Release a random number of pending operations, in random order.
+        let release = if self.pending.is_empty() { 0 } else { self.next() as usize % (self.pending.len() + 1) };
+        for _ in 0..release {
+            let i = self.next() as usize % self.pending.len();
+            let p = self.pending.swap_remove(i);
+            if let Some(n) = self.in_flight.get_mut(&p.token) {
+                *n -= 1;
+                if *n == 0 {
+                    self.in_flight.remove(&p.token);
+                }
+            }
+            if p.fail || killed {
+                let error = Error::Transport { op: "write", code: 5, prov_errno: 0, message: "injected fault".into() };
+                events.push(Event::Failed { token: p.token, error });
+            } else {
+                events.push(Event::Done { token: p.token });
+                if let Some(value) = p.imm {
+                    events.push(Event::Imm { value });
+                }
+            }
+        }
+        events.len() - before
+    }
+
+    fn wait_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    fn ready_to_sleep(&mut self) -> bool {
+        self.pending.is_empty()
+    }
+}

@@ -1,0 +1,113 @@
+//! The engine against the fault-injecting test double of the backend:
+//! completions late, reordered and sometimes failed, posts refused, NICs
+//! killed. Whatever happens, every request ends in exactly one outcome, an
+//! immediate is delivered exactly when its request succeeded, and it is never
+//! posted before the rest of its request has completed.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::backend::fault::{FaultNic, Faults};
+
+fn engine(nics: usize, seed: u64, faults: &Arc<Faults>) -> TransferEngine {
+    let nics: Vec<FaultNic> = (0..nics)
+        .map(|i| FaultNic::new(i as u8, seed.wrapping_add(0x9e37_79b9 * (i as u64 + 1)), faults.clone()))
+        .collect();
+    // Small pieces, so that every request of more than 4 KiB is split.
+    let shard = ShardConfig { min_piece: 4096, max_piece: 16384, align: 4096 };
+    EngineBuilder::default().shard_config(shard).start(ProviderKind::Tcp, nics).expect("engine on the test double")
+}
+
+fn counted(t: &Transfer) -> Arc<AtomicU32> {
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    t.on_complete(move |_| {
+        c.fetch_add(1, Ordering::SeqCst);
+    });
+    calls
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_request_ends_once_and_its_immediate_follows_its_data(
+        seed in any::<u64>(),
+        nics in 1usize..=4,
+        fail_per_mille in prop_oneof![Just(0u64), Just(40u64)],
+        requests in prop::collection::vec((any::<bool>(), 1u64..=65536, any::<bool>()), 1..40),
+    ) {
+        let faults = Arc::new(Faults { fail_per_mille, ..Faults::default() });
+        let e = engine(nics, seed, &faults);
+        let region = e.alloc(1 << 20, Access::REMOTE_WRITE).unwrap();
+        let dst = region.descriptor().clone();
+        let mut handles = Vec::new();
+        for (i, &(paged, len, with_imm)) in requests.iter().enumerate() {
+            let imm = with_imm.then_some(i as u32 + 1);
+            let counter = imm.map(|v| e.expect_imm(v, 1).unwrap());
+            let t = if paged {
+                let pages: Vec<u32> = (0..(len % 16 + 1) as u32).map(|p| p * 2).collect();
+                e.write_paged(&region, &dst, PagedLayout::contiguous(4096), pages.clone(), pages, imm).unwrap()
+            } else {
+                e.write(&region, 0, &dst, 0, len, imm).unwrap()
+            };
+            let calls = counted(&t);
+            handles.push((t, calls, counter));
+        }
+        let outcomes: Vec<_> = handles.iter().map(|(t, _, _)| t.wait_timeout(Duration::from_secs(20))).collect();
+        for ((_, _, counter), outcome) in handles.iter().zip(&outcomes) {
+            prop_assert!(!matches!(outcome, Err(Error::Timeout(_))), "a request never ended");
+            if let Some(c) = counter {
+                if outcome.is_ok() {
+                    prop_assert!(c.wait_timeout(Duration::from_secs(5)).is_ok(), "immediate of a successful request lost");
+                } else {
+                    prop_assert_eq!(c.seen(), 0, "immediate of a failed request delivered");
+                }
+            }
+        }
+        e.shutdown();
+        for (_, calls, _) in &handles {
+            prop_assert_eq!(calls.load(Ordering::SeqCst), 1, "callback count");
+        }
+        prop_assert_eq!(faults.violations.load(Ordering::SeqCst), 0, "immediate posted before its data completed");
+        if fail_per_mille == 0 {
+            prop_assert!(outcomes.iter().all(|o| o.is_ok()));
+        }
+    }
+}
+
+#[test]
+fn a_killed_nic_fails_every_later_request_once_and_nothing_hangs() {
+    let faults = Arc::new(Faults::default());
+    let e = engine(2, 7, &faults);
+    let region = e.alloc(1 << 20, Access::REMOTE_WRITE).unwrap();
+    let dst = region.descriptor().clone();
+    let mut before = Vec::new();
+    for i in 0..100 {
+        let t = e.write(&region, 0, &dst, 0, 64 << 10, Some(i)).unwrap();
+        let calls = counted(&t);
+        before.push((t, calls));
+    }
+    faults.killed.store(true, Ordering::SeqCst);
+    let mut after = Vec::new();
+    for i in 0..100 {
+        let t = e.write(&region, 0, &dst, 0, 64 << 10, Some(1000 + i)).unwrap();
+        let calls = counted(&t);
+        after.push((t, calls));
+    }
+    for (t, _) in &before {
+        assert!(!matches!(t.wait_timeout(Duration::from_secs(20)), Err(Error::Timeout(_))));
+    }
+    for (t, _) in &after {
+        assert!(matches!(t.wait_timeout(Duration::from_secs(20)), Err(Error::Transport { .. })));
+    }
+    e.shutdown();
+    for (_, calls) in before.iter().chain(&after) {
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+    assert_eq!(faults.violations.load(Ordering::SeqCst), 0);
+}
