@@ -12,6 +12,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::null::NullNic;
 use super::{Event, Nic, NicRegion, Op, OpKind, Posted};
 use crate::descriptor::Access;
 use crate::error::{Error, Result};
@@ -35,24 +36,17 @@ struct Pending {
 }
 
 pub(crate) struct FaultNic {
-    address: Box<[u8]>,
+    /// Address, keys and peers: as the null backend's.
+    base: NullNic,
     rng: u64,
     faults: Arc<Faults>,
     pending: Vec<Pending>,
     in_flight: std::collections::HashMap<u64, u32>,
-    next_key: u64,
 }
 
 impl FaultNic {
-    pub(crate) fn new(index: u8, seed: u64, faults: Arc<Faults>) -> Self {
-        FaultNic {
-            address: vec![0xfa, index].into(),
-            rng: seed | 1,
-            faults,
-            pending: Vec::new(),
-            in_flight: Default::default(),
-            next_key: 1,
-        }
+    pub(crate) fn new(seed: u64, faults: Arc<Faults>) -> Self {
+        FaultNic { base: NullNic::new(), rng: seed | 1, faults, pending: Vec::new(), in_flight: Default::default() }
     }
 
     /// xorshift64: deterministic per seed.
@@ -66,22 +60,25 @@ impl FaultNic {
 
 impl Nic for FaultNic {
     fn address(&self) -> &[u8] {
-        &self.address
+        self.base.address()
     }
 
     fn virtual_addresses(&self) -> bool {
-        false
+        self.base.virtual_addresses()
     }
 
-    unsafe fn register(&mut self, _addr: *mut u8, _len: u64, _access: Access) -> Result<NicRegion> {
-        self.next_key += 1;
-        Ok(NicRegion { handle: std::ptr::null_mut(), key: self.next_key, desc: std::ptr::null_mut() })
+    unsafe fn register(&mut self, addr: *mut u8, len: u64, access: Access) -> Result<NicRegion> {
+        // SAFETY: forwarded with the caller's guarantees; the null NIC
+        // touches no memory.
+        unsafe { self.base.register(addr, len, access) }
     }
 
-    fn deregister(&mut self, _region: NicRegion) {}
+    fn deregister(&mut self, region: NicRegion) {
+        self.base.deregister(region)
+    }
 
-    fn insert_peer(&mut self, _address: &[u8]) -> Result<u64> {
-        Ok(0)
+    fn insert_peer(&mut self, address: &[u8]) -> Result<u64> {
+        self.base.insert_peer(address)
     }
 
     unsafe fn post(&mut self, op: &Op) -> Result<Posted> {

@@ -30,7 +30,7 @@
 pub(crate) mod fabric;
 #[cfg(test)]
 pub(crate) mod fault;
-#[cfg(feature = "test-backend")]
+#[cfg(any(test, feature = "test-backend"))]
 pub(crate) mod null;
 
 use std::ffi::c_void;

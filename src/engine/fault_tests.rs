@@ -14,9 +14,8 @@ use super::*;
 use crate::backend::fault::{FaultNic, Faults};
 
 fn engine(nics: usize, seed: u64, faults: &Arc<Faults>) -> TransferEngine {
-    let nics: Vec<FaultNic> = (0..nics)
-        .map(|i| FaultNic::new(i as u8, seed.wrapping_add(0x9e37_79b9 * (i as u64 + 1)), faults.clone()))
-        .collect();
+    let nics: Vec<FaultNic> =
+        (0..nics).map(|i| FaultNic::new(seed.wrapping_add(0x9e37_79b9 * (i as u64 + 1)), faults.clone())).collect();
     // Small pieces, so that every request of more than 4 KiB is split.
     let shard = ShardConfig { min_piece: 4096, max_piece: 16384, align: 4096 };
     EngineBuilder::default().shard_config(shard).start(ProviderKind::Tcp, nics).expect("engine on the test double")
