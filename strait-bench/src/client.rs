@@ -199,22 +199,13 @@ impl Client {
     /// Runs the plan; returns the report (also sent to the server).
     pub fn run(mut self) -> Result<Report, String> {
         self.warm_up()?;
+        let mut tcp_sizes = Vec::new();
         for w in self.plan.workloads.clone() {
             match w {
                 Workload::Write => {
                     for size in self.plan.sizes.clone() {
                         self.stream_point(w, size, None)?;
-                        if self.plan.tcp {
-                            for streams in [1, self.plan.tcp_streams] {
-                                self.progress(&format!("write tcp-{streams} {}", format_size(size)));
-                                let runs =
-                                    (0..self.plan.repeat).map(|_| self.tcp(size, streams)).collect::<Result<_, _>>()?;
-                                self.rows.push(median(runs));
-                                if self.plan.tcp_streams == 1 {
-                                    break;
-                                }
-                            }
-                        }
+                        tcp_sizes.push(size);
                     }
                 }
                 Workload::Paged => {
@@ -231,6 +222,20 @@ impl Client {
                 Workload::SendLatency => {
                     for size in self.plan.message_sizes.clone() {
                         self.latency_point(w, size)?;
+                    }
+                }
+            }
+        }
+        // The kernel TCP baseline goes last, so that its socket traffic (and
+        // its threads) cannot disturb any engine or raw measurement.
+        if self.plan.tcp {
+            for size in tcp_sizes {
+                for streams in [1, self.plan.tcp_streams] {
+                    self.progress(&format!("write tcp-{streams} {}", format_size(size)));
+                    let runs = (0..self.plan.repeat).map(|_| self.tcp(size, streams)).collect::<Result<_, _>>()?;
+                    self.rows.push(median(runs));
+                    if self.plan.tcp_streams == 1 {
+                        break;
                     }
                 }
             }
