@@ -130,7 +130,21 @@ impl RawEnd {
             self.nap = NAP_MIN;
             self.active_at = Instant::now();
         }
-        for e in std::mem::take(&mut self.events).drain(..) {
+        // Drain a buffer taken out of self and put it back, so that its
+        // capacity is reused: no allocation per poll.
+        let mut events = std::mem::take(&mut self.events);
+        let result = self.handle_events(&mut events, &mut done);
+        events.clear();
+        self.events = events;
+        result.map(|()| n)
+    }
+
+    fn handle_events(
+        &mut self,
+        events: &mut Vec<RawEvent>,
+        done: &mut impl FnMut(u64) -> Result<(), String>,
+    ) -> Result<(), String> {
+        for e in events.drain(..) {
             match e {
                 RawEvent::Done(token) => done(token)?,
                 RawEvent::Failed(token, err) if token & RECV_TOKEN == 0 => return Err(format!("raw operation: {err}")),
@@ -147,7 +161,7 @@ impl RawEnd {
                 }
             }
         }
-        Ok(n)
+        Ok(())
     }
 
     /// A turn found nothing to do: keep spinning within `SPIN` of the last
