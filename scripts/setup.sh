@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what strait needs on a Debian/Ubuntu machine: libfabric (runtime
-# library and fi_info), a C linker for Rust, and, when no `cargo` is found,
-# the Rust toolchain through rustup (with rustfmt and clippy).
+# library and fi_info), a C linker for Rust, Python 3 with venv (for the
+# Python package and its tests), and, when no `cargo` is found, the Rust
+# toolchain through rustup (with rustfmt and clippy).
 # Safe to run repeatedly: it installs only what is missing.
 set -euo pipefail
 
@@ -10,6 +11,11 @@ missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
+# Any Python 3.9+ with venv and ensurepip will do (pyenv, conda, the
+# system's); install Debian's only when there is none.
+if ! python3 -c 'import sys, venv, ensurepip; assert sys.version_info >= (3, 9)' >/dev/null 2>&1; then
+  missing+=(python3 python3-venv)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then

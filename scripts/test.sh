@@ -2,7 +2,9 @@
 # Every check strait has: formatting, clippy with warnings denied, the docs
 # with warnings denied, and all tests (unit, property, transport over
 # libfabric tcp and shm on loopback, two-process, strait-bench end to end)
-# and one pass of each criterion bench. Installs what it needs.
+# and one pass of each criterion bench; then builds the Python package with
+# `pip install ./python` into python/.venv and runs its pytest suite.
+# Installs what it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -18,3 +20,8 @@ echo "== cargo test"
 cargo test --workspace --release --all-features --locked
 echo "== criterion benches, once each (cargo bench --features test-backend measures them)"
 cargo test --release --all-features --locked --benches -p strait
+echo "== Python package: pip install ./python, then pytest"
+[ -x python/.venv/bin/python ] || python3 -m venv python/.venv
+python/.venv/bin/python -m pip install -q --upgrade pip 'maturin>=1.9,<2' 'numpy>=1.22' 'pytest>=7'
+python/.venv/bin/python -m pip install -q ./python
+(cd python && .venv/bin/python -m pytest -q tests)

@@ -51,6 +51,12 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// Whatever keeps registered memory valid: the engine's own buffer
+/// ([`AlignedBuf`]) or the owner given to
+/// [`TransferEngine::register_owned`](crate::TransferEngine::register_owned).
+/// The worker drops it once the memory is deregistered.
+pub(crate) type Owner = Box<dyn Send>;
+
 /// Registration state shared by the user's handle and in-flight requests.
 pub(crate) struct MrInner {
     pub(crate) id: u64,
@@ -59,7 +65,7 @@ pub(crate) struct MrInner {
     /// Per-NIC local descriptors (for FI_MR_LOCAL providers).
     pub(crate) descs: Box<[*mut c_void]>,
     pub(crate) desc: MrDesc,
-    owned: Option<AlignedBuf>,
+    owned: Option<Owner>,
     pub(crate) link: Arc<Link>,
 }
 
@@ -78,7 +84,7 @@ impl MrInner {
         len: u64,
         descs: Box<[*mut c_void]>,
         desc: MrDesc,
-        owned: Option<AlignedBuf>,
+        owned: Option<Owner>,
         link: Arc<Link>,
     ) -> Self {
         MrInner { id, ptr, len, descs, desc, owned, link }

@@ -353,7 +353,7 @@ impl TransferEngine {
     pub fn alloc(&self, len: u64, access: Access) -> Result<MemoryRegion> {
         let buf = AlignedBuf::zeroed(len)?;
         let ptr = buf.as_ptr();
-        self.register_inner(ptr, len, access, Some(buf))
+        self.register_inner(ptr, len, access, Some(Box::new(buf)))
     }
 
     /// Registers memory you own with every NIC.
@@ -367,12 +367,33 @@ impl TransferEngine {
         self.register_inner(ptr, len, access, None)
     }
 
+    /// Registers memory that `owner` keeps valid, and holds `owner` until the
+    /// memory is deregistered: after the region is dropped and every request
+    /// using it has ended. `owner` is then dropped on the engine's worker
+    /// thread (or on the thread that drops the region), so its `Drop` must
+    /// not block. This is how the Python bindings keep a registered array
+    /// alive for as long as a transfer may touch it.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be valid memory (as for
+    /// [`register_raw`](Self::register_raw)) for as long as `owner` lives,
+    /// and must not move while it does.
+    pub unsafe fn register_owned(
+        &self,
+        ptr: *mut u8,
+        len: u64,
+        access: Access,
+        owner: impl Send + 'static,
+    ) -> Result<MemoryRegion> {
+        self.register_inner(ptr, len, access, Some(Box::new(owner)))
+    }
+
     fn register_inner(
         &self,
         ptr: *mut u8,
         len: u64,
         access: Access,
-        owned: Option<AlignedBuf>,
+        owned: Option<memory::Owner>,
     ) -> Result<MemoryRegion> {
         if ptr.is_null() || len == 0 {
             return Err(Error::RegisterMemory { addr: ptr as usize, len, reason: "null or empty".into() });

@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use super::completion::PartGuard;
 use super::imm::ImmTable;
 use super::link::Link;
-use super::memory::{AlignedBuf, MrInner};
+use super::memory::{AlignedBuf, MrInner, Owner};
 use crate::address::EngineAddress;
 use crate::backend::{Event, Nic, NicRegion, Op, OpKind, Posted};
 use crate::descriptor::{Access, MrDesc};
@@ -67,7 +67,7 @@ unsafe impl Send for NicRegion {}
 pub(crate) enum Command {
     Submit(Submission),
     Register { ptr: usize, len: u64, access: Access, reply: Sender<Result<Registration>> },
-    Deregister { id: u64, memory: Option<AlignedBuf>, done: Option<Sender<()>> },
+    Deregister { id: u64, memory: Option<Owner>, done: Option<Sender<()>> },
     Shutdown,
 }
 

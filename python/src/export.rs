@@ -1,0 +1,290 @@
+//! Finding the memory behind a Python object: `__dlpack__`, then the buffer
+//! protocol, then `data_ptr()`/`nbytes` (PyTorch tensors), in that order.
+//!
+//! The result names the first byte, the length, whether it may be written,
+//! and a Python object that keeps the memory where it is for as long as it
+//! lives: the DLPack capsule (its destructor returns the tensor to its
+//! owner), a `memoryview` (an open buffer export, which also stops a
+//! `bytearray` from being resized), or the object itself.
+
+use std::ffi::{c_char, c_int, c_void};
+
+use pyo3::exceptions::PyBufferError;
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::PyCapsule;
+
+use crate::errors::raise;
+
+/// Memory found behind an object.
+pub struct Exported {
+    /// First byte.
+    pub ptr: usize,
+    /// Length in bytes.
+    pub len: u64,
+    /// False when the exporter said the memory must not be written.
+    pub writable: bool,
+    /// Keeps the memory alive and in place.
+    pub keepalive: Py<PyAny>,
+    /// How it was found: `dlpack`, `buffer` or `data_ptr`.
+    pub via: &'static str,
+}
+
+/// The memory behind `obj`, or `UnsupportedObjectError` /
+/// `RegisterMemoryError` saying why it cannot be registered.
+pub fn export(obj: &Bound<'_, PyAny>) -> PyResult<Exported> {
+    let py = obj.py();
+    let mut tried = Vec::new();
+    if obj.hasattr("__dlpack__")? {
+        match obj.call_method0("__dlpack__") {
+            Ok(capsule) => return from_dlpack(obj, capsule),
+            // numpy refuses read-only arrays this way; the buffer protocol
+            // below takes them (read-only).
+            Err(e) => tried.push(format!("__dlpack__() raised {e}")),
+        }
+    }
+    match from_buffer(obj)? {
+        Ok(found) => return Ok(found),
+        Err(why) => tried.push(why),
+    }
+    if obj.hasattr("data_ptr")? && obj.hasattr("nbytes")? {
+        return from_data_ptr(obj);
+    }
+    tried.push("no data_ptr()/nbytes".into());
+    let type_name = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+    Err(raise(
+        py,
+        "UnsupportedObjectError",
+        format!(
+            "cannot register a {type_name}: it needs __dlpack__, the buffer protocol, or data_ptr()/nbytes ({})",
+            tried.join("; ")
+        ),
+    ))
+}
+
+// DLPack 0.8 (the unversioned "dltensor" capsule every producer still gives
+// when no max_version is asked for).
+#[repr(C)]
+struct DlDevice {
+    device_type: i32,
+    device_id: i32,
+}
+
+#[repr(C)]
+struct DlDataType {
+    code: u8,
+    bits: u8,
+    lanes: u16,
+}
+
+#[repr(C)]
+struct DlTensor {
+    data: *mut c_void,
+    device: DlDevice,
+    ndim: i32,
+    dtype: DlDataType,
+    shape: *const i64,
+    strides: *const i64,
+    byte_offset: u64,
+}
+
+#[repr(C)]
+struct DlManagedTensor {
+    dl_tensor: DlTensor,
+    manager_ctx: *mut c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DlManagedTensor)>,
+}
+
+const DL_CPU: i32 = 1;
+const DL_CUDA_HOST: i32 = 3;
+const DL_ROCM_HOST: i32 = 11;
+
+fn device_name(device_type: i32) -> &'static str {
+    match device_type {
+        2 => "cuda",
+        4 => "opencl",
+        7 => "vulkan",
+        8 => "metal",
+        10 => "rocm",
+        13 => "cuda_managed",
+        14 => "oneapi",
+        _ => "device",
+    }
+}
+
+fn from_dlpack(obj: &Bound<'_, PyAny>, capsule: Bound<'_, PyAny>) -> PyResult<Exported> {
+    let py = obj.py();
+    let capsule = capsule
+        .cast_into::<PyCapsule>()
+        .map_err(|_| raise(py, "UnsupportedObjectError", "__dlpack__() returned something that is not a capsule"))?;
+    let name = c"dltensor";
+    // SAFETY: the capsule is a live capsule object; IsValid only reads its
+    // name and pointer.
+    if unsafe { ffi::PyCapsule_IsValid(capsule.as_ptr(), name.as_ptr()) } == 0 {
+        return Err(raise(py, "UnsupportedObjectError", "__dlpack__() returned a capsule that is not a \"dltensor\""));
+    }
+    // SAFETY: the capsule is valid with this name (checked above), so its
+    // pointer is the producer's DLManagedTensor, alive while the capsule is
+    // unconsumed and referenced (we hold it, and never consume it).
+    let managed = unsafe { ffi::PyCapsule_GetPointer(capsule.as_ptr(), name.as_ptr()) } as *const DlManagedTensor;
+    if managed.is_null() {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: non-null pointer to the DLManagedTensor (see above).
+    let t = unsafe { &(*managed).dl_tensor };
+    let device = t.device.device_type;
+    if !matches!(device, DL_CPU | DL_CUDA_HOST | DL_ROCM_HOST) {
+        return Err(raise(
+            py,
+            "RegisterMemoryError",
+            format!(
+                "{}:{} memory cannot be registered: this build of strait registers host memory only \
+                 (libfabric FI_HMEM is not enabled); copy the tensor to pinned host memory first",
+                device_name(device),
+                t.device.device_id
+            ),
+        ));
+    }
+    let ndim = usize::try_from(t.ndim).unwrap_or(0);
+    let shape: &[i64] = if ndim == 0 {
+        &[]
+    } else {
+        // SAFETY: DLPack: shape points to ndim dimensions.
+        unsafe { std::slice::from_raw_parts(t.shape, ndim) }
+    };
+    let strides: Option<&[i64]> = if t.strides.is_null() || ndim == 0 {
+        None
+    } else {
+        // SAFETY: DLPack: non-null strides point to ndim strides (elements).
+        Some(unsafe { std::slice::from_raw_parts(t.strides, ndim) })
+    };
+    if !c_contiguous(shape, strides) {
+        return Err(raise(
+            py,
+            "UnsupportedObjectError",
+            format!(
+                "the array is not contiguous (shape {shape:?}, strides {:?} in elements): register a contiguous copy",
+                strides.unwrap_or_default()
+            ),
+        ));
+    }
+    let elements = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?));
+    let item_bits = u64::from(t.dtype.bits) * u64::from(t.dtype.lanes);
+    let len = elements.and_then(|n| n.checked_mul(item_bits.div_ceil(8))).ok_or_else(|| {
+        raise(py, "UnsupportedObjectError", format!("array shape {shape:?} does not give a byte length"))
+    })?;
+    let ptr = (t.data as usize).wrapping_add(t.byte_offset as usize);
+    let keepalive = (obj.clone(), capsule).into_pyobject(py)?.into_any().unbind();
+    Ok(Exported { ptr, len, writable: true, keepalive, via: "dlpack" })
+}
+
+/// Row-major with no gaps; dimensions of length 1 may have any stride.
+fn c_contiguous(shape: &[i64], strides: Option<&[i64]>) -> bool {
+    let Some(strides) = strides else { return true };
+    if shape.contains(&0) {
+        return true;
+    }
+    let mut expected = 1i64;
+    for (&dim, &stride) in shape.iter().zip(strides).rev() {
+        if dim != 1 && stride != expected {
+            return false;
+        }
+        expected = expected.saturating_mul(dim);
+    }
+    true
+}
+
+// The buffer protocol. pyo3 exposes it under the stable ABI only from
+// Python 3.11, but `PyObject_GetBuffer`, `PyBuffer_Release`,
+// `PyBuffer_IsContiguous` and the `Py_buffer` layout have been the same since
+// Python 3.3 (3.11 only added them to the limited API), so they are declared
+// here for the 3.9+ abi3 module.
+#[repr(C)]
+struct PyBufferView {
+    buf: *mut c_void,
+    obj: *mut ffi::PyObject,
+    len: ffi::Py_ssize_t,
+    itemsize: ffi::Py_ssize_t,
+    readonly: c_int,
+    ndim: c_int,
+    format: *mut c_char,
+    shape: *mut ffi::Py_ssize_t,
+    strides: *mut ffi::Py_ssize_t,
+    suboffsets: *mut ffi::Py_ssize_t,
+    internal: *mut c_void,
+}
+
+const PYBUF_FULL_RO: c_int = 0x0100 | 0x0010 | 0x0008 | 0x0004;
+
+extern "C" {
+    #[link_name = "PyObject_GetBuffer"]
+    fn get_buffer(obj: *mut ffi::PyObject, view: *mut PyBufferView, flags: c_int) -> c_int;
+    #[link_name = "PyBuffer_Release"]
+    fn release_buffer(view: *mut PyBufferView);
+    #[link_name = "PyBuffer_IsContiguous"]
+    fn buffer_is_contiguous(view: *const PyBufferView, order: c_char) -> c_int;
+}
+
+/// `Ok(Err(why))` when the object has no buffer interface.
+fn from_buffer(obj: &Bound<'_, PyAny>) -> PyResult<Result<Exported, String>> {
+    let py = obj.py();
+    // A memoryview holds a buffer export of the object for as long as it
+    // lives: the pointer read below stays valid, and a bytearray cannot be
+    // resized meanwhile.
+    let view = match py.import("builtins")?.getattr("memoryview")?.call1((obj,)) {
+        Ok(v) => v,
+        Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(py) => {
+            return Ok(Err("no buffer protocol".into()));
+        }
+        Err(e) if e.is_instance_of::<PyBufferError>(py) => {
+            return Err(raise(py, "UnsupportedObjectError", format!("the buffer cannot be exported: {e}")));
+        }
+        Err(e) => return Err(e),
+    };
+    // SAFETY: an all-zero Py_buffer is a valid "empty" value to fill.
+    let mut b: PyBufferView = unsafe { std::mem::zeroed() };
+    // SAFETY: `view` is a live object and `b` a Py_buffer to fill.
+    if unsafe { get_buffer(view.as_ptr(), &mut b, PYBUF_FULL_RO) } != 0 {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: `b` was filled by a successful PyObject_GetBuffer.
+    let contiguous = unsafe { buffer_is_contiguous(&b, b'C' as c_char) } != 0;
+    let (ptr, len, writable) = (b.buf as usize, b.len as u64, b.readonly == 0);
+    // SAFETY: released once, after its last use; `view` keeps its own export.
+    unsafe { release_buffer(&mut b) };
+    if !contiguous {
+        return Err(raise(
+            py,
+            "UnsupportedObjectError",
+            "the buffer is not C-contiguous: register a contiguous copy".to_string(),
+        ));
+    }
+    Ok(Ok(Exported { ptr, len, writable, keepalive: view.unbind(), via: "buffer" }))
+}
+
+/// PyTorch tensors whose `__dlpack__` failed (for example `requires_grad`),
+/// and look-alikes: `data_ptr()`, `nbytes`, `is_contiguous()`, `device`.
+fn from_data_ptr(obj: &Bound<'_, PyAny>) -> PyResult<Exported> {
+    let py = obj.py();
+    if obj.hasattr("is_contiguous")? && !obj.call_method0("is_contiguous")?.is_truthy()? {
+        return Err(raise(py, "UnsupportedObjectError", "the tensor is not contiguous: register .contiguous()"));
+    }
+    if obj.hasattr("device")? {
+        let device = obj.getattr("device")?;
+        let kind: String = device.getattr("type").and_then(|t| t.extract()).unwrap_or_else(|_| "cpu".into());
+        if kind != "cpu" {
+            return Err(raise(
+                py,
+                "RegisterMemoryError",
+                format!(
+                    "{} memory cannot be registered: this build of strait registers host memory only \
+                     (libfabric FI_HMEM is not enabled)",
+                    device.str()?
+                ),
+            ));
+        }
+    }
+    let ptr: usize = obj.call_method0("data_ptr")?.extract()?;
+    let len: u64 = obj.getattr("nbytes")?.extract()?;
+    Ok(Exported { ptr, len, writable: true, keepalive: obj.clone().unbind(), via: "data_ptr" })
+}

@@ -1,0 +1,315 @@
+//! `Transfer` and `ImmCounter`: waiting (with the GIL released), polling,
+//! callbacks from the engine's thread, and `await`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+
+use crate::errors::{raise, to_py};
+
+/// How long a blocking wait sleeps between checks for signals (Ctrl-C).
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
+
+/// A timeout argument in seconds: `None` waits forever.
+pub fn parse_timeout(py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Duration>> {
+    match timeout {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
+        Some(s) => Err(raise(py, "InvalidRequestError", format!("timeout must be a non-negative number, got {s}"))),
+    }
+}
+
+/// Runs `wait_for(slice)` with the GIL released, in slices so that Ctrl-C
+/// interrupts the wait, until it gives something other than a timeout or
+/// `timeout` has passed.
+pub fn blocking<T>(
+    py: Python<'_>,
+    timeout: Option<f64>,
+    wait_for: impl Fn(Duration) -> strait::Result<T> + Send + Sync,
+) -> PyResult<T>
+where
+    T: Send,
+{
+    let limit = parse_timeout(py, timeout)?;
+    let deadline = limit.map(|t| Instant::now() + t);
+    loop {
+        let slice = match deadline {
+            None => SIGNAL_CHECK,
+            Some(at) => at.saturating_duration_since(Instant::now()).min(SIGNAL_CHECK),
+        };
+        match py.detach(|| wait_for(slice)) {
+            Err(strait::Error::Timeout(_)) => {
+                if let (Some(at), Some(limit)) = (deadline, limit) {
+                    if Instant::now() >= at {
+                        return Err(to_py(py, strait::Error::Timeout(limit)));
+                    }
+                }
+                py.check_signals()?;
+            }
+            other => return other.map_err(|e| to_py(py, e)),
+        }
+    }
+}
+
+/// Calls `callback(*args)` with the GIL; an exception it raises is reported
+/// through `sys.unraisablehook` (it has no caller to go to).
+fn call_reporting<'py>(py: Python<'py>, callback: &Py<PyAny>, args: impl pyo3::call::PyCallArgs<'py>) {
+    if let Err(e) = callback.call1(py, args) {
+        e.write_unraisable(py, Some(callback.bind(py)));
+    }
+}
+
+/// Python callbacks of one handle, registered with the engine lazily: a
+/// request nobody attached a callback to never takes the GIL on the
+/// engine's thread.
+#[derive(Default)]
+struct Callbacks {
+    hooked: bool,
+    pending: Vec<Py<PyAny>>,
+}
+
+/// A submitted request. Every request ends in exactly one outcome: success,
+/// or one of the exceptions of `strait.errors`.
+///
+/// `wait(timeout=None)` blocks (with the GIL released; Ctrl-C interrupts it),
+/// `done()` polls, `add_done_callback(fn)` calls `fn(transfer)` once it has
+/// ended, and `await transfer` works in asyncio. Dropping the handle does not
+/// cancel the request, and the memory it uses stays registered until it
+/// ends.
+#[pyclass(module = "strait._strait", frozen)]
+pub struct Transfer {
+    inner: strait::Transfer,
+    callbacks: Arc<Mutex<Callbacks>>,
+}
+
+impl Transfer {
+    pub fn new(inner: strait::Transfer) -> Self {
+        Transfer { inner, callbacks: Arc::default() }
+    }
+}
+
+#[pymethods]
+impl Transfer {
+    /// Blocks until the request ends; raises its error if it failed, or
+    /// `strait.TimeoutError` once `timeout` seconds have passed (the request
+    /// carries on).
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        let inner = self.inner.clone();
+        blocking(py, timeout, move |slice| inner.wait_timeout(slice))
+    }
+
+    /// True once the request has ended (successfully or not).
+    fn done(&self) -> bool {
+        self.inner.is_done()
+    }
+
+    /// The error the request ended with, `None` if it succeeded. Raises
+    /// `strait.InvalidRequestError` while it is in flight.
+    fn exception(&self, py: Python<'_>) -> PyResult<Option<PyErr>> {
+        match self.inner.result() {
+            None => Err(raise(py, "InvalidRequestError", "the request is still in flight")),
+            Some(Ok(())) => Ok(None),
+            Some(Err(e)) => Ok(Some(to_py(py, e))),
+        }
+    }
+
+    /// Calls `fn(transfer)` once the request has ended: on the engine's
+    /// thread (with the GIL), or right away if it already has. Keep it short;
+    /// an exception it raises goes to `sys.unraisablehook`.
+    fn add_done_callback(slf: &Bound<'_, Self>, callback: Py<PyAny>) {
+        let py = slf.py();
+        let this = slf.get();
+        let mut cb = this.callbacks.lock().unwrap_or_else(|e| e.into_inner());
+        if this.inner.is_done() {
+            drop(cb);
+            call_reporting(py, &callback, (slf.clone(),));
+            return;
+        }
+        cb.pending.push(callback);
+        if cb.hooked {
+            return;
+        }
+        cb.hooked = true;
+        drop(cb);
+        let callbacks = this.callbacks.clone();
+        let handle = slf.clone().unbind();
+        // The hook holds the handle (and so its callbacks) until the request
+        // ends; it runs on the worker, or here if the request has already
+        // ended, in which case the GIL is already held.
+        let run = move |_: &strait::Result<()>| {
+            Python::attach(|py| {
+                let pending = std::mem::take(&mut callbacks.lock().unwrap_or_else(|e| e.into_inner()).pending);
+                for callback in &pending {
+                    call_reporting(py, callback, (handle.clone_ref(py),));
+                }
+            })
+        };
+        py.detach(|| this.inner.on_complete(run));
+    }
+
+    fn __await__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let coroutine = py.import("strait._aio")?.getattr("wait_transfer")?.call1((slf,))?;
+        Ok(coroutine.call_method0("__await__")?.unbind())
+    }
+
+    fn __repr__(&self) -> String {
+        match self.inner.result() {
+            None => "<strait.Transfer in flight>".into(),
+            Some(Ok(())) => "<strait.Transfer done>".into(),
+            Some(Err(e)) => format!("<strait.Transfer failed: {e}>"),
+        }
+    }
+}
+
+/// Counts immediates of one value at the target (from
+/// `TransferEngine.expect_imm`).
+///
+/// `wait(timeout=None)` blocks until the count has arrived (GIL released),
+/// `reached`/`seen` poll, `on_reached(fn)` calls `fn(value)` each time the
+/// count is reached, `cancel()` stops it (waiters get
+/// `strait.CancelledError`), `rearm(count)` starts the next round, and
+/// `await counter` works in asyncio. Dropping it cancels it.
+#[pyclass(module = "strait._strait", frozen)]
+pub struct ImmCounter {
+    inner: strait::ImmCounter,
+    count: Mutex<u64>,
+    state: Arc<Mutex<CounterHooks>>,
+}
+
+#[derive(Default)]
+struct CounterHooks {
+    hooked: bool,
+    user: Vec<Py<PyAny>>,
+    /// One-shot wakers of `await`: run when the count is reached or the
+    /// counter is cancelled.
+    wakers: Vec<Py<PyAny>>,
+}
+
+impl ImmCounter {
+    pub fn new(inner: strait::ImmCounter, count: u64) -> Self {
+        ImmCounter { inner, count: Mutex::new(count), state: Arc::default() }
+    }
+
+    fn hook(&self, py: Python<'_>) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.hooked {
+            return;
+        }
+        s.hooked = true;
+        drop(s);
+        let state = self.state.clone();
+        let run = move |value: u32| {
+            Python::attach(|py| {
+                let (user, wakers) = {
+                    let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                    let user: Vec<_> = s.user.iter().map(|c| c.clone_ref(py)).collect();
+                    (user, std::mem::take(&mut s.wakers))
+                };
+                for callback in user.iter() {
+                    call_reporting(py, callback, (value,));
+                }
+                for waker in wakers.iter() {
+                    call_reporting(py, waker, ());
+                }
+            })
+        };
+        py.detach(|| self.inner.on_reached(run));
+    }
+
+    fn wake_all(&self, py: Python<'_>) {
+        let wakers = std::mem::take(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()).wakers);
+        for waker in wakers.iter() {
+            call_reporting(py, waker, ());
+        }
+    }
+}
+
+#[pymethods]
+impl ImmCounter {
+    /// The immediate value counted.
+    #[getter]
+    fn value(&self) -> u32 {
+        self.inner.value()
+    }
+
+    /// Immediates expected in this round.
+    #[getter]
+    fn count(&self) -> u64 {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Immediates counted in this round so far.
+    #[getter]
+    fn seen(&self) -> u64 {
+        self.inner.seen()
+    }
+
+    /// True once this round's count has arrived.
+    #[getter]
+    fn reached(&self) -> bool {
+        self.inner.is_reached()
+    }
+
+    /// Blocks until the count has arrived; `strait.TimeoutError` after
+    /// `timeout` seconds (the counter stays armed), `strait.CancelledError`
+    /// if it is cancelled meanwhile.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        blocking(py, timeout, |slice| self.inner.wait_timeout(slice))
+    }
+
+    /// Calls `fn(value)` each time the count is reached: on the engine's
+    /// thread (with the GIL), or right away if it already is.
+    fn on_reached(&self, py: Python<'_>, callback: Py<PyAny>) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.user.push(callback.clone_ref(py));
+        let hooked = s.hooked;
+        drop(s);
+        if !hooked {
+            // Registering the hook runs it at once if the count is reached.
+            self.hook(py);
+        } else if self.inner.is_reached() {
+            call_reporting(py, &callback, (self.inner.value(),));
+        }
+    }
+
+    /// Stops counting: waiters get `strait.CancelledError`; immediates of
+    /// this value that arrive later are kept for a later counter.
+    fn cancel(&self, py: Python<'_>) {
+        py.detach(|| self.inner.cancel());
+        self.wake_all(py);
+    }
+
+    /// Starts a new round expecting `count` more immediates.
+    fn rearm(&self, py: Python<'_>, count: u64) -> PyResult<()> {
+        py.detach(|| self.inner.rearm(count)).map_err(|e| to_py(py, e))?;
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) = count;
+        Ok(())
+    }
+
+    /// Used by `await`: calls `fn()` once when the count is reached or the
+    /// counter is cancelled (right away if either has happened).
+    fn _add_waker(&self, py: Python<'_>, waker: Py<PyAny>) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).wakers.push(waker);
+        self.hook(py);
+        // Reached or cancelled before the waker was queued: wake it here
+        // (taking the wakers makes a second wake impossible).
+        let cancelled = matches!(self.inner.wait_timeout(Duration::ZERO), Err(strait::Error::Cancelled));
+        if self.inner.is_reached() || cancelled {
+            self.wake_all(py);
+        }
+    }
+
+    fn __await__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
+        let py = slf.py();
+        let coroutine = py.import("strait._aio")?.getattr("wait_counter")?.call1((slf,))?;
+        Ok(coroutine.call_method0("__await__")?.unbind())
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<strait.ImmCounter value={} seen={}/{}>", self.inner.value(), self.inner.seen(), self.count())
+    }
+}

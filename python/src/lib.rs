@@ -1,0 +1,50 @@
+//! The native module of the `strait` Python package (`strait._strait`).
+//!
+//! Thin bindings over the Rust engine: every blocking call releases the GIL,
+//! callbacks from the engine's thread take it, and errors map to
+//! `strait.errors` in one place (`errors.rs`). The Python side of the
+//! package (`strait/`) adds `await`, the exceptions and the
+//! `torch.distributed` helpers.
+
+// The classes are Python objects with `__repr__`; a Rust `Debug` would never
+// be used.
+#![allow(missing_debug_implementations)]
+
+use pyo3::prelude::*;
+
+mod engine;
+mod errors;
+mod export;
+mod handles;
+
+/// The providers strait can open here, and why the others cannot be: a list
+/// of `(name, available, detail)`.
+#[pyfunction]
+fn probe(py: Python<'_>) -> Vec<(String, bool, String)> {
+    let reports = py.detach(strait::probe::probe);
+    reports
+        .into_iter()
+        .map(|r| match r.domains {
+            Ok(domains) => {
+                let names: Vec<String> = domains.into_iter().map(|(p, d)| format!("{p}/{d}")).collect();
+                (r.kind.to_string(), true, names.join(", "))
+            }
+            Err(why) => (r.kind.to_string(), false, why),
+        })
+        .collect()
+}
+
+#[pymodule]
+fn _strait(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<engine::TransferEngine>()?;
+    m.add_class::<engine::Region>()?;
+    m.add_class::<engine::Descriptor>()?;
+    m.add_class::<engine::ScatterTarget>()?;
+    m.add_class::<handles::Transfer>()?;
+    m.add_class::<handles::ImmCounter>()?;
+    m.add_function(wrap_pyfunction!(probe, m)?)?;
+    m.add_function(wrap_pyfunction!(engine::_shutdown_all, m)?)?;
+    m.add("PAGE_SIZE", strait::PAGE_SIZE)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
