@@ -24,4 +24,6 @@ echo "== Python package: pip install ./python, then pytest"
 [ -x python/.venv/bin/python ] || python3 -m venv python/.venv
 python/.venv/bin/python -m pip install -q --upgrade pip 'maturin>=1.9,<2' 'numpy>=1.22' 'pytest>=7'
 python/.venv/bin/python -m pip install -q ./python
-(cd python && .venv/bin/python -m pytest -q tests)
+# From the repository root, so that python/strait (the sources, without the
+# built extension) does not shadow the installed package.
+python/.venv/bin/python -m pytest -q -p no:cacheprovider python/tests
