@@ -112,7 +112,8 @@ mod wire;
 pub use address::EngineAddress;
 pub use descriptor::{Access, MrDesc};
 pub use engine::{
-    EngineBuilder, ImmCounter, MemoryRegion, PollMode, ScatterTarget, Transfer, TransferEngine, PAGE_SIZE,
+    EngineBuilder, ImmCounter, MemoryRegion, PollMode, ScatterTarget, Transfer, TransferEngine,
+    DEFAULT_REQUEST_TIMEOUT, PAGE_SIZE,
 };
 pub use error::{Error, Result};
 pub use plan::{PagedLayout, ShardConfig};

@@ -26,7 +26,7 @@ use self::link::Link;
 use self::mailbox::Mailbox;
 pub(crate) use self::memory::AlignedBuf;
 use self::memory::MrInner;
-use self::worker::{Command, MessageCallback, MessageSink, RecvConfig, RequestOp, Submission, Worker};
+use self::worker::{Command, MessageCallback, MessageSink, RecvConfig, RequestOp, Submission, Worker, WorkerConfig};
 use crate::address::EngineAddress;
 use crate::backend::fabric::{self, FabricOptions, InfoRequest};
 use crate::backend::Nic;
@@ -34,6 +34,10 @@ use crate::descriptor::{check_range, Access, MrDesc};
 use crate::error::{Error, Result};
 use crate::plan::{PagedLayout, PagedPlan, ShardConfig, ShardPlan};
 use crate::provider::{Provider, ProviderKind};
+
+/// Default of [`EngineBuilder::request_timeout`]: a request fails once its
+/// peer has completed none of the engine's operations for this long.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Configures and starts a [`TransferEngine`].
 ///
@@ -56,6 +60,7 @@ pub struct EngineBuilder {
     interface: Option<String>,
     shard: ShardConfig,
     recv: RecvConfig,
+    request_timeout: Option<Duration>,
     messages: Option<MessageCallback>,
     unclaimed_imm: Option<UnclaimedImm>,
     imm_queue: Option<Arc<Mailbox<u32>>>,
@@ -83,6 +88,7 @@ impl Default for EngineBuilder {
             interface: None,
             shard: ShardConfig::default(),
             recv: RecvConfig { count: 64, size: 64 << 10 },
+            request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             messages: None,
             unclaimed_imm: None,
             imm_queue: None,
@@ -169,6 +175,29 @@ impl EngineBuilder {
         Ok(())
     }
 
+    /// How long a request may wait while its peer completes none of this
+    /// engine's operations (default [`DEFAULT_REQUEST_TIMEOUT`]; `None`: no
+    /// limit). When it passes, the request ends with
+    /// [`Error::PeerUnreachable`].
+    ///
+    /// The clock is the peer's progress, not the request's age: a large
+    /// write, or one queued behind others, does not expire as long as
+    /// operations to that peer keep completing. It catches what the
+    /// transport does not report: a peer that was killed on `shm` (which
+    /// never reports dead peers), a peer that stopped polling or was
+    /// stopped (`SIGSTOP`), a network that drops everything. Expiry is
+    /// checked every `timeout / 8` (between 1 and 100 ms), so a request
+    /// ends at most that much after its deadline.
+    ///
+    /// An expired request's bytes, and its immediate, may or may not have
+    /// reached the peer, as after any transport error. Its memory stays
+    /// registered (and owned memory alive) until the operations it had
+    /// posted complete or the engine shuts down.
+    pub fn request_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.request_timeout = timeout.into().filter(|t| !t.is_zero());
+        self
+    }
+
     /// Opens the NICs and starts the worker.
     pub fn build(self) -> Result<TransferEngine> {
         self.check_nics()?;
@@ -209,7 +238,8 @@ impl EngineBuilder {
                 (Some(rx), MessageSink::Queue(tx))
             }
         };
-        let worker = Worker::new(nics, commands, link.clone(), imm.clone(), messages, self.poll_mode, self.recv);
+        let config = WorkerConfig { poll_mode: self.poll_mode, recv: self.recv, request_timeout: self.request_timeout };
+        let worker = Worker::new(nics, commands, link.clone(), imm.clone(), messages, config);
         let cpu = self.cpu;
         let thread = std::thread::Builder::new()
             .name("strait-worker".into())
@@ -243,6 +273,63 @@ impl EngineBuilder {
 /// Waits on one of the engine's delivery queues, if it has that queue.
 fn receive<T>(queue: Option<&Arc<Mailbox<T>>>, timeout: Duration, missing: &str) -> Result<T> {
     queue.ok_or_else(|| Error::InvalidRequest(missing.into()))?.pop_timeout(timeout)
+}
+
+/// Scatter targets writing into the same region must not overlap: their
+/// pieces land in no defined order, so the bytes written twice would be
+/// either source's.
+fn check_disjoint(targets: &[ScatterTarget]) -> Result<()> {
+    let mut order: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].len > 0).collect();
+    let region = |t: &ScatterTarget| (t.dst.key(0), t.dst.remote_addr(0));
+    order.sort_unstable_by_key(|&i| (region(&targets[i]), targets[i].dst_offset));
+    for pair in order.windows(2) {
+        let (a, b) = (&targets[pair[0]], &targets[pair[1]]);
+        let same = region(a) == region(b) && a.dst.owner() == b.dst.owner();
+        if same && a.dst_offset.saturating_add(a.len) > b.dst_offset {
+            return Err(Error::InvalidRequest(format!(
+                "scatter targets {} and {} overlap in the same destination region ({}+{} and {}+{})",
+                pair[0], pair[1], a.dst_offset, a.len, b.dst_offset, b.len
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Fails unless every page of `ptr..ptr+len` is mapped in this process.
+///
+/// Providers that do not pin memory (libfabric tcp and shm) accept any
+/// address at registration and would fault later, inside the worker, when a
+/// peer's write lands; `mincore` finds unmapped pages first (`ENOMEM`). The
+/// check walks page tables only; it does not touch or fault in the memory.
+fn check_mapped(ptr: *mut u8, len: u64) -> Result<()> {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+    let start = ptr as usize & !(page - 1);
+    let end = (ptr as usize).saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
+    const CHUNK_PAGES: usize = 1 << 16;
+    let mut residency = vec![0u8; CHUNK_PAGES.min((end - start).div_ceil(page))];
+    let mut at = start;
+    while at < end {
+        let chunk = (end - at).min(CHUNK_PAGES * page);
+        // SAFETY: `at` is page-aligned; mincore writes one byte per page of
+        // `chunk` (at most CHUNK_PAGES, the vector's length) and does not
+        // access the range itself.
+        let rc = unsafe { libc::mincore(at as *mut libc::c_void, chunk, residency.as_mut_ptr()) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            return Err(Error::RegisterMemory {
+                addr: ptr as usize,
+                len,
+                reason: if err.raw_os_error() == Some(libc::ENOMEM) {
+                    format!("the range is not mapped in this process (page at {at:#x} or after)")
+                } else {
+                    format!("checking the range: {err}")
+                },
+            });
+        }
+        at += chunk;
+    }
+    Ok(())
 }
 
 fn pin_current_thread(cpu: usize) {
@@ -405,6 +492,7 @@ impl TransferEngine {
                 reason: "range wraps the address space".into(),
             });
         }
+        check_mapped(ptr, len)?;
         if self.shared.link.on_worker() {
             return Err(Error::WouldDeadlock("registering memory"));
         }
@@ -548,6 +636,7 @@ impl TransferEngine {
         if targets.is_empty() {
             return Err(Error::InvalidRequest("scatter with no targets".into()));
         }
+        check_disjoint(targets)?;
         let ops = targets
             .iter()
             .map(|t| self.write_op(Some(src), t.src_offset, &t.dst, t.dst_offset, t.len, t.imm))

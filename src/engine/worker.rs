@@ -134,12 +134,17 @@ struct Active {
     error: Option<Error>,
     retry: Option<Piece>,
     queued: bool,
+    /// When the worker took the request.
+    since: Instant,
     /// Pieces that carry data; a sequenced piece past these is the
     /// zero-length write carrying the immediate.
     data_pieces: u64,
 }
 
 struct Peer {
+    /// When an operation to this peer last completed (or the peer was
+    /// inserted): requests to it expire after `request_timeout` without one.
+    last_progress: Instant,
     remote_nics: usize,
     /// `fi_addr` of remote NIC `r` in local NIC `l`'s AV at `l * remote_nics + r`.
     addrs: Vec<u64>,
@@ -160,6 +165,16 @@ pub(crate) struct RecvConfig {
     pub size: usize,
 }
 
+/// How the worker runs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WorkerConfig {
+    pub poll_mode: PollMode,
+    pub recv: RecvConfig,
+    /// A request fails once its peer has completed none of this engine's
+    /// operations for this long (see `EngineBuilder::request_timeout`).
+    pub request_timeout: Option<Duration>,
+}
+
 pub(crate) struct Worker<N: Nic> {
     nics: Vec<N>,
     commands: Receiver<Command>,
@@ -167,6 +182,11 @@ pub(crate) struct Worker<N: Nic> {
     imm: Arc<ImmTable>,
     messages: MessageSink,
     poll_mode: PollMode,
+    request_timeout: Option<Duration>,
+    /// The time at the start of the current turn.
+    now: Instant,
+    /// When to look for expired requests next.
+    next_expiry_check: Instant,
     active: Vec<Option<Active>>,
     free: Vec<usize>,
     ready: VecDeque<usize>,
@@ -195,16 +215,19 @@ impl<N: Nic> Worker<N> {
         link: Arc<Link>,
         imm: Arc<ImmTable>,
         messages: MessageSink,
-        poll_mode: PollMode,
-        recv: RecvConfig,
+        config: WorkerConfig,
     ) -> Self {
+        let now = Instant::now();
         Worker {
             nics,
             commands,
             link,
             imm,
             messages,
-            poll_mode,
+            poll_mode: config.poll_mode,
+            request_timeout: config.request_timeout,
+            now,
+            next_expiry_check: now,
             active: Vec::new(),
             free: Vec::new(),
             ready: VecDeque::new(),
@@ -213,7 +236,7 @@ impl<N: Nic> Worker<N> {
             regions: HashMap::new(),
             next_region: 1,
             pools: Vec::new(),
-            recv,
+            recv: config.recv,
             events: Vec::with_capacity(256),
             pollfds: Vec::new(),
             nap: NAP_MIN,
@@ -285,6 +308,7 @@ impl<N: Nic> Worker<N> {
     /// whether anything happened.
     pub(crate) fn step(&mut self) -> bool {
         let mut busy = false;
+        self.now = Instant::now();
         loop {
             match self.commands.try_recv() {
                 Ok(command) => {
@@ -314,7 +338,54 @@ impl<N: Nic> Worker<N> {
             self.events = events;
             busy |= self.pump();
         }
+        if self.request_timeout.is_some() && self.now >= self.next_expiry_check {
+            busy |= self.expire();
+        }
         busy
+    }
+
+    /// Fails every request whose peer has made no progress for the request
+    /// timeout. Returns whether any request expired.
+    ///
+    /// The user gets the outcome now, but operations already posted may
+    /// still be in the provider, reading or writing the request's memory:
+    /// the request keeps its slot (and so its regions registered and alive)
+    /// until they complete, or until the NICs are closed at shutdown.
+    fn expire(&mut self) -> bool {
+        let Some(timeout) = self.request_timeout else { return false };
+        let now = self.now;
+        self.next_expiry_check = now + (timeout / 8).clamp(Duration::from_millis(1), Duration::from_millis(100));
+        let mut expired = Vec::new();
+        for (index, slot) in self.active.iter_mut().enumerate() {
+            let Some(a) = slot.as_mut() else { continue };
+            if a.guard.is_none() {
+                continue;
+            }
+            let quiet_since = a.since.max(self.peers[a.peer].last_progress);
+            if now.saturating_duration_since(quiet_since) < timeout {
+                continue;
+            }
+            let error = Error::PeerUnreachable(format!(
+                "no operation to the peer completed within the request timeout of {timeout:?} \
+                 (the peer is dead, stalled or unreachable); {} operation(s) of this request were still in flight",
+                a.seq.in_flight()
+            ));
+            if let Some(guard) = a.guard.take() {
+                guard.finish(Err(error));
+            }
+            a.seq.abort();
+            a.retry = None;
+            expired.push(index);
+        }
+        for &index in &expired {
+            if self.active[index].as_ref().is_some_and(|a| a.seq.outcome().is_some()) {
+                self.finish(index);
+            }
+        }
+        if !expired.is_empty() {
+            tracing::warn!(requests = expired.len(), "requests expired: their peers made no progress");
+        }
+        !expired.is_empty()
     }
 
     /// Sleeps until a wait descriptor or the wake-up fires, or a short cap.
@@ -404,7 +475,7 @@ impl<N: Nic> Worker<N> {
             }
         }
         tracing::debug!(peer = %address, remote_nics, "peer inserted");
-        self.peers.push(Peer { remote_nics, addrs });
+        self.peers.push(Peer { last_progress: self.now, remote_nics, addrs });
         self.peer_index.insert(address.clone(), self.peers.len() - 1);
         Ok(self.peers.len() - 1)
     }
@@ -420,8 +491,17 @@ impl<N: Nic> Worker<N> {
         // single piece carries it itself.
         let trailer = s.op.imm().is_some() && data_pieces > 1;
         let seq = Sequencer::new(data_pieces + u64::from(trailer), s.op.imm().is_some());
-        let active =
-            Active { op: s.op, seq, guard: Some(s.guard), peer, error: None, retry: None, queued: true, data_pieces };
+        let active = Active {
+            op: s.op,
+            seq,
+            guard: Some(s.guard),
+            peer,
+            error: None,
+            retry: None,
+            queued: true,
+            since: self.now,
+            data_pieces,
+        };
         let index = match self.free.pop() {
             Some(i) => {
                 self.active[i] = Some(active);
@@ -560,7 +640,15 @@ impl<N: Nic> Worker<N> {
         };
         let ok = error.is_none();
         if let Some(e) = error {
-            a.error.get_or_insert(e);
+            // The first error wins, except that a rejected key is the root
+            // cause of the errors that follow it (the tcp provider drops the
+            // connection after rejecting a key), so it replaces them.
+            let specific = matches!(e, Error::RemoteAccess(_));
+            if a.error.is_none() || (specific && !matches!(a.error, Some(Error::RemoteAccess(_)))) {
+                a.error = Some(e);
+            }
+        } else {
+            self.peers[a.peer].last_progress = self.now;
         }
         a.seq.completed(ok);
         if a.seq.outcome().is_some() {

@@ -317,6 +317,10 @@ fn completion_error(err: &sys::fi_cq_err_entry, message: String) -> Error {
         }
         c if c == libc::EPIPE as u32 => Error::PeerUnreachable(detail()),
         sys::FI_EACCES | sys::FI_EKEYREJECTED => Error::RemoteAccess(detail()),
+        // libfabric 1.17 tcp: the target found no registration for the key
+        // (revoked, or never granted for this access) and cancelled the
+        // operation.
+        c if c == libc::ECANCELED as u32 && err.prov_errno == libc::ENOENT => Error::RemoteAccess(detail()),
         c if c == sys::FI_ENOKEY => Error::RemoteAccess(detail()),
         _ => Error::Transport { op, code, prov_errno: err.prov_errno, message },
     }
@@ -332,6 +336,15 @@ impl Nic for FabricNic {
     }
 
     unsafe fn register(&mut self, addr: *mut u8, len: u64, access: Access) -> Result<NicRegion> {
+        if !access.remote_write && !access.remote_read && self.mr_mode & (sys::FI_MR_LOCAL | sys::FI_MR_HMEM) == 0 {
+            // Local-only memory on a provider that needs no registration for
+            // local buffers (tcp, shm) is not registered at all: no key
+            // exists that a peer could use. This matters on tcp, where
+            // ofi_rxm adds FI_REMOTE_READ to every registration (for its
+            // rendezvous protocol), so a registered "local" region would be
+            // readable by any peer that guesses its key and address.
+            return Ok(NicRegion { handle: ptr::null_mut(), key: 0, desc: ptr::null_mut() });
+        }
         let iov = sys::iovec { iov_base: addr.cast(), iov_len: len as usize };
         // SAFETY: zeroed is a valid fi_mr_attr (null pointers, system iface).
         let mut attr: sys::fi_mr_attr = unsafe { std::mem::zeroed() };
@@ -378,6 +391,9 @@ impl Nic for FabricNic {
     }
 
     fn deregister(&mut self, region: NicRegion) {
+        if region.handle.is_null() {
+            return; // local-only, never registered (see `register`)
+        }
         // SAFETY: the handle is a live fid_mr from `register`, closed once.
         let rc = unsafe { fi::fi_close(region.handle.cast()) };
         if rc != 0 {
