@@ -75,6 +75,16 @@
 //! machine well. Callbacks run on the worker: keep them short, and do not
 //! wait on the engine from them.
 //!
+//! ## Failures and timeouts
+//!
+//! A request whose peer completes none of the engine's operations for the
+//! request timeout ([`EngineBuilder::request_timeout`], default
+//! [`DEFAULT_REQUEST_TIMEOUT`], 10 s) ends with [`Error::PeerUnreachable`]:
+//! dead, stopped or unreachable peers never leave a request without an
+//! outcome, even on transports that do not report them (shm). Errors the
+//! transport reports (connection reset, rejected key as
+//! [`Error::RemoteAccess`]) end requests at once.
+//!
 //! ## Resource cleanup
 //!
 //! Dropping a [`MemoryRegion`] deregisters it (revoking remote access) once

@@ -381,10 +381,11 @@ fn forged_descriptor_cannot_reach_local_memory() {
 #[test]
 fn invalid_memory_is_refused() {
     let engine = common::engine(Provider::Tcp, 1);
-    // SAFETY (all three): registration must fail before anything uses the
-    // memory; nothing is dereferenced.
+    // SAFETY: registration must fail before anything uses the memory;
+    // nothing is dereferenced (likewise below).
     let null = unsafe { engine.register_raw(std::ptr::null_mut(), 4096, Access::REMOTE_WRITE) };
     let mut byte = 0u8;
+    // SAFETY: as above; a zero-length range.
     let empty = unsafe { engine.register_raw(&mut byte, 0, Access::REMOTE_WRITE) };
     // A page that was mapped and then unmapped.
     // SAFETY: plain anonymous mapping, unmapped at once.
@@ -401,6 +402,7 @@ fn invalid_memory_is_refused() {
         libc::munmap(p, 8192);
         p as *mut u8
     };
+    // SAFETY: as above; the pages are unmapped, which registration detects.
     let unmapped = unsafe { engine.register_raw(page, 8192, Access::REMOTE_WRITE) };
     for (what, r) in [("null", null), ("empty", empty), ("unmapped", unmapped)] {
         assert!(matches!(r, Err(Error::RegisterMemory { .. })), "{what}: {r:?}");

@@ -351,7 +351,9 @@ impl ScatterTarget {
 /// given (called on the engine's thread with the GIL), else to ``recv()``.
 /// Immediates no counter claims are kept for a later ``expect_imm``; with
 /// ``unclaimed_imm="queue"`` they go to ``next_imm()`` instead, and with a
-/// callable it is called with each.
+/// callable it is called with each. A request fails with
+/// ``strait.PeerUnreachableError`` once its peer has completed none of this
+/// engine's operations for ``request_timeout`` seconds (``None``: never).
 ///
 /// Use it as a context manager, or call ``shutdown()``: requests in flight
 /// then end with ``strait.ShutdownError``. Every method releases the GIL
@@ -428,7 +430,7 @@ impl TransferEngine {
     #[new]
     #[pyo3(signature = (
         provider="auto", nics=1, *, interface=None, poll="adaptive", spin_us=50, pin_worker=None,
-        receive_buffers=None, on_message=None, unclaimed_imm=None
+        receive_buffers=None, on_message=None, unclaimed_imm=None, request_timeout=10.0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -442,7 +444,9 @@ impl TransferEngine {
         receive_buffers: Option<(usize, usize)>,
         on_message: Option<Py<PyAny>>,
         unclaimed_imm: Option<&Bound<'_, PyAny>>,
+        request_timeout: Option<f64>,
     ) -> PyResult<Self> {
+        let request_timeout = crate::handles::parse_timeout(py, request_timeout)?;
         let provider = match provider {
             "auto" => strait::Provider::Auto,
             "efa" => strait::Provider::Efa,
@@ -467,7 +471,11 @@ impl TransferEngine {
                 ))
             }
         };
-        let mut builder = strait::TransferEngine::builder().provider(provider).nics(nics).poll_mode(poll);
+        let mut builder = strait::TransferEngine::builder()
+            .provider(provider)
+            .nics(nics)
+            .poll_mode(poll)
+            .request_timeout(request_timeout);
         if let Some(interface) = interface {
             builder = builder.interface(interface);
         }

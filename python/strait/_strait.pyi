@@ -96,6 +96,7 @@ class TransferEngine:
         receive_buffers: Optional[Tuple[int, int]] = None,
         on_message: Optional[Callable[[bytes], Any]] = None,
         unclaimed_imm: Union[None, str, Callable[[int], Any]] = None,
+        request_timeout: Optional[float] = 10.0,
     ) -> None: ...
     @property
     def address(self) -> bytes: ...

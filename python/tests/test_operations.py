@@ -274,3 +274,24 @@ def test_context_manager_shuts_down(provider):
         e.alloc(10)
     with pytest.raises(strait.ShutdownError):
         e.write_imm(region.descriptor, 1)
+
+
+def test_request_timeout_fails_requests_to_a_silent_peer(provider):
+    """A peer that is gone (its engine shut down) never answers: the request
+    ends with PeerUnreachableError within the request timeout."""
+    import time
+
+    a = engine(provider, request_timeout=1.0)
+    b = engine(provider)
+    try:
+        dst = b.alloc(1 << 20, remote="write")
+        src = a.alloc(1 << 20)
+        a.write(src, dst.descriptor).wait(TIMEOUT)
+        descriptor = dst.descriptor
+        b.shutdown()
+        start = time.monotonic()
+        with pytest.raises(strait.TransportError):
+            a.write(src, descriptor, imm=1).wait(TIMEOUT)
+        assert time.monotonic() - start < 1.0 + 3.0
+    finally:
+        a.shutdown()
