@@ -339,9 +339,11 @@ fn revoked_descriptor_fails_and_the_memory_is_untouched() {
             matches!(outcome, Err(Error::RemoteAccess(_) | Error::PeerUnreachable(_) | Error::Transport { .. })),
             "{outcome:?}"
         );
-        if provider == Provider::Tcp {
-            assert!(matches!(outcome, Err(Error::RemoteAccess(_))), "tcp reports the rejected key: {outcome:?}");
-        }
+        // tcp reports the rejected key as RemoteAccess when the completion
+        // for the rejected piece arrives first; the target also drops the
+        // connection after rejecting a key, and sometimes only that
+        // (ECANCELED with ENOTCONN) reaches the initiator. Either way the
+        // write fails and the memory is untouched.
         assert!(memory.0 == before, "a revoked region was written");
     }
 }
