@@ -27,6 +27,14 @@ pub enum Error {
         /// `fi_strerror` of the code.
         message: String,
     },
+    /// A libibverbs call failed.
+    #[error("{call} failed: {} (errno {errno})", std::io::Error::from_raw_os_error(*errno))]
+    Verbs {
+        /// The verbs function that failed.
+        call: &'static str,
+        /// The error number it returned or set.
+        errno: i32,
+    },
     /// Registering memory failed.
     #[error("registering {len} bytes at {addr:#x} failed: {reason}")]
     RegisterMemory {
@@ -71,9 +79,10 @@ pub enum Error {
     Transport {
         /// The operation kind (`write`, `read`, `send`, `recv`).
         op: &'static str,
-        /// libfabric's positive error number.
+        /// libfabric's positive error number, or on verbs the
+        /// `ibv_wc_status`.
         code: i32,
-        /// The provider's own error number.
+        /// The provider's own error number (verbs: the vendor error).
         prov_errno: i32,
         /// The provider's description.
         message: String,

@@ -120,6 +120,7 @@ mod provider;
 mod wire;
 
 pub use address::EngineAddress;
+pub use backend::verbs::VerbsConfig;
 pub use descriptor::{Access, MrDesc};
 pub use engine::{
     EngineBuilder, ImmCounter, MemoryRegion, PollMode, ScatterTarget, Transfer, TransferEngine,

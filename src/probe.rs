@@ -1,7 +1,8 @@
 //! What this machine offers: which providers libfabric reports and with
-//! which domains, or why each is unavailable. `strait-bench info` prints it.
+//! which domains, which verbs devices libibverbs finds, or why each is
+//! unavailable. `strait-bench info` prints it.
 
-use crate::backend::fabric;
+use crate::backend::{fabric, verbs};
 use crate::provider::ProviderKind;
 
 /// One provider's availability, from [`probe`].
@@ -10,8 +11,9 @@ pub struct ProviderReport {
     /// The provider.
     pub kind: ProviderKind,
     /// `(provider name, domain name)` pairs it offers (for tcp, domains
-    /// are interfaces such as `lo`, `eth0`; for EFA, devices), or the reason
-    /// it is unavailable (library missing, no devices).
+    /// are interfaces such as `lo`, `eth0`; for EFA, devices; for verbs, a
+    /// description of each device's port 1, or why it is unusable), or the
+    /// reason it is unavailable (library missing, no devices).
     pub domains: Result<Vec<(String, String)>, String>,
 }
 
@@ -20,11 +22,20 @@ pub fn libfabric_library() -> Result<String, String> {
     fabric_sys::Library::get().map(|l| l.path.clone()).map_err(|e| e.to_string())
 }
 
-/// Asks libfabric about every provider strait supports (efa, tcp, shm).
-/// Never fails: an unavailable provider is a normal answer.
+/// The libibverbs library that would be used (its path), or why none loads.
+pub fn libibverbs_library() -> Result<String, String> {
+    verbs_sys::Library::get().map(|l| l.path.clone()).map_err(|e| e.to_string())
+}
+
+/// Asks libfabric and libibverbs about every provider strait supports
+/// (efa, verbs, tcp, shm), in `Auto`'s order of preference. Never fails: an
+/// unavailable provider is a normal answer.
 pub fn probe() -> Vec<ProviderReport> {
-    [ProviderKind::Efa, ProviderKind::Tcp, ProviderKind::Shm]
+    [ProviderKind::Efa, ProviderKind::Verbs, ProviderKind::Tcp, ProviderKind::Shm]
         .into_iter()
-        .map(|kind| ProviderReport { kind, domains: fabric::probe(kind) })
+        .map(|kind| ProviderReport {
+            kind,
+            domains: if kind == ProviderKind::Verbs { verbs::probe() } else { fabric::probe(kind) },
+        })
         .collect()
 }

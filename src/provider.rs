@@ -9,8 +9,7 @@ use crate::error::Error;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Provider {
-    /// The best available: `efa`, then `tcp`. (ConnectX verbs joins this list
-    /// with the verbs backend.)
+    /// The best available: `efa`, then `verbs` (ConnectX), then `tcp`.
     #[default]
     Auto,
     /// AWS EFA through libfabric's `efa` provider (SRD: reliable, unordered).
@@ -19,6 +18,9 @@ pub enum Provider {
     Tcp,
     /// libfabric `shm`: processes on one host.
     Shm,
+    /// NVIDIA ConnectX (InfiniBand or RoCE) through libibverbs, RC queue
+    /// pairs; tuned with [`VerbsConfig`](crate::VerbsConfig).
+    Verbs,
 }
 
 /// The provider family an engine actually runs on, carried in addresses and
@@ -33,6 +35,8 @@ pub enum ProviderKind {
     Tcp = 2,
     /// libfabric `shm`.
     Shm = 3,
+    /// ibverbs RC (ConnectX).
+    Verbs = 4,
 }
 
 impl ProviderKind {
@@ -41,16 +45,19 @@ impl ProviderKind {
             1 => Some(Self::Efa),
             2 => Some(Self::Tcp),
             3 => Some(Self::Shm),
+            4 => Some(Self::Verbs),
             _ => None,
         }
     }
 
-    /// The libfabric provider name asked for in `fi_getinfo` hints.
+    /// The libfabric provider name asked for in `fi_getinfo` hints (for
+    /// verbs, which is not a libfabric provider here, its own name).
     pub(crate) fn fabric_name(self) -> &'static str {
         match self {
             Self::Efa => "efa",
             Self::Tcp => "tcp",
             Self::Shm => "shm",
+            Self::Verbs => "verbs",
         }
     }
 }
@@ -62,6 +69,7 @@ impl fmt::Display for Provider {
             Provider::Efa => "efa",
             Provider::Tcp => "tcp",
             Provider::Shm => "shm",
+            Provider::Verbs => "verbs",
         })
     }
 }
@@ -81,7 +89,8 @@ impl FromStr for Provider {
             "efa" => Ok(Self::Efa),
             "tcp" => Ok(Self::Tcp),
             "shm" => Ok(Self::Shm),
-            other => Err(Error::InvalidRequest(format!("unknown provider {other:?} (auto, efa, tcp, shm)"))),
+            "verbs" => Ok(Self::Verbs),
+            other => Err(Error::InvalidRequest(format!("unknown provider {other:?} (auto, efa, verbs, tcp, shm)"))),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Tier 2: every operation between two engines in one process, over
 //! libfabric tcp and shm on loopback, with 1, 2 and 4 NICs per group and with
-//! peers of different NIC counts. Destinations are checked byte for byte and
+//! peers of different NIC counts. Tier 3: the same suite on verbs when a
+//! verbs device is present (skipped, with the reason printed, when not). Destinations are checked byte for byte and
 //! immediates counted exactly.
 
 mod common;
@@ -9,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{engine, pattern, PROVIDERS, TIMEOUT};
+use common::{engine, pattern, providers, TIMEOUT};
 use strait::{Access, Error, MrDesc, PagedLayout, Provider, ScatterTarget};
 
 /// NIC counts of (writer, target) exercised for every provider.
@@ -22,7 +23,7 @@ fn over_the_wire(desc: &MrDesc) -> MrDesc {
 
 #[test]
 fn single_writes_with_and_without_immediate() {
-    for provider in PROVIDERS {
+    for provider in providers() {
         for (wn, tn) in NIC_PAIRS {
             let writer = engine(provider, wn);
             let target = engine(provider, tn);
@@ -60,7 +61,7 @@ fn single_writes_with_and_without_immediate() {
 
 #[test]
 fn immediate_only_writes_and_counts_are_exact() {
-    for provider in PROVIDERS {
+    for provider in providers() {
         for (wn, tn) in [(1, 1), (2, 4)] {
             let writer = engine(provider, wn);
             let target = engine(provider, tn);
@@ -92,7 +93,7 @@ fn immediate_only_writes_and_counts_are_exact() {
 #[test]
 fn paged_writes_land_page_by_page() {
     const PAGE: u64 = 4096;
-    for provider in PROVIDERS {
+    for provider in providers() {
         for (wn, tn) in NIC_PAIRS {
             let writer = engine(provider, wn);
             let target = engine(provider, tn);
@@ -147,7 +148,7 @@ fn paged_writes_land_page_by_page() {
 
 #[test]
 fn scatter_and_barrier_reach_every_peer() {
-    for provider in PROVIDERS {
+    for provider in providers() {
         let writer = engine(provider, 2);
         let peers: Vec<_> = [1, 2, 4].iter().map(|&n| engine(provider, n)).collect();
         let inboxes: Vec<_> = peers.iter().map(|p| p.alloc(1 << 20, Access::REMOTE_WRITE).unwrap()).collect();
@@ -185,7 +186,7 @@ fn scatter_and_barrier_reach_every_peer() {
 
 #[test]
 fn reads_fetch_remote_bytes() {
-    for provider in PROVIDERS {
+    for provider in providers() {
         for (rn, on) in NIC_PAIRS {
             let reader = engine(provider, rn);
             let owner = engine(provider, on);
@@ -205,7 +206,7 @@ fn reads_fetch_remote_bytes() {
 
 #[test]
 fn send_and_receive_messages() {
-    for provider in PROVIDERS {
+    for provider in providers() {
         for (sn, rn) in [(1, 1), (2, 4), (4, 1)] {
             let sender = engine(provider, sn);
             let receiver = engine(provider, rn);
@@ -245,7 +246,7 @@ fn receive_pool_is_reposted() {
 /// (callbacks counted), and the immediates add up exactly.
 #[test]
 fn every_request_gets_exactly_one_outcome() {
-    for provider in PROVIDERS {
+    for provider in providers() {
         let writer = engine(provider, 4);
         let target = engine(provider, 2);
         let inbox = target.alloc(8 << 20, Access::REMOTE_WRITE).unwrap();

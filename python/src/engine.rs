@@ -452,11 +452,12 @@ impl TransferEngine {
             "efa" => strait::Provider::Efa,
             "tcp" => strait::Provider::Tcp,
             "shm" => strait::Provider::Shm,
+            "verbs" => strait::Provider::Verbs,
             other => {
                 return Err(raise(
                     py,
                     "InvalidRequestError",
-                    format!("provider must be \"auto\", \"efa\", \"tcp\" or \"shm\", not {other:?}"),
+                    format!("provider must be \"auto\", \"efa\", \"verbs\", \"tcp\" or \"shm\", not {other:?}"),
                 ))
             }
         };

@@ -29,7 +29,7 @@ pub fn to_py(py: Python<'_>, error: strait::Error) -> PyErr {
     use strait::Error as E;
     let name = match &error {
         E::BackendUnavailable { .. } => "BackendUnavailableError",
-        E::Fabric { .. } | E::Transport { .. } => "TransportError",
+        E::Fabric { .. } | E::Verbs { .. } | E::Transport { .. } => "TransportError",
         E::PeerUnreachable(_) => "PeerUnreachableError",
         E::RemoteAccess(_) => "RemoteAccessError",
         E::Timeout(_) => "TimeoutError",

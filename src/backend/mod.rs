@@ -32,6 +32,7 @@ pub(crate) mod fabric;
 pub(crate) mod fault;
 #[cfg(any(test, feature = "test-backend"))]
 pub(crate) mod null;
+pub(crate) mod verbs;
 
 use std::ffi::c_void;
 use std::os::fd::RawFd;
@@ -129,6 +130,10 @@ pub(crate) trait Nic: Send {
     /// # Safety
     /// As for [`post`](Self::post).
     unsafe fn post_recv(&mut self, buf: *mut u8, len: usize, desc: *mut c_void, token: u64) -> Result<Posted>;
+    /// Submits work that [`post`](Self::post) staged (backends may chain
+    /// several posts into one doorbell). The engine calls it after each
+    /// round of posts; `poll` and `ready_to_sleep` flush too.
+    fn flush(&mut self) {}
     /// Reads available completions into `events`; returns how many.
     fn poll(&mut self, events: &mut Vec<Event>) -> usize;
     /// A file descriptor that becomes readable when `poll` has work, if the

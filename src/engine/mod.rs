@@ -29,6 +29,7 @@ use self::memory::MrInner;
 use self::worker::{Command, MessageCallback, MessageSink, RecvConfig, RequestOp, Submission, Worker, WorkerConfig};
 use crate::address::EngineAddress;
 use crate::backend::fabric::{self, FabricOptions, InfoRequest};
+use crate::backend::verbs::{self, VerbsConfig, VerbsOptions};
 use crate::backend::Nic;
 use crate::descriptor::{check_range, Access, MrDesc};
 use crate::error::{Error, Result};
@@ -61,6 +62,7 @@ pub struct EngineBuilder {
     shard: ShardConfig,
     recv: RecvConfig,
     request_timeout: Option<Duration>,
+    verbs: VerbsConfig,
     messages: Option<MessageCallback>,
     unclaimed_imm: Option<UnclaimedImm>,
     imm_queue: Option<Arc<Mailbox<u32>>>,
@@ -89,6 +91,7 @@ impl Default for EngineBuilder {
             shard: ShardConfig::default(),
             recv: RecvConfig { count: 64, size: 64 << 10 },
             request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
+            verbs: VerbsConfig::default(),
             messages: None,
             unclaimed_imm: None,
             imm_queue: None,
@@ -97,7 +100,8 @@ impl Default for EngineBuilder {
 }
 
 impl EngineBuilder {
-    /// Which provider to use (default [`Provider::Auto`]: efa, then tcp).
+    /// Which provider to use (default [`Provider::Auto`]: efa, then verbs,
+    /// then tcp).
     pub fn provider(mut self, provider: Provider) -> Self {
         self.provider = provider;
         self
@@ -120,6 +124,14 @@ impl EngineBuilder {
     /// Pins the worker thread to this CPU.
     pub fn pin_worker(mut self, cpu: usize) -> Self {
         self.cpu = Some(cpu);
+        self
+    }
+
+    /// Settings of the ConnectX (verbs) backend: devices, port, GID index,
+    /// MTU, timeouts and retries. Used when the engine runs on
+    /// [`Provider::Verbs`] (or `Auto` picks it).
+    pub fn verbs(mut self, config: VerbsConfig) -> Self {
+        self.verbs = config;
         self
     }
 
@@ -199,16 +211,58 @@ impl EngineBuilder {
     }
 
     /// Opens the NICs and starts the worker.
+    ///
+    /// `Auto` tries libfabric `efa`, then verbs, then libfabric `tcp`, and
+    /// takes the first that opens; when none does, the error lists why each
+    /// was unavailable.
     pub fn build(self) -> Result<TransferEngine> {
         self.check_nics()?;
-        let options = FabricOptions {
-            provider: self.provider,
+        match self.provider {
+            Provider::Verbs => {
+                let nics = verbs::open_group(&self.verbs_options(), self.nics)?;
+                self.start(ProviderKind::Verbs, nics)
+            }
+            Provider::Auto => {
+                let mut reasons = Vec::new();
+                match fabric::open_group(&self.fabric_options(Provider::Efa), self.nics) {
+                    Ok((kind, nics)) => return self.start(kind, nics),
+                    Err(e) => reasons.push(e.to_string()),
+                }
+                match verbs::open_group(&self.verbs_options(), self.nics) {
+                    Ok(nics) => return self.start(ProviderKind::Verbs, nics),
+                    Err(e @ Error::BackendUnavailable { .. }) => reasons.push(e.to_string()),
+                    Err(e) => return Err(e),
+                }
+                match fabric::open_group(&self.fabric_options(Provider::Tcp), self.nics) {
+                    Ok((kind, nics)) => self.start(kind, nics),
+                    Err(e) => {
+                        reasons.push(e.to_string());
+                        Err(Error::BackendUnavailable { backend: "auto", reason: reasons.join("; ") })
+                    }
+                }
+            }
+            provider => {
+                let (kind, nics) = fabric::open_group(&self.fabric_options(provider), self.nics)?;
+                self.start(kind, nics)
+            }
+        }
+    }
+
+    fn fabric_options(&self, provider: Provider) -> FabricOptions {
+        FabricOptions {
+            provider,
             info: InfoRequest { domain: self.interface.clone(), hmem: false },
             wait_fd: matches!(self.poll_mode, PollMode::Adaptive { .. }),
             rx_slots: self.recv.count,
-        };
-        let (kind, nics) = fabric::open_group(&options, self.nics)?;
-        self.start(kind, nics)
+        }
+    }
+
+    fn verbs_options(&self) -> VerbsOptions {
+        VerbsOptions {
+            config: self.verbs.clone(),
+            wait_fd: matches!(self.poll_mode, PollMode::Adaptive { .. }),
+            rx_slots: self.recv.count,
+        }
     }
 
     /// Starts an engine on the null test backend: its NICs complete every
@@ -518,7 +572,7 @@ impl TransferEngine {
     fn check_peer(&self, peer: &EngineAddress) -> Result<()> {
         if peer.provider() != self.shared.kind {
             return Err(Error::InvalidRequest(format!(
-                "peer runs on {} but this engine on {}",
+                "peer runs on {} but this engine on {} (strait does not mix transports: both engines must use the same provider)",
                 peer.provider(),
                 self.shared.kind
             )));

@@ -529,6 +529,11 @@ impl<N: Nic> Worker<N> {
                 }
             }
         }
+        if moved {
+            for nic in &mut self.nics {
+                nic.flush();
+            }
+        }
         moved
     }
 

@@ -331,17 +331,28 @@ fn info() {
         Ok(path) => println!("libfabric: {path}"),
         Err(e) => println!("libfabric: unavailable: {e}"),
     }
+    match strait::probe::libibverbs_library() {
+        Ok(path) => println!("libibverbs: {path}"),
+        Err(e) => println!("libibverbs: unavailable: {e}"),
+    }
     for r in strait::probe::probe() {
+        let name = r.kind.to_string();
         match r.domains {
-            Ok(domains) if domains.is_empty() => println!("  {:<4} unavailable: no domains", r.kind.to_string()),
+            Ok(domains) if domains.is_empty() => println!("  {name:<5} unavailable: no domains"),
+            Ok(domains) if r.kind == strait::ProviderKind::Verbs => {
+                // One line per device: its port, or why it is unusable.
+                println!("  {name:<5} available:");
+                for (_, device) in domains {
+                    println!("        {device}");
+                }
+            }
             Ok(domains) => {
                 let list: Vec<String> = domains.iter().map(|(p, d)| format!("{d} ({p})")).collect();
-                println!("  {:<4} available: {}", r.kind.to_string(), list.join(", "));
+                println!("  {name:<5} available: {}", list.join(", "));
             }
-            Err(e) => println!("  {:<4} unavailable: {e}", r.kind.to_string()),
+            Err(e) => println!("  {name:<5} unavailable: {e}"),
         }
     }
-    println!("verbs (ConnectX): unavailable: this build has no verbs backend");
     let gpus: Vec<String> = std::fs::read_dir("/proc/driver/nvidia/gpus")
         .map(|dir| {
             dir.filter_map(|e| e.ok())

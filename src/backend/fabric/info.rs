@@ -158,6 +158,8 @@ pub(crate) fn select(provider: Provider, request: &InfoRequest) -> Result<(Provi
         Provider::Efa => &[ProviderKind::Efa],
         Provider::Tcp => &[ProviderKind::Tcp],
         Provider::Shm => &[ProviderKind::Shm],
+        // Not a libfabric provider here: the engine opens it itself.
+        Provider::Verbs => &[],
     };
     let mut reasons = Vec::new();
     for &kind in candidates {
