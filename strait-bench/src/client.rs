@@ -149,7 +149,13 @@ impl Client {
         let engine = options.build()?;
         let region_len = plan.region_len();
         let region = engine.alloc(region_len, Access::REMOTE_READ_WRITE).map_err(err)?;
-        let mut raw = if plan.raw {
+        // The raw baseline is plain libfabric: it has no verbs path, and on
+        // a verbs engine it would measure another transport.
+        let raw_possible = engine.provider() != strait::ProviderKind::Verbs;
+        if plan.raw && !raw_possible {
+            eprintln!("raw baseline skipped: plain libfabric has no verbs path (compare with perftest's ib_write_bw)");
+        }
+        let mut raw = if plan.raw && raw_possible {
             Some(RawEnd::open(options.provider, options.interface.as_deref(), options.nics, region_len)?)
         } else {
             None

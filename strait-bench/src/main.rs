@@ -89,7 +89,7 @@ enum Poll {
 
 #[derive(Args, Debug, Clone)]
 struct EngineArgs {
-    /// Provider: auto (efa, else tcp), efa, tcp, shm.
+    /// Provider: auto (efa, else verbs, else tcp), efa, verbs, tcp, shm.
     #[arg(long, default_value = "auto")]
     provider: Provider,
     /// NICs (endpoints) of this end's engine.

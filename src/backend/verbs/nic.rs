@@ -101,6 +101,9 @@ struct Peer {
     remote_seen: u32,
     state: Conn,
     ring: SendRing,
+    /// Work requests retired as flushed whose flush completions the device
+    /// has still to deliver (they count against the CQ's room until then).
+    flush_pending: usize,
 }
 
 /// The UD queue pair and its buffers.
@@ -146,6 +149,8 @@ pub(crate) struct VerbsNic {
     /// Completions polled by `ready_to_sleep`, handled by the next `poll`.
     stashed: usize,
     outstanding: usize,
+    /// Sum of the peers' `flush_pending`.
+    flush_pending: usize,
     connecting: usize,
     /// A connection became ready: requests waiting on it can go now.
     woke: bool,
@@ -235,6 +240,7 @@ impl VerbsNic {
             wcs: Box::new(unsafe { std::mem::zeroed() }),
             stashed: 0,
             outstanding: 0,
+            flush_pending: 0,
             connecting: 0,
             woke: false,
             ctx,
@@ -460,6 +466,7 @@ impl VerbsNic {
             remote_seen: 0,
             state: Conn::Idle,
             ring: SendRing::new(self.caps.send_depth as usize),
+            flush_pending: 0,
         });
         self.by_addr.insert(addr, self.peers.len() - 1);
         self.peers.len() - 1
@@ -474,6 +481,8 @@ impl VerbsNic {
         let old = std::mem::replace(&mut self.peers[peer].qp, ptr::null_mut());
         if !old.is_null() {
             self.fail_outstanding(peer, why);
+            // Destroying the queue pair removes its completions from the CQ.
+            self.flush_pending -= std::mem::take(&mut self.peers[peer].flush_pending);
             self.destroy_qp(old);
         }
         let (qp, inline) = self.create_qp(sys::ibv_qp_type_IBV_QPT_RC, self.caps.send_depth, self.config.max_inline)?;
@@ -686,11 +695,21 @@ impl VerbsNic {
     fn on_send_completion(&mut self, wc: &sys::ibv_wc, events: &mut Vec<Event>) {
         let peer = ((wc.wr_id >> 40) & 0xf_ffff) as usize;
         let generation = ((wc.wr_id >> 32) & 0xff) as u32;
-        let Some(p) = self.peers.get(peer) else { return };
+        let Some(p) = self.peers.get_mut(peer) else { return };
         if p.qp.is_null() || p.generation & 0xff != generation {
-            return; // from a queue pair already replaced (its work failed then)
+            return; // from a queue pair already destroyed (its work failed then)
         }
-        let Some(seq) = p.ring.resolve(wc.wr_id as u32) else { return };
+        let Some(seq) = p.ring.resolve(wc.wr_id as u32) else {
+            // A flush completion of a work request already failed.
+            if p.flush_pending > 0 {
+                p.flush_pending -= 1;
+                self.flush_pending -= 1;
+            }
+            return;
+        };
+        if wc.status != sys::ibv_wc_status_IBV_WC_SUCCESS && self.chain.peer == peer {
+            self.flush(); // every ring entry is then on the device
+        }
         let mut retired = 0;
         if wc.status == sys::ibv_wc_status_IBV_WC_SUCCESS {
             self.peers[peer].ring.complete_through(seq, |e| {
@@ -701,6 +720,7 @@ impl VerbsNic {
             let kind = self.peers[peer].ring.kind_at(seq);
             let error = self.completion_error(wc, op_name(kind));
             tracing::debug!(%error, peer = ?self.peers[peer].addr, "work request failed; the connection will be rebuilt");
+            let mut flushed_count = 0;
             let flushed = Error::Transport {
                 op: op_name(kind),
                 code: sys::ibv_wc_status_IBV_WC_WR_FLUSH_ERR as i32,
@@ -712,9 +732,14 @@ impl VerbsNic {
                 events.push(match how {
                     Retired::Done => Event::Done { token: e.token },
                     Retired::Failed => Event::Failed { token: e.token, error: error.clone() },
-                    Retired::Flushed => Event::Failed { token: e.token, error: flushed.clone() },
+                    Retired::Flushed => {
+                        flushed_count += 1;
+                        Event::Failed { token: e.token, error: flushed.clone() }
+                    }
                 });
             });
+            self.peers[peer].flush_pending += flushed_count;
+            self.flush_pending += flushed_count;
             self.set_state(peer, Conn::Broken);
         }
         self.outstanding -= retired;
@@ -860,7 +885,7 @@ impl Nic for VerbsNic {
                 op.len, self.caps.max_msg
             )));
         }
-        if self.peers[peer].ring.free() == 0 || self.outstanding >= self.caps.cq_budget {
+        if self.peers[peer].ring.free() == 0 || self.outstanding + self.flush_pending >= self.caps.cq_budget {
             self.flush();
             return Ok(Posted::Busy);
         }

@@ -185,7 +185,7 @@ mod tests {
         let [init, rtr, rts] = ud_steps(1, 5);
         assert_eq!(init.mask, 1 | 16 | 32 | 64, "STATE | PKEY_INDEX | PORT | QKEY");
         assert_eq!(init.attr.qkey, HANDSHAKE_QKEY);
-        assert!(HANDSHAKE_QKEY & 0x8000_0000 == 0);
+        const { assert!(HANDSHAKE_QKEY & 0x8000_0000 == 0, "not a privileged Q_Key") };
         assert_eq!(rtr.mask, 1);
         assert_eq!(rts.mask, 1 | 65536);
         assert_eq!(rts.attr.sq_psn, 5);
