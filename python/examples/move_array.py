@@ -38,7 +38,7 @@ def receiver(conn, provider: str, nbytes: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--provider", default="tcp", choices=["tcp", "shm", "efa", "auto"])
+    parser.add_argument("--provider", default="tcp", choices=["tcp", "shm", "efa", "verbs", "auto"])
     parser.add_argument("--mib", type=int, default=64)
     args = parser.parse_args()
     nbytes = args.mib << 20

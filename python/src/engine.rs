@@ -74,7 +74,7 @@ impl Descriptor {
         PyBytes::new(py, &self.inner.owner().to_bytes())
     }
 
-    /// The owner's provider: `"efa"`, `"tcp"` or `"shm"`.
+    /// The owner's provider: `"efa"`, `"verbs"`, `"tcp"` or `"shm"`.
     #[getter]
     fn provider(&self) -> String {
         self.inner.provider().to_string()
@@ -341,7 +341,7 @@ impl ScatterTarget {
 /// A group of NICs and the worker thread that drives them: the entry point
 /// of strait.
 ///
-/// ``provider`` is ``"auto"`` (EFA if present, else tcp), ``"efa"``,
+/// ``provider`` is ``"auto"`` (EFA if present, else ConnectX verbs, else tcp), ``"efa"``, ``"verbs"``,
 /// ``"tcp"`` or ``"shm"``; ``nics`` how many NICs to drive as one group;
 /// ``interface`` restricts tcp to one network interface (``"lo"`` for
 /// loopback). ``poll="adaptive"`` (the default) spins ``spin_us``
@@ -526,7 +526,7 @@ impl TransferEngine {
         hex(self.address.as_bytes(py))
     }
 
-    /// The provider in use: `"efa"`, `"tcp"` or `"shm"`.
+    /// The provider in use: `"efa"`, `"verbs"`, `"tcp"` or `"shm"`.
     #[getter]
     fn provider(&self, py: Python<'_>) -> PyResult<String> {
         Ok(self.engine(py)?.provider().to_string())

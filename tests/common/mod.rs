@@ -21,7 +21,10 @@ pub fn providers() -> Vec<Provider> {
     let mut list = PROVIDERS.to_vec();
     match verbs_available() {
         Ok(()) => list.push(Provider::Verbs),
-        Err(reason) => skipped("verbs", &reason),
+        Err(reason) => {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| skipped("verbs runs of the operation suite", &reason));
+        }
     }
     list
 }

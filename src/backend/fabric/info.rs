@@ -150,7 +150,7 @@ pub(crate) fn query(kind: ProviderKind, request: &InfoRequest) -> Result<InfoLis
     Ok(list)
 }
 
-/// Resolves `Auto` (efa, then tcp) or an explicit choice to a provider and
+/// Resolves `Auto` (libfabric's part of it: efa, then tcp) or an explicit choice to a provider and
 /// its entries. Each unavailable candidate's reason is kept for the error.
 pub(crate) fn select(provider: Provider, request: &InfoRequest) -> Result<(ProviderKind, InfoList)> {
     let candidates: &[ProviderKind] = match provider {
