@@ -15,6 +15,7 @@
 //! refused when a request names it.
 
 mod config;
+mod conn;
 mod device;
 mod gid;
 mod nic;

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use verbs_sys as sys;
 
 use super::config::{mtu_code, VerbsConfig};
+use super::conn::{End, Link, Phase};
 use super::device::{errno, unavailable, verbs_error, Context};
 use super::gid::select_gid;
 use super::qp::{self, Transition};
@@ -67,39 +68,12 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// this long before a new handshake is tried.
 const FAILED_HOLD: Duration = Duration::from_secs(1);
 
-#[derive(Debug)]
-enum Conn {
-    /// No queue pair yet, or the last attempt was given up.
-    Idle,
-    /// Our queue pair is in INIT and a request is out.
-    Connecting { started: Instant, last_sent: Instant, retry_after: Duration },
-    /// RTS: work requests flow.
-    Ready,
-    /// The queue pair went to error; rebuilt on next use.
-    Broken,
-    /// The handshake timed out: requests fail until `until`.
-    Failed { until: Instant },
-}
-
-/// The remote end of one connection, as its handshake described it.
-#[derive(Clone, Copy, Debug)]
-struct Remote {
-    qpn: u32,
-    psn: u32,
-    generation: u32,
-}
-
 struct Peer {
     addr: NicAddr,
     ah: *mut sys::ibv_ah,
     qp: *mut sys::ibv_qp,
-    qpn: u32,
-    psn: u32,
-    generation: u32,
-    remote: Option<Remote>,
-    /// Highest generation seen from this peer.
-    remote_seen: u32,
-    state: Conn,
+    /// The handshake state (see `conn.rs`); `link.local` describes `qp`.
+    link: Link,
     ring: SendRing,
     /// Work requests retired as flushed whose flush completions the device
     /// has still to deliver (they count against the CQ's room until then).
@@ -399,7 +373,7 @@ impl VerbsNic {
 
     /// Sends one handshake datagram to `peer`. A lost or unsendable one is
     /// covered by the initiator's retries.
-    fn send_handshake(&mut self, peer: usize, kind: HandshakeKind, echo: Option<Remote>) {
+    fn send_handshake(&mut self, peer: usize, kind: HandshakeKind, echo: Option<End>) {
         let Some(slot) = self.ud.send_free.pop() else {
             tracing::debug!("handshake send slots exhausted; the retry will resend");
             return;
@@ -417,13 +391,14 @@ impl VerbsNic {
             self.peers[peer].ah = ah;
         }
         let p = &self.peers[peer];
+        let Some(local) = p.link.local else { return self.ud.send_free.push(slot) };
         let message = Handshake {
             kind,
             from: self.local,
             to_nonce: p.addr.nonce,
-            qpn: p.qpn,
-            psn: p.psn,
-            generation: p.generation,
+            qpn: local.qpn,
+            psn: local.psn,
+            generation: local.generation,
             echo_generation: echo.map_or(0, |r| r.generation),
             echo_qpn: echo.map_or(0, |r| r.qpn),
         }
@@ -459,12 +434,7 @@ impl VerbsNic {
             addr,
             ah: ptr::null_mut(),
             qp: ptr::null_mut(),
-            qpn: 0,
-            psn: 0,
-            generation: 0,
-            remote: None,
-            remote_seen: 0,
-            state: Conn::Idle,
+            link: Link::new(),
             ring: SendRing::new(self.caps.send_depth as usize),
             flush_pending: 0,
         });
@@ -495,10 +465,8 @@ impl VerbsNic {
         let p = &mut self.peers[peer];
         p.qp = qp;
         // SAFETY: qp is live.
-        p.qpn = unsafe { (*qp).qp_num };
-        p.psn = random_u32() & 0xff_ffff;
-        p.generation = self.next_generation;
-        p.remote = None;
+        let qpn = unsafe { (*qp).qp_num };
+        p.link.replaced(End { qpn, psn: random_u32() & 0xff_ffff, generation: self.next_generation });
         Ok(())
     }
 
@@ -517,32 +485,32 @@ impl VerbsNic {
     fn connect(&mut self, peer: usize) -> Result<()> {
         self.fresh_qp(peer, "the connection was re-established; operations on the old one were lost")?;
         let now = Instant::now();
-        self.set_state(peer, Conn::Connecting { started: now, last_sent: now, retry_after: RETRY_FIRST });
-        tracing::debug!(peer = ?self.peers[peer].addr, qpn = self.peers[peer].qpn, "connecting");
+        self.set_phase(peer, Phase::Connecting { started: now, last_sent: now, retry_after: RETRY_FIRST });
+        tracing::debug!(peer = ?self.peers[peer].addr, local = ?self.peers[peer].link.local, "connecting");
         self.send_handshake(peer, HandshakeKind::Request, None);
         Ok(())
     }
 
-    fn set_state(&mut self, peer: usize, state: Conn) {
-        let was = matches!(self.peers[peer].state, Conn::Connecting { .. });
-        let is = matches!(state, Conn::Connecting { .. });
+    fn set_phase(&mut self, peer: usize, phase: Phase) {
+        let was = self.peers[peer].link.is_connecting();
+        self.peers[peer].link.phase = phase;
+        let is = self.peers[peer].link.is_connecting();
         self.connecting = self.connecting + usize::from(is) - usize::from(was);
-        self.peers[peer].state = state;
     }
 
     /// Moves our queue pair for `peer` to RTS against `remote`.
-    fn establish(&mut self, peer: usize, remote: Remote) -> Result<()> {
+    fn establish(&mut self, peer: usize, remote: End) -> Result<()> {
         let p = &self.peers[peer];
+        let Some(local) = p.link.local else { return Err(Error::InvalidRequest("no queue pair to connect".into())) };
         let mtu = qp::path_mtu(self.local.mtu, p.addr.mtu, self.mtu_bound);
         let path = qp::path_to(&p.addr, self.local.port, self.local.gid_index, self.local.roce, &self.config);
-        let (qp_ptr, psn) = (p.qp, p.psn);
+        let qp_ptr = p.qp;
         let rtr = qp::rc_rtr(path, mtu, remote.qpn, remote.psn, self.caps.rd_atomic, &self.config);
         self.modify(qp_ptr, rtr, "ibv_modify_qp(RTR)")?;
-        self.modify(qp_ptr, qp::rc_rts(psn, self.caps.rd_atomic, &self.config), "ibv_modify_qp(RTS)")?;
-        let p = &mut self.peers[peer];
-        p.remote = Some(remote);
-        p.remote_seen = remote.generation;
-        self.set_state(peer, Conn::Ready);
+        self.modify(qp_ptr, qp::rc_rts(local.psn, self.caps.rd_atomic, &self.config), "ibv_modify_qp(RTS)")?;
+        let was = self.peers[peer].link.is_connecting();
+        self.peers[peer].link.connected(remote);
+        self.connecting -= usize::from(was);
         self.woke = true;
         tracing::debug!(peer = ?self.peers[peer].addr, remote_qpn = remote.qpn, mtu, "connected");
         Ok(())
@@ -552,54 +520,39 @@ impl VerbsNic {
         if m.to_nonce != self.local.nonce {
             return; // for an earlier incarnation of this NIC
         }
-        let remote = Remote { qpn: m.qpn, psn: m.psn, generation: m.generation };
+        let remote = End { qpn: m.qpn, psn: m.psn, generation: m.generation };
         let result = match m.kind {
             HandshakeKind::Request => {
                 let peer = self.peer_for(m.from);
                 self.on_request(peer, remote)
             }
             HandshakeKind::Reply => match self.by_addr.get(&m.from) {
-                Some(&peer) => self.on_reply(peer, remote, m.echo_generation, m.echo_qpn),
-                None => Ok(()),
+                Some(&peer) if self.peers[peer].link.on_reply(remote, m.echo_generation, m.echo_qpn) => {
+                    self.establish(peer, remote)
+                }
+                _ => Ok(()), // stale, or already connected by the peer's request
             },
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, peer = ?m.from, "connection setup failed");
             if let Some(&peer) = self.by_addr.get(&m.from) {
-                self.set_state(peer, Conn::Broken);
+                self.set_phase(peer, Phase::Broken);
             }
         }
     }
 
-    fn on_request(&mut self, peer: usize, remote: Remote) -> Result<()> {
-        let p = &self.peers[peer];
-        if remote.generation <= p.remote_seen {
-            // A duplicate of the request we answered (our reply was lost):
-            // answer again. Anything older is stale.
-            let current = p.remote.is_some_and(|r| r.generation == remote.generation && r.qpn == remote.qpn);
-            if current && matches!(p.state, Conn::Ready) {
-                self.send_handshake(peer, HandshakeKind::Reply, Some(remote));
-            }
-            return Ok(());
-        }
-        // A newer queue pair from the peer. Ours can be connected to it if
-        // it is fresh (not yet connected); otherwise it is replaced.
-        let fresh = !p.qp.is_null() && p.remote.is_none() && !matches!(p.state, Conn::Broken);
-        if !fresh {
+    fn on_request(&mut self, peer: usize, remote: End) -> Result<()> {
+        let decision = self.peers[peer].link.on_request(remote);
+        if decision.replace {
             self.fresh_qp(peer, "the peer re-established the connection; operations on the old one were lost")?;
         }
-        self.establish(peer, remote)?;
-        self.send_handshake(peer, HandshakeKind::Reply, Some(remote));
-        Ok(())
-    }
-
-    fn on_reply(&mut self, peer: usize, remote: Remote, echo_generation: u32, echo_qpn: u32) -> Result<()> {
-        let p = &self.peers[peer];
-        let ours = echo_generation == p.generation && echo_qpn == p.qpn && !p.qp.is_null();
-        if !ours || p.remote.is_some() || remote.generation <= p.remote_seen {
-            return Ok(()); // stale, or already connected by the peer's request
+        if decision.connect {
+            self.establish(peer, remote)?;
         }
-        self.establish(peer, remote)
+        if decision.reply {
+            self.send_handshake(peer, HandshakeKind::Reply, Some(remote));
+        }
+        Ok(())
     }
 
     /// Resends unanswered requests and gives up on the ones past the
@@ -607,13 +560,13 @@ impl VerbsNic {
     fn drive_handshakes(&mut self) {
         let now = Instant::now();
         for peer in 0..self.peers.len() {
-            let Conn::Connecting { started, last_sent, retry_after } = self.peers[peer].state else { continue };
+            let Phase::Connecting { started, last_sent, retry_after } = self.peers[peer].link.phase else { continue };
             if now.duration_since(started) >= self.config.connect_timeout {
                 tracing::warn!(peer = ?self.peers[peer].addr, "no answer to the connection handshake");
-                self.set_state(peer, Conn::Failed { until: now + FAILED_HOLD });
+                self.set_phase(peer, Phase::Failed { until: now + FAILED_HOLD });
             } else if now.duration_since(last_sent) >= retry_after {
                 let next = (retry_after * 2).min(RETRY_MAX);
-                self.peers[peer].state = Conn::Connecting { started, last_sent: now, retry_after: next };
+                self.peers[peer].link.phase = Phase::Connecting { started, last_sent: now, retry_after: next };
                 self.send_handshake(peer, HandshakeKind::Request, None);
             }
         }
@@ -696,7 +649,7 @@ impl VerbsNic {
         let peer = ((wc.wr_id >> 40) & 0xf_ffff) as usize;
         let generation = ((wc.wr_id >> 32) & 0xff) as u32;
         let Some(p) = self.peers.get_mut(peer) else { return };
-        if p.qp.is_null() || p.generation & 0xff != generation {
+        if p.qp.is_null() || p.link.local.is_none_or(|l| l.generation & 0xff != generation) {
             return; // from a queue pair already destroyed (its work failed then)
         }
         let Some(seq) = p.ring.resolve(wc.wr_id as u32) else {
@@ -740,7 +693,7 @@ impl VerbsNic {
             });
             self.peers[peer].flush_pending += flushed_count;
             self.flush_pending += flushed_count;
-            self.set_state(peer, Conn::Broken);
+            self.set_phase(peer, Phase::Broken);
         }
         self.outstanding -= retired;
     }
@@ -861,14 +814,14 @@ impl Nic for VerbsNic {
 
     unsafe fn post(&mut self, op: &Op) -> Result<Posted> {
         let peer = op.peer as usize;
-        match self.peers[peer].state {
-            Conn::Ready => {}
-            Conn::Connecting { .. } => return Ok(Posted::Busy),
-            Conn::Idle | Conn::Broken => {
+        match self.peers[peer].link.phase {
+            Phase::Ready => {}
+            Phase::Connecting { .. } => return Ok(Posted::Busy),
+            Phase::Idle | Phase::Broken => {
                 self.connect(peer)?;
                 return Ok(Posted::Busy);
             }
-            Conn::Failed { until } => {
+            Phase::Failed { until } => {
                 if Instant::now() < until {
                     return Err(Error::PeerUnreachable(format!(
                         "no answer to the connection handshake within {:?}",
@@ -897,7 +850,7 @@ impl Nic for VerbsNic {
         let wr_id = INTERNAL
             | KIND_RC_SEND << KIND_SHIFT
             | (peer as u64 & 0xf_ffff) << 40
-            | u64::from(p.generation & 0xff) << 32
+            | u64::from(p.link.local.map_or(0, |l| l.generation) & 0xff) << 32
             | (seq & 0xffff_ffff);
         let inline = op.len <= u64::from(self.caps.max_inline);
         self.chain.peer = peer;
