@@ -5,7 +5,9 @@
 //! **write-with-immediate**, one-sided reads, and two-sided send/receive. It
 //! runs over libfabric: AWS EFA (`efa`, SRD: reliable, unordered) in
 //! production, and `tcp` and `shm` on any Linux machine, which is how it is
-//! developed and tested. Several NICs per GPU are driven as one group.
+//! developed and tested; and over ibverbs RC queue pairs on NVIDIA ConnectX
+//! (InfiniBand and RoCE; [`Provider::Verbs`], tuned with [`VerbsConfig`]).
+//! Several NICs per GPU are driven as one group.
 //!
 //! ## Quick start
 //!
@@ -99,7 +101,9 @@
 //! Build with `.provider(Provider::Tcp).interface("lo")` to stay on loopback.
 //! If libfabric is missing the crate still builds, and
 //! [`EngineBuilder::build`] returns [`Error::BackendUnavailable`] saying what
-//! was searched and how to install it.
+//! was searched and how to install it. The same holds for libibverbs and for
+//! a machine without verbs devices: [`Provider::Verbs`] fails with the
+//! reason, and [`Provider::Auto`] moves on to tcp.
 //!
 //! ## Feature flags
 //!
