@@ -448,3 +448,31 @@ fn hostile_arguments_are_rejected_before_anything_is_posted() {
         assert!(dst.to_vec(0, 1 << 16).unwrap().iter().all(|&x| x == 0));
     }
 }
+
+/// The shm regions (in /dev/shm) of this pid's engines.
+fn shm_regions(pid: u32) -> Vec<String> {
+    let prefix = format!("strait-{pid}-");
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| n.starts_with(&prefix)).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A killed shm process cannot remove its regions; the next strait shm
+/// engine on the host does, and a process that gets a recycled pid is not
+/// blocked by them (names carry a random part besides the pid).
+#[test]
+fn killed_shm_process_leaves_nothing_behind_for_long() {
+    let _serial = serial();
+    let mut victim = Victim::spawn(Provider::Shm);
+    let pid = victim.child.id();
+    assert_eq!(shm_regions(pid).len(), 2, "the victim's two NICs each have a region");
+    victim.kill();
+    assert_eq!(shm_regions(pid).len(), 2, "SIGKILL leaves them");
+    let engine = common::engine(Provider::Shm, 1);
+    assert!(shm_regions(pid).is_empty(), "opening an shm engine removed the dead process's regions");
+    let mine = shm_regions(std::process::id());
+    assert!(!mine.is_empty(), "this process's engine has its region");
+    drop(engine);
+}

@@ -14,6 +14,7 @@
 
 mod handle;
 mod info;
+mod shm_name;
 
 use std::ffi::{c_int, c_void};
 use std::os::fd::RawFd;
@@ -223,7 +224,10 @@ impl FabricNic {
             let av = Owned::new(av_ptr, "address vector", domain.clone());
 
             let mut ep_ptr = ptr::null_mut();
-            check("fi_endpoint", fi::fi_endpoint(dom, info, &mut ep_ptr, ptr::null_mut()) as isize)?;
+            let named = shm_name::named_info(info)?;
+            let ep_info = named.as_ref().map_or(info, |n| n.0);
+            check("fi_endpoint", fi::fi_endpoint(dom, ep_info, &mut ep_ptr, ptr::null_mut()) as isize)?;
+            drop(named);
             let ep = Owned::new(ep_ptr, "endpoint", domain.clone());
             let transmit_recv = (sys::FI_TRANSMIT | sys::FI_RECV) as u64;
             check("fi_ep_bind(cq)", fi::fi_ep_bind(ep_ptr, cq.fid(), transmit_recv) as isize)?;

@@ -100,6 +100,12 @@ impl Link {
         self.remote = None;
     }
 
+    /// Our queue pair was destroyed and no new one made (yet).
+    pub(crate) fn forget_local(&mut self) {
+        self.local = None;
+        self.remote = None;
+    }
+
     /// Our queue pair is connected to `remote`.
     pub(crate) fn connected(&mut self, remote: End) {
         self.remote = Some(remote);

@@ -454,6 +454,7 @@ impl VerbsNic {
             // Destroying the queue pair removes its completions from the CQ.
             self.flush_pending -= std::mem::take(&mut self.peers[peer].flush_pending);
             self.destroy_qp(old);
+            self.peers[peer].link.forget_local();
         }
         let (qp, inline) = self.create_qp(sys::ibv_qp_type_IBV_QPT_RC, self.caps.send_depth, self.config.max_inline)?;
         self.caps.max_inline = inline;
@@ -501,7 +502,9 @@ impl VerbsNic {
     /// Moves our queue pair for `peer` to RTS against `remote`.
     fn establish(&mut self, peer: usize, remote: End) -> Result<()> {
         let p = &self.peers[peer];
-        let Some(local) = p.link.local else { return Err(Error::InvalidRequest("no queue pair to connect".into())) };
+        let Some(local) = p.link.local.filter(|_| !p.qp.is_null()) else {
+            return Err(Error::InvalidRequest("no queue pair to connect".into()));
+        };
         let mtu = qp::path_mtu(self.local.mtu, p.addr.mtu, self.mtu_bound);
         let path = qp::path_to(&p.addr, self.local.port, self.local.gid_index, self.local.roce, &self.config);
         let qp_ptr = p.qp;
