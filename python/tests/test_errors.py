@@ -140,6 +140,15 @@ def test_bad_arguments():
         strait.TransferEngine("tcp", interface="no-such-interface0")
 
 
+def test_verbs_without_a_device_is_backend_unavailable():
+    verbs = [r for r in strait.probe() if r[0] == "verbs"]
+    assert verbs, "probe() lists the verbs backend"
+    if verbs[0][1]:
+        pytest.skip(f"this machine has a verbs device: {verbs[0][2]}")
+    with pytest.raises(strait.BackendUnavailableError, match="verbs"):
+        strait.TransferEngine("verbs")
+
+
 def test_negative_timeout(pair):
     _, b = pair
     with pytest.raises(strait.InvalidRequestError):
