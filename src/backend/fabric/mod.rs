@@ -152,8 +152,16 @@ const CQ_BATCH: usize = 64;
 
 /// One libfabric endpoint with its CQ and AV, on its own domain.
 pub(crate) struct FabricNic {
-    // Declaration order is drop order: endpoint before the objects bound to
-    // it, everything before the domain (held by each), domain before fabric.
+    // Declaration order is drop order: endpoints before the objects bound to
+    // them, everything before the domain (held by each), domain before fabric.
+    /// shm only: one transmit endpoint per peer, indexed by the peer's AV
+    /// index. libfabric 1.17's shm completes an endpoint's operations in
+    /// order, so one peer that dies or stops with operations pending would
+    /// stall every later operation of a shared endpoint, to every peer;
+    /// with an endpoint per peer it stalls only its own. Receives and
+    /// peers' operations on us use `ep`, whose name is the NIC's address.
+    tx: Vec<Option<Owned<sys::fid_ep, Domain>>>,
+    tx_info: Option<shm_name::Named>,
     ep: Owned<sys::fid_ep, Domain>,
     av: Owned<sys::fid_av, Domain>,
     cq: Owned<sys::fid_cq, Domain>,
@@ -223,16 +231,16 @@ impl FabricNic {
             check("fi_av_open", fi::fi_av_open(dom, &mut av_attr, &mut av_ptr, ptr::null_mut()) as isize)?;
             let av = Owned::new(av_ptr, "address vector", domain.clone());
 
-            let mut ep_ptr = ptr::null_mut();
-            let named = shm_name::named_info(info)?;
-            let ep_info = named.as_ref().map_or(info, |n| n.0);
-            check("fi_endpoint", fi::fi_endpoint(dom, ep_info, &mut ep_ptr, ptr::null_mut()) as isize)?;
-            drop(named);
-            let ep = Owned::new(ep_ptr, "endpoint", domain.clone());
-            let transmit_recv = (sys::FI_TRANSMIT | sys::FI_RECV) as u64;
-            check("fi_ep_bind(cq)", fi::fi_ep_bind(ep_ptr, cq.fid(), transmit_recv) as isize)?;
-            check("fi_ep_bind(av)", fi::fi_ep_bind(ep_ptr, av.fid(), 0) as isize)?;
-            check("fi_enable", fi::fi_enable(ep_ptr) as isize)?;
+            let ep = open_endpoint(&domain, info, &cq, &av)?;
+            let ep_ptr = ep.as_ptr();
+            // shm: operations to each peer go through an endpoint of their
+            // own (see `tx`); keep the entry to open them with.
+            let tx_info = if info::provider_name(info) == "shm" {
+                let copy = (sys::Library::get().expect("loaded").fi_dupinfo)(info);
+                (!copy.is_null()).then_some(shm_name::Named(copy))
+            } else {
+                None
+            };
 
             let mut buf = [0u8; 256];
             let mut len = buf.len();
@@ -244,6 +252,8 @@ impl FabricNic {
                 });
             }
             Ok(FabricNic {
+                tx: Vec::new(),
+                tx_info,
                 ep,
                 av,
                 cq,
@@ -299,6 +309,34 @@ impl FabricNic {
                 std::ffi::CStr::from_ptr(s).to_string_lossy().into_owned()
             }
         }
+    }
+}
+
+/// Opens an endpoint on `domain` bound to `cq` (transmit and receive) and
+/// `av`, enabled. shm endpoints get a unique name (see `shm_name`).
+///
+/// # Safety
+/// `info` must be the live entry the domain was opened from.
+unsafe fn open_endpoint(
+    domain: &Domain,
+    info: *mut sys::fi_info,
+    cq: &Owned<sys::fid_cq, Domain>,
+    av: &Owned<sys::fid_av, Domain>,
+) -> Result<Owned<sys::fid_ep, Domain>> {
+    // SAFETY: the caller passes the domain's live entry; every object is
+    // live, and the endpoint is owned right after it is opened.
+    unsafe {
+        let named = shm_name::named_info(info)?;
+        let ep_info = named.as_ref().map_or(info, |n| n.0);
+        let mut ep_ptr = ptr::null_mut();
+        check("fi_endpoint", fi::fi_endpoint(domain.as_ptr(), ep_info, &mut ep_ptr, ptr::null_mut()) as isize)?;
+        drop(named);
+        let ep = Owned::new(ep_ptr, "endpoint", domain.clone());
+        let transmit_recv = (sys::FI_TRANSMIT | sys::FI_RECV) as u64;
+        check("fi_ep_bind(cq)", fi::fi_ep_bind(ep_ptr, cq.fid(), transmit_recv) as isize)?;
+        check("fi_ep_bind(av)", fi::fi_ep_bind(ep_ptr, av.fid(), 0) as isize)?;
+        check("fi_enable", fi::fi_enable(ep_ptr) as isize)?;
+        Ok(ep)
     }
 }
 
@@ -417,12 +455,27 @@ impl Nic for FabricNic {
                 fabric_error("fi_av_insert", code)
             )));
         }
+        if let Some(info) = &self.tx_info {
+            let index = fi_addr as usize;
+            if self.tx.len() <= index {
+                self.tx.resize_with(index + 1, || None);
+            }
+            if self.tx[index].is_none() {
+                // SAFETY: the copy is of the entry the domain was opened from.
+                let ep = unsafe { open_endpoint(&self.domain, info.0, &self.cq, &self.av) }?;
+                self.tx[index] = Some(ep);
+            }
+        }
         Ok(fi_addr)
     }
 
     unsafe fn post(&mut self, op: &Op) -> Result<Posted> {
         let Some(context) = self.slots.take(op.token, false) else {
             return Ok(Posted::Busy);
+        };
+        let ep = match self.tx.get(op.peer as usize) {
+            Some(Some(tx)) => tx.as_ptr(),
+            _ => self.ep.as_ptr(),
         };
         let iov = sys::iovec { iov_base: op.local.cast(), iov_len: op.len as usize };
         let mut desc = op.local_desc;
@@ -453,16 +506,16 @@ impl Nic for FabricNic {
                 if op.kind == OpKind::Write {
                     // SAFETY: endpoint live; msg and what it points to live
                     // for the call; buffers valid until completion (caller).
-                    unsafe { fi::fi_writemsg(self.ep.as_ptr(), &msg, flags) }
+                    unsafe { fi::fi_writemsg(ep, &msg, flags) }
                 } else {
                     // SAFETY: as above.
-                    unsafe { fi::fi_readmsg(self.ep.as_ptr(), &msg, sys::FI_COMPLETION as u64) }
+                    unsafe { fi::fi_readmsg(ep, &msg, sys::FI_COMPLETION as u64) }
                 }
             }
             OpKind::Send => {
                 let msg = sys::fi_msg { msg_iov: &iov, desc: &mut desc, iov_count, addr: op.peer, context, data: 0 };
                 // SAFETY: as above.
-                unsafe { fi::fi_sendmsg(self.ep.as_ptr(), &msg, sys::FI_COMPLETION as u64) }
+                unsafe { fi::fi_sendmsg(ep, &msg, sys::FI_COMPLETION as u64) }
             }
         };
         if rc == 0 {
