@@ -40,6 +40,19 @@ use std::os::fd::RawFd;
 use crate::descriptor::Access;
 use crate::error::Result;
 
+/// 32 random bits from the kernel, for names and sequence numbers that must
+/// differ between incarnations of a process (not for secrets). Without an
+/// entropy source, the clock and the pid.
+pub(crate) fn random_u32() -> u32 {
+    let mut v = 0u32;
+    // SAFETY: writes at most 4 bytes into v.
+    if unsafe { libc::getrandom(std::ptr::from_mut(&mut v).cast(), 4, 0) } != 4 {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        v = t.subsec_nanos() ^ std::process::id().rotate_left(16);
+    }
+    v
+}
+
 /// A NIC's handle for one registered range.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct NicRegion {

@@ -10,7 +10,6 @@
 //! processes that no longer exist, which also returns their memory.
 
 use std::ffi::CString;
-use std::ptr;
 
 use fabric_sys as sys;
 
@@ -43,7 +42,8 @@ pub(super) unsafe fn named_info(info: *mut sys::fi_info) -> Result<Option<Named>
     remove_stale();
     let lib =
         sys::Library::get().map_err(|e| Error::BackendUnavailable { backend: "libfabric", reason: e.to_string() })?;
-    let name = CString::new(format!("fi_shm://{PREFIX}{}-{:08x}", std::process::id(), nonce())).expect("no NUL");
+    let name = CString::new(format!("fi_shm://{PREFIX}{}-{:08x}", std::process::id(), crate::backend::random_u32()))
+        .expect("no NUL");
     // SAFETY: info is live; the copy is ours until Named drops it. Its
     // src_addr is replaced by a malloc'ed string, which fi_freeinfo frees.
     unsafe {
@@ -57,15 +57,6 @@ pub(super) unsafe fn named_info(info: *mut sys::fi_info) -> Result<Option<Named>
         (*copy).addr_format = sys::FI_ADDR_STR;
         Ok(Some(Named(copy)))
     }
-}
-
-fn nonce() -> u32 {
-    let mut v = 0u32;
-    // SAFETY: writes at most 4 bytes into v.
-    if unsafe { libc::getrandom(ptr::from_mut(&mut v).cast(), 4, 0) } != 4 {
-        v = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-    }
-    v
 }
 
 /// The pid in a region name `strait-<pid>-<random>:<uid>:<index>`.

@@ -23,6 +23,8 @@ mod qp;
 mod sendq;
 mod wire;
 
+use verbs_sys as sys;
+
 pub use self::config::VerbsConfig;
 pub(crate) use self::device::probe;
 pub(crate) use self::nic::VerbsNic;
@@ -83,5 +85,3 @@ pub(crate) fn open_group(options: &VerbsOptions, count: usize) -> Result<Vec<Ver
             .collect()
     })
 }
-
-use verbs_sys as sys;

@@ -43,7 +43,7 @@ use super::qp::{self, Transition};
 use super::sendq::{self, Chain, Entry, Retired, SendRing, WrSpec};
 use super::wire::{Handshake, HandshakeKind, NicAddr, HANDSHAKE_LEN};
 use super::VerbsOptions;
-use crate::backend::{Event, Nic, NicRegion, Op, OpKind, Posted};
+use crate::backend::{random_u32, Event, Nic, NicRegion, Op, OpKind, Posted};
 use crate::descriptor::Access;
 use crate::error::{Error, Result};
 
@@ -140,20 +140,6 @@ impl std::fmt::Debug for VerbsNic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VerbsNic").field("device", &self.ctx.name).field("local", &self.local).finish_non_exhaustive()
     }
-}
-
-/// 24 random bits (a PSN), or 32 for nonces.
-fn random_u32() -> u32 {
-    let mut v = 0u32;
-    // SAFETY: writes at most 4 bytes into v.
-    let n = unsafe { libc::getrandom(ptr::from_mut(&mut v).cast(), 4, 0) };
-    if n != 4 {
-        // No entropy source: mix the clock and the pid, enough to tell
-        // incarnations apart.
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        v = t.subsec_nanos() ^ std::process::id().rotate_left(16);
-    }
-    v
 }
 
 impl VerbsNic {
