@@ -468,3 +468,31 @@ fn killed_shm_process_leaves_nothing_behind_for_long() {
     assert!(!mine.is_empty(), "this process's engine has its region");
     drop(engine);
 }
+
+/// Two shm engines in one process: writing to one that was shut down must
+/// fail in bounded time, not crash (libfabric 1.17's shm shares in-process
+/// peers' regions; the backend keeps a closed NIC open while a partner in
+/// this process is open), and once both are gone so are their regions.
+#[test]
+fn writing_to_a_shut_down_shm_engine_of_this_process_fails_cleanly() {
+    let _serial = serial();
+    let before = shm_regions(std::process::id()).len();
+    let a = survivor(Provider::Shm, 2, Some(Duration::from_secs(1)));
+    let b = common::engine(Provider::Shm, 2);
+    let src = a.alloc(1 << 20, Access::LOCAL).unwrap();
+    let dst = b.alloc(1 << 20, Access::REMOTE_WRITE).unwrap();
+    let descriptor = dst.descriptor().clone();
+    a.write(&src, 0, &descriptor, 0, 1 << 20, Some(1)).unwrap().wait_timeout(TIMEOUT).unwrap();
+    drop(dst);
+    b.shutdown();
+    drop(b);
+    for _ in 0..3 {
+        let started = Instant::now();
+        let outcome = a.write(&src, 0, &descriptor, 0, 1 << 20, Some(1)).unwrap().wait_timeout(TIMEOUT);
+        assert!(matches!(outcome, Err(Error::PeerUnreachable(_) | Error::RemoteAccess(_))), "{outcome:?}");
+        assert!(started.elapsed() < Duration::from_secs(1) + SLACK, "{:?}", started.elapsed());
+    }
+    drop(src);
+    drop(a);
+    assert_eq!(shm_regions(std::process::id()).len(), before, "both engines' regions are gone");
+}

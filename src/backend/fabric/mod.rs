@@ -14,9 +14,11 @@
 
 mod handle;
 mod info;
-mod shm_name;
+mod shm;
 
 use std::ffi::{c_int, c_void};
+use std::mem::ManuallyDrop;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::RawFd;
 use std::ptr;
 use std::sync::Arc;
@@ -151,7 +153,43 @@ impl Slots {
 const CQ_BATCH: usize = 64;
 
 /// One libfabric endpoint with its CQ and AV, on its own domain.
+///
+/// The objects live in [`NicObjects`]; dropping the NIC closes them, except
+/// that an shm NIC that peered with another shm NIC of this process is kept
+/// open until that one has closed too (see `shm::retire`).
 pub(crate) struct FabricNic {
+    objects: ManuallyDrop<NicObjects>,
+    /// shm: this NIC's address, its key in the in-process registry.
+    shm_address: Option<Box<[u8]>>,
+}
+
+impl Deref for FabricNic {
+    type Target = NicObjects;
+
+    fn deref(&self) -> &NicObjects {
+        &self.objects
+    }
+}
+
+impl DerefMut for FabricNic {
+    fn deref_mut(&mut self) -> &mut NicObjects {
+        &mut self.objects
+    }
+}
+
+impl Drop for FabricNic {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here; the field is not used afterwards.
+        let objects = unsafe { ManuallyDrop::take(&mut self.objects) };
+        match self.shm_address.take() {
+            Some(address) => shm::retire(address, Box::new(objects)),
+            None => drop(objects),
+        }
+    }
+}
+
+/// What a [`FabricNic`] owns.
+pub(crate) struct NicObjects {
     // Declaration order is drop order: endpoints before the objects bound to
     // them, everything before the domain (held by each), domain before fabric.
     /// shm only: one transmit endpoint per peer, indexed by the peer's AV
@@ -161,7 +199,7 @@ pub(crate) struct FabricNic {
     /// with an endpoint per peer it stalls only its own. Receives and
     /// peers' operations on us use `ep`, whose name is the NIC's address.
     tx: Vec<Option<Owned<sys::fid_ep, Domain>>>,
-    tx_info: Option<shm_name::Named>,
+    tx_info: Option<shm::Named>,
     ep: Owned<sys::fid_ep, Domain>,
     av: Owned<sys::fid_av, Domain>,
     cq: Owned<sys::fid_cq, Domain>,
@@ -180,7 +218,7 @@ pub(crate) struct FabricNic {
 // objects behind the owners) are only touched through `&mut self` by the one
 // thread that owns the NIC; libfabric objects opened with FI_THREAD_DOMAIN may
 // move between threads as long as calls on them are not concurrent.
-unsafe impl Send for FabricNic {}
+unsafe impl Send for NicObjects {}
 
 impl std::fmt::Debug for FabricNic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -190,6 +228,20 @@ impl std::fmt::Debug for FabricNic {
 
 impl FabricNic {
     fn open(fabric: &Fabric, info: *mut sys::fi_info, options: &FabricOptions) -> Result<Self> {
+        // SAFETY: as NicObjects::open requires.
+        let objects = unsafe { NicObjects::open(fabric, info, options)? };
+        let shm_address = objects.tx_info.is_some().then(|| objects.address.clone());
+        if let Some(address) = &shm_address {
+            shm::opened(address);
+        }
+        Ok(FabricNic { objects: ManuallyDrop::new(objects), shm_address })
+    }
+}
+
+impl NicObjects {
+    /// # Safety
+    /// `info` must be a live entry of the fabric's `fi_getinfo` list.
+    unsafe fn open(fabric: &Fabric, info: *mut sys::fi_info, options: &FabricOptions) -> Result<Self> {
         // SAFETY: every call below gets live objects opened just before it
         // (or the fi_info from fi_getinfo, alive for this call), and each new
         // object is handed to exactly one owner right away.
@@ -237,7 +289,7 @@ impl FabricNic {
             // own (see `tx`); keep the entry to open them with.
             let tx_info = if info::provider_name(info) == "shm" {
                 let copy = (sys::Library::get().expect("loaded").fi_dupinfo)(info);
-                (!copy.is_null()).then_some(shm_name::Named(copy))
+                (!copy.is_null()).then_some(shm::Named(copy))
             } else {
                 None
             };
@@ -251,7 +303,7 @@ impl FabricNic {
                     reason: format!("endpoint address of {len} bytes is not supported"),
                 });
             }
-            Ok(FabricNic {
+            Ok(NicObjects {
                 tx: Vec::new(),
                 tx_info,
                 ep,
@@ -326,7 +378,7 @@ unsafe fn open_endpoint(
     // SAFETY: the caller passes the domain's live entry; every object is
     // live, and the endpoint is owned right after it is opened.
     unsafe {
-        let named = shm_name::named_info(info)?;
+        let named = shm::named_info(info)?;
         let ep_info = named.as_ref().map_or(info, |n| n.0);
         let mut ep_ptr = ptr::null_mut();
         check("fi_endpoint", fi::fi_endpoint(domain.as_ptr(), ep_info, &mut ep_ptr, ptr::null_mut()) as isize)?;
@@ -455,15 +507,19 @@ impl Nic for FabricNic {
                 fabric_error("fi_av_insert", code)
             )));
         }
-        if let Some(info) = &self.tx_info {
+        if let Some(own) = &self.shm_address {
+            shm::peered(own, address);
+        }
+        let objects = &mut *self.objects;
+        if let Some(info) = &objects.tx_info {
             let index = fi_addr as usize;
-            if self.tx.len() <= index {
-                self.tx.resize_with(index + 1, || None);
+            if objects.tx.len() <= index {
+                objects.tx.resize_with(index + 1, || None);
             }
-            if self.tx[index].is_none() {
+            if objects.tx[index].is_none() {
                 // SAFETY: the copy is of the entry the domain was opened from.
-                let ep = unsafe { open_endpoint(&self.domain, info.0, &self.cq, &self.av) }?;
-                self.tx[index] = Some(ep);
+                let ep = unsafe { open_endpoint(&objects.domain, info.0, &objects.cq, &objects.av) }?;
+                objects.tx[index] = Some(ep);
             }
         }
         Ok(fi_addr)

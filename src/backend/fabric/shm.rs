@@ -1,0 +1,213 @@
+//! shm endpoints: their names, and when they may be closed.
+//!
+//! # Names
+//!
+//! libfabric 1.17's shm names an endpoint after the process id
+//! (`fi_shm://<pid>`, a `/dev/shm/<pid>:<uid>:<index>` region of 16 MiB) and
+//! removes the region when the endpoint closes. A process that is killed
+//! leaves its regions behind, and a later process that gets the same pid
+//! cannot open shm at all (`fi_enable`: EBUSY) until they are removed. So
+//! strait names its shm endpoints `fi_shm://strait-<pid>-<random>` (unique
+//! per engine), and before naming one removes the regions of strait
+//! processes that no longer exist, which also returns their memory.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::sync::Mutex;
+
+use fabric_sys as sys;
+
+use crate::error::{Error, Result};
+
+const PREFIX: &str = "strait-";
+
+/// An `fi_info` copy carrying our endpoint name, freed on drop.
+pub(super) struct Named(pub *mut sys::fi_info);
+
+impl Drop for Named {
+    fn drop(&mut self) {
+        if let Ok(lib) = sys::Library::get() {
+            // SAFETY: the copy came from fi_dupinfo and is freed once.
+            unsafe { (lib.fi_freeinfo)(self.0) };
+        }
+    }
+}
+
+/// For an shm entry, a copy of it whose source address is a fresh strait
+/// name; `None` for other providers (their names need no help).
+///
+/// # Safety
+/// `info` must be a live `fi_info` from `fi_getinfo`.
+pub(super) unsafe fn named_info(info: *mut sys::fi_info) -> Result<Option<Named>> {
+    let shm = super::info::provider_name(info) == "shm";
+    if !shm {
+        return Ok(None);
+    }
+    remove_stale();
+    let lib =
+        sys::Library::get().map_err(|e| Error::BackendUnavailable { backend: "libfabric", reason: e.to_string() })?;
+    let name = CString::new(format!("fi_shm://{PREFIX}{}-{:08x}", std::process::id(), crate::backend::random_u32()))
+        .expect("no NUL");
+    // SAFETY: info is live; the copy is ours until Named drops it. Its
+    // src_addr is replaced by a malloc'ed string, which fi_freeinfo frees.
+    unsafe {
+        let copy = (lib.fi_dupinfo)(info);
+        if copy.is_null() {
+            return Err(Error::BackendUnavailable { backend: "shm", reason: "fi_dupinfo failed".into() });
+        }
+        libc::free((*copy).src_addr);
+        (*copy).src_addr = libc::strdup(name.as_ptr()).cast();
+        (*copy).src_addrlen = name.as_bytes_with_nul().len();
+        (*copy).addr_format = sys::FI_ADDR_STR;
+        Ok(Some(Named(copy)))
+    }
+}
+
+/// Which shm NICs of this process have peered with which (both ways), and
+/// the NICs dropped while a peer of theirs is still open.
+///
+/// # Why
+/// libfabric 1.17's shm does not map the region of a peer endpoint that
+/// lives in the same process: it uses that endpoint's own region pointer.
+/// Closing the endpoint frees the region and leaves the pointer dangling in
+/// every endpoint of the process that has it as a peer; their next
+/// operation to it, or their progress answering it, crashes the process.
+/// So an shm NIC that peered with another NIC of this process (it inserted
+/// that NIC's address, or that NIC inserted its) is not closed when dropped
+/// while such a partner is open: it is kept, idle, until none is, and closed
+/// then. Nothing progresses a kept NIC: requests to it fail through the
+/// request timeout; its receive buffers and regions were released by the
+/// engine, and nothing reads or writes them without its progress.
+/// A dropped NIC kept open: its address, its partners, and its objects.
+struct Kept {
+    address: Box<[u8]>,
+    partners: HashSet<Box<[u8]>>,
+    _objects: Box<dyn Send>,
+}
+
+#[derive(Default)]
+struct Registry {
+    /// Open NICs by address, each with the addresses of its partners.
+    open: HashMap<Box<[u8]>, HashSet<Box<[u8]>>>,
+    kept: Vec<Kept>,
+}
+
+static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
+
+fn with_registry<T>(f: impl FnOnce(&mut Registry) -> T) -> T {
+    let mut guard = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    f(guard.get_or_insert_with(Registry::default))
+}
+
+/// An shm NIC with this address was opened.
+pub(super) fn opened(address: &[u8]) {
+    with_registry(|r| r.open.insert(address.into(), HashSet::new()));
+}
+
+/// The shm NIC `own` inserted `peer`. Only peers in this process matter.
+pub(super) fn peered(own: &[u8], peer: &[u8]) {
+    let marker = format!("{PREFIX}{}-", std::process::id());
+    if !peer.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+        return;
+    }
+    with_registry(|r| {
+        if let Some(partners) = r.open.get_mut(own) {
+            partners.insert(peer.into());
+        }
+        if let Some(partners) = r.open.get_mut(peer) {
+            partners.insert(own.into());
+        } else if let Some(kept) = r.kept.iter_mut().find(|k| &*k.address == peer) {
+            kept.partners.insert(own.into());
+        }
+    });
+}
+
+/// The shm NIC with this address was dropped: close it (drop `objects`)
+/// now, or keep it while an open NIC of this process is its partner. Also
+/// closes the kept NICs whose partners have all gone.
+pub(super) fn retire(address: Box<[u8]>, objects: Box<dyn Send>) {
+    let closing = with_registry(|r| {
+        let partners = r.open.remove(&address).unwrap_or_default();
+        r.kept.push(Kept { address, partners, _objects: objects });
+        let (free, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut r.kept).into_iter().partition(|k| !k.partners.iter().any(|p| r.open.contains_key(p)));
+        r.kept = kept;
+        if !r.kept.is_empty() {
+            tracing::debug!(kept = r.kept.len(), "shm NICs kept open while a partner in this process is open");
+        }
+        free
+    });
+    // Closed outside the lock.
+    drop(closing);
+}
+
+/// The pid in a region name `strait-<pid>-<random>:<uid>:<index>`.
+fn owner(file: &str) -> Option<i32> {
+    file.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
+}
+
+/// Removes the shm regions of strait processes that have exited.
+fn remove_stale() {
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else { return };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(owner) else { continue };
+        // SAFETY: signal 0 only checks that the process exists.
+        let gone =
+            unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::debug!(region = ?name, "removed the shm region of an exited process"),
+                Err(e) => tracing::debug!(region = ?name, error = %e, "could not remove a stale shm region"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Partners keep each other open until both are dropped; unrelated
+    /// NICs close at once.
+    #[test]
+    fn kept_until_no_partner_is_open() {
+        let pid = std::process::id();
+        let name = |n: u32| format!("fi_shm://{PREFIX}{pid}-{n:08x}:0:0").into_bytes().into_boxed_slice();
+        struct Flag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let flag = || {
+            let f = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            (f.clone(), Box::new(Flag(f)) as Box<dyn Send>)
+        };
+        let (a, b, c) = (name(0xa0a0_a0a0), name(0xb0b0_b0b0), name(0xc0c0_c0c0));
+        for n in [&a, &b, &c] {
+            opened(n);
+        }
+        peered(&a, &b); // a inserted b
+        peered(&c, b"fi_shm://someone-else:0:0");
+        let (a_closed, a_objects) = flag();
+        retire(a.clone(), a_objects);
+        assert!(!a_closed.load(std::sync::atomic::Ordering::SeqCst), "b is still open and may point at a");
+        let (c_closed, c_objects) = flag();
+        retire(c, c_objects);
+        assert!(c_closed.load(std::sync::atomic::Ordering::SeqCst), "c has no partner in this process");
+        let (b_closed, b_objects) = flag();
+        retire(b, b_objects);
+        assert!(
+            a_closed.load(std::sync::atomic::Ordering::SeqCst) && b_closed.load(std::sync::atomic::Ordering::SeqCst)
+        );
+    }
+
+    #[test]
+    fn owner_is_read_from_our_names_only() {
+        assert_eq!(owner("strait-1234-0badcafe:0:1"), Some(1234));
+        assert_eq!(owner("1234:0:1"), None);
+        assert_eq!(owner("strait-x-1:0:0"), None);
+        assert_eq!(owner("other"), None);
+    }
+}
