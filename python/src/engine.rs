@@ -354,6 +354,10 @@ impl ScatterTarget {
 /// callable it is called with each. A request fails with
 /// ``strait.PeerUnreachableError`` once its peer has completed none of this
 /// engine's operations for ``request_timeout`` seconds (``None``: never).
+/// On ConnectX, ``verbs_devices`` (e.g. ``["mlx5_0", "mlx5_3"]``; default
+/// every device with an active port), ``verbs_port`` and ``verbs_gid_index``
+/// (default: the IPv4-mapped RoCE v2 GID on RoCE, GID 0 on InfiniBand)
+/// choose what the verbs backend opens.
 ///
 /// Use it as a context manager, or call ``shutdown()``: requests in flight
 /// then end with ``strait.ShutdownError``. Every method releases the GIL
@@ -430,7 +434,8 @@ impl TransferEngine {
     #[new]
     #[pyo3(signature = (
         provider="auto", nics=1, *, interface=None, poll="adaptive", spin_us=50, pin_worker=None,
-        receive_buffers=None, on_message=None, unclaimed_imm=None, request_timeout=10.0
+        receive_buffers=None, on_message=None, unclaimed_imm=None, request_timeout=10.0,
+        verbs_devices=None, verbs_port=1, verbs_gid_index=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -445,6 +450,9 @@ impl TransferEngine {
         on_message: Option<Py<PyAny>>,
         unclaimed_imm: Option<&Bound<'_, PyAny>>,
         request_timeout: Option<f64>,
+        verbs_devices: Option<Vec<String>>,
+        verbs_port: u8,
+        verbs_gid_index: Option<u8>,
     ) -> PyResult<Self> {
         let request_timeout = crate::handles::parse_timeout(py, request_timeout)?;
         let provider = match provider {
@@ -480,6 +488,11 @@ impl TransferEngine {
         if let Some(interface) = interface {
             builder = builder.interface(interface);
         }
+        let mut verbs = strait::VerbsConfig::default();
+        verbs.devices = verbs_devices.unwrap_or_default();
+        verbs.port = verbs_port;
+        verbs.gid_index = verbs_gid_index;
+        builder = builder.verbs(verbs);
         if let Some(cpu) = pin_worker {
             builder = builder.pin_worker(cpu);
         }

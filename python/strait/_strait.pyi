@@ -97,6 +97,9 @@ class TransferEngine:
         on_message: Optional[Callable[[bytes], Any]] = None,
         unclaimed_imm: Union[None, str, Callable[[int], Any]] = None,
         request_timeout: Optional[float] = 10.0,
+        verbs_devices: Optional[List[str]] = None,
+        verbs_port: int = 1,
+        verbs_gid_index: Optional[int] = None,
     ) -> None: ...
     @property
     def address(self) -> bytes: ...

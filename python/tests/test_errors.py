@@ -147,6 +147,10 @@ def test_verbs_without_a_device_is_backend_unavailable():
         pytest.skip(f"this machine has a verbs device: {verbs[0][2]}")
     with pytest.raises(strait.BackendUnavailableError, match="verbs"):
         strait.TransferEngine("verbs")
+    with pytest.raises(strait.BackendUnavailableError, match="verbs"):
+        strait.TransferEngine("verbs", verbs_devices=["mlx5_0"], verbs_port=1, verbs_gid_index=3)
+    with pytest.raises(OverflowError):
+        strait.TransferEngine("verbs", verbs_port=300)
 
 
 def test_negative_timeout(pair):
