@@ -228,7 +228,7 @@ impl std::fmt::Debug for FabricNic {
 
 impl FabricNic {
     fn open(fabric: &Fabric, info: *mut sys::fi_info, options: &FabricOptions) -> Result<Self> {
-        // SAFETY: as NicObjects::open requires.
+        // SAFETY: open_group passes a live entry of its fi_getinfo list.
         let objects = unsafe { NicObjects::open(fabric, info, options)? };
         let shm_address = objects.tx_info.is_some().then(|| objects.address.clone());
         if let Some(address) = &shm_address {
@@ -288,8 +288,13 @@ impl NicObjects {
             // shm: operations to each peer go through an endpoint of their
             // own (see `tx`); keep the entry to open them with.
             let tx_info = if info::provider_name(info) == "shm" {
-                let copy = (sys::Library::get().expect("loaded").fi_dupinfo)(info);
-                (!copy.is_null()).then_some(shm::Named(copy))
+                let lib = sys::Library::get()
+                    .map_err(|e| Error::BackendUnavailable { backend: "libfabric", reason: e.to_string() })?;
+                let copy = (lib.fi_dupinfo)(info);
+                if copy.is_null() {
+                    return Err(Error::BackendUnavailable { backend: "shm", reason: "fi_dupinfo failed".into() });
+                }
+                Some(shm::Named(copy))
             } else {
                 None
             };
