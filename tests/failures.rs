@@ -496,3 +496,50 @@ fn writing_to_a_shut_down_shm_engine_of_this_process_fails_cleanly() {
     drop(a);
     assert_eq!(shm_regions(std::process::id()).len(), before, "both engines' regions are gone");
 }
+
+/// A write the target rejects (here: a revoked key) must not cost the
+/// connection. libfabric 1.17's tcp drops the connection and reconnects on
+/// the next operation (one request issued in the ~100 ms between may fail
+/// with a broken pipe); its shm never answers a rejected RMA and would hold
+/// every later operation to that peer behind it, so the engine replaces the
+/// shm endpoint once the rejected request expires.
+#[test]
+fn a_rejected_write_does_not_cut_off_the_peer() {
+    let _serial = serial();
+    for provider in PROVIDERS {
+        let (writer, owner) = (survivor(provider, 1, Some(REQUEST_TIMEOUT)), common::engine(provider, 1));
+        let live = owner.alloc(1 << 20, Access::REMOTE_WRITE).unwrap();
+        let revoked = owner.alloc(1 << 20, Access::REMOTE_WRITE).unwrap();
+        let stale = revoked.descriptor().clone();
+        let data = pattern(1 << 20, 13);
+        let src = writer.alloc(1 << 20, Access::LOCAL).unwrap();
+        src.write_at(0, &data).unwrap();
+        drop(revoked);
+        for len in [16, 1 << 20] {
+            let start = Instant::now();
+            let rejected = writer.write(&src, 0, &stale, 0, len, Some(5)).unwrap().wait_timeout(TIMEOUT);
+            eprintln!("{provider}: {len} B to a revoked region: {rejected:?} after {:?}", start.elapsed());
+            assert!(rejected.is_err());
+            assert!(start.elapsed() < REQUEST_TIMEOUT + SLACK);
+            let counter = owner.expect_imm(6, 1).unwrap();
+            let start = Instant::now();
+            let mut attempts = 0;
+            let outcome = loop {
+                attempts += 1;
+                let outcome =
+                    writer.write(&src, 0, live.descriptor(), 0, 1 << 20, Some(6)).unwrap().wait_timeout(TIMEOUT);
+                if outcome.is_ok() || start.elapsed() > Duration::from_secs(1) {
+                    break outcome;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            eprintln!(
+                "{provider}: then to a live region: {outcome:?} after {attempts} attempt(s), {:?}",
+                start.elapsed()
+            );
+            outcome.expect("the peer stayed cut off after a rejected write");
+            counter.wait_timeout(TIMEOUT).unwrap();
+            assert!(live.to_vec(0, 1 << 20).unwrap() == data);
+        }
+    }
+}

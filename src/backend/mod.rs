@@ -147,6 +147,13 @@ pub(crate) trait Nic: Send {
     /// several posts into one doorbell). The engine calls it after each
     /// round of posts; `poll` and `ready_to_sleep` flush too.
     fn flush(&mut self) {}
+    /// The engine gave up on operations to `peer` (an [`Op::peer`] value):
+    /// its requests expired without progress. A NIC whose transport can
+    /// leave later operations queued behind ones that will never complete
+    /// replaces its path to the peer, so that the next operations do not
+    /// wait behind them. Operations already posted keep their tokens until
+    /// they complete, as always. The default does nothing.
+    fn reset_peer(&mut self, _peer: u64) {}
     /// Reads available completions into `events`; returns how many.
     fn poll(&mut self, events: &mut Vec<Event>) -> usize;
     /// A file descriptor that becomes readable when `poll` has work, if the

@@ -377,9 +377,23 @@ impl<N: Nic> Worker<N> {
             a.retry = None;
             expired.push(index);
         }
+        let mut stuck: Vec<usize> = Vec::new();
         for &index in &expired {
-            if self.active[index].as_ref().is_some_and(|a| a.seq.outcome().is_some()) {
+            let Some(a) = self.active[index].as_ref() else { continue };
+            if !stuck.contains(&a.peer) {
+                stuck.push(a.peer);
+            }
+            if a.seq.outcome().is_some() {
                 self.finish(index);
+            }
+        }
+        // Let the NICs route later requests around what is stuck (shm).
+        for peer in stuck {
+            let Peer { remote_nics, addrs, .. } = &self.peers[peer];
+            for (l, nic) in self.nics.iter_mut().enumerate() {
+                for &addr in &addrs[l * remote_nics..(l + 1) * remote_nics] {
+                    nic.reset_peer(addr);
+                }
             }
         }
         if !expired.is_empty() {

@@ -152,6 +152,12 @@ impl Slots {
 
 const CQ_BATCH: usize = 64;
 
+/// Most shm transmit endpoints one NIC retires (see [`Nic::reset_peer`]).
+/// Each keeps its shm region (and a peer entry at its target) until the NIC
+/// closes; past this many, a stuck peer stays stuck and its requests keep
+/// failing through the request timeout.
+const MAX_RETIRED: usize = 16;
+
 /// One libfabric endpoint with its CQ and AV, on its own domain.
 ///
 /// The objects live in [`NicObjects`]; dropping the NIC closes them, except
@@ -199,6 +205,10 @@ pub(crate) struct NicObjects {
     /// with an endpoint per peer it stalls only its own. Receives and
     /// peers' operations on us use `ep`, whose name is the NIC's address.
     tx: Vec<Option<Owned<sys::fid_ep, Domain>>>,
+    /// shm only: transmit endpoints replaced by [`Nic::reset_peer`], kept
+    /// open (bound to the CQ, so that whatever they still complete returns
+    /// its slot) until the NIC closes; at most [`MAX_RETIRED`].
+    retired: Vec<Owned<sys::fid_ep, Domain>>,
     tx_info: Option<shm::Named>,
     ep: Owned<sys::fid_ep, Domain>,
     av: Owned<sys::fid_av, Domain>,
@@ -310,6 +320,7 @@ impl NicObjects {
             }
             Ok(NicObjects {
                 tx: Vec::new(),
+                retired: Vec::new(),
                 tx_info,
                 ep,
                 av,
@@ -624,6 +635,34 @@ impl Nic for FabricNic {
                     Err(fabric_error("fi_recvmsg", rc as i32))
                 }
             }
+        }
+    }
+
+    /// shm: libfabric 1.17's shm completes a transmit endpoint's operations
+    /// in order, and never completes an RMA its target rejected (a revoked
+    /// or forged key: the target drops the command without answering). Every
+    /// later operation on that endpoint would wait behind it forever, so the
+    /// peer's endpoint is replaced by a new one (a new name, which the
+    /// target maps as a new peer). The old one stays open and bound to the
+    /// CQ: if its operations complete after all (a stalled peer resumed),
+    /// their slots come back as usual. Other providers recover by themselves
+    /// (tcp reconnects), so this does nothing for them.
+    fn reset_peer(&mut self, peer: u64) {
+        let objects = &mut *self.objects;
+        let Some(info) = &objects.tx_info else { return };
+        let Some(slot @ Some(_)) = objects.tx.get_mut(peer as usize) else { return };
+        if objects.retired.len() >= MAX_RETIRED {
+            tracing::warn!(peer, "shm: not replacing the endpoint to a stuck peer: {MAX_RETIRED} already replaced");
+            return;
+        }
+        // SAFETY: the copy is of the entry the domain was opened from.
+        match unsafe { open_endpoint(&objects.domain, info.0, &objects.cq, &objects.av) } {
+            Ok(ep) => {
+                let old = slot.replace(ep).expect("checked above");
+                objects.retired.push(old);
+                tracing::info!(peer, "shm: replaced the transmit endpoint to a peer whose requests expired");
+            }
+            Err(e) => tracing::warn!(peer, error = %e, "shm: could not replace the endpoint to a stuck peer"),
         }
     }
 
