@@ -74,7 +74,8 @@ pub(crate) enum OpKind {
 
 /// One operation to post. `local`/`len` lie in a range registered on this
 /// NIC (`local_desc` from its [`NicRegion`]); `remote_addr`/`key` address the
-/// peer's region for writes and reads.
+/// peer's region for writes and reads. A send with `imm` carries it as
+/// remote CQ data (the engine's control messages; user sends carry none).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Op {
     pub kind: OpKind,
@@ -147,6 +148,15 @@ pub(crate) trait Nic: Send {
     /// several posts into one doorbell). The engine calls it after each
     /// round of posts; `poll` and `ready_to_sleep` flush too.
     fn flush(&mut self) {}
+    /// Whether a write or read through a key the target does not hold (a
+    /// revoked region, a forged descriptor) fails with
+    /// [`Error::RemoteAccess`](crate::Error) here. When false (libfabric
+    /// tcp and shm: a connection error, or no completion at all), the
+    /// engine asks the region's owner before it reports such a failure
+    /// (see `engine::access`).
+    fn reports_rejected_keys(&self) -> bool {
+        true
+    }
     /// The engine gave up on operations to `peer` (an [`Op::peer`] value):
     /// its requests expired without progress. A NIC whose transport can
     /// leave later operations queued behind ones that will never complete

@@ -1,5 +1,6 @@
 //! `TransferEngine`: the handle users hold, and its builder.
 
+mod access;
 mod completion;
 #[cfg(test)]
 mod fault_tests;
@@ -292,7 +293,12 @@ impl EngineBuilder {
                 (Some(rx), MessageSink::Queue(tx))
             }
         };
-        let config = WorkerConfig { poll_mode: self.poll_mode, recv: self.recv, request_timeout: self.request_timeout };
+        let config = WorkerConfig {
+            poll_mode: self.poll_mode,
+            recv: self.recv,
+            request_timeout: self.request_timeout,
+            address: address.clone(),
+        };
         let worker = Worker::new(nics, commands, link.clone(), imm.clone(), messages, config);
         let cpu = self.cpu;
         let thread = std::thread::Builder::new()

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
+use super::access::{self, Answer, Control, Grant, Query, Wanted, CONTROL_IMM};
 use super::completion::PartGuard;
 use super::imm::ImmTable;
 use super::link::Link;
@@ -139,7 +140,50 @@ struct Active {
     /// Pieces that carry data; a sequenced piece past these is the
     /// zero-length write carrying the immediate.
     data_pieces: u64,
+    /// Waiting for the owner's verdict on its key (see `engine::access`);
+    /// the request's outcome waits with it.
+    diagnosing: bool,
+    /// The verdict came (or its window closed): do not ask again.
+    diagnosed: bool,
 }
+
+/// One question to a region's owner, and the failed requests waiting on it.
+struct Diagnosis {
+    peer: usize,
+    query: Query,
+    requests: Vec<usize>,
+    deadline: Instant,
+    retry_at: Instant,
+    state: QueryState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum QueryState {
+    Unsent,
+    /// Posted with this token.
+    Sending(u64),
+    Delivered,
+}
+
+/// An answer to a key query that could not be posted yet.
+struct PendingAnswer {
+    nic: usize,
+    to: u64,
+    answer: Answer,
+    deadline: Instant,
+    retry_at: Instant,
+}
+
+/// Send buffers for control messages, per NIC, registered on first use.
+struct ControlPool {
+    memory: AlignedBuf,
+    region: NicRegion,
+    free: Vec<usize>,
+}
+
+const CONTROL_TOKEN: u64 = 1 << 62;
+const CONTROL_SLOTS: usize = 16;
+const CONTROL_SLOT_SIZE: usize = access::MAX_QUERY.next_power_of_two();
 
 struct Peer {
     /// When an operation to this peer last completed (or the peer was
@@ -166,13 +210,15 @@ pub(crate) struct RecvConfig {
 }
 
 /// How the worker runs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct WorkerConfig {
     pub poll_mode: PollMode,
     pub recv: RecvConfig,
     /// A request fails once its peer has completed none of this engine's
     /// operations for this long (see `EngineBuilder::request_timeout`).
     pub request_timeout: Option<Duration>,
+    /// This engine's address (control messages name it for answers).
+    pub address: EngineAddress,
 }
 
 pub(crate) struct Worker<N: Nic> {
@@ -194,6 +240,17 @@ pub(crate) struct Worker<N: Nic> {
     peer_index: HashMap<EngineAddress, usize>,
     regions: HashMap<u64, Vec<NicRegion>>,
     next_region: u64,
+    /// Whether failed writes and reads ask the owner about their key (the
+    /// NICs do not report rejected keys themselves); then `grants` holds
+    /// what this engine's remotely accessible regions grant, to answer.
+    diagnose: bool,
+    grants: HashMap<u64, Grant>,
+    address: EngineAddress,
+    diagnoses: Vec<Diagnosis>,
+    answers: Vec<PendingAnswer>,
+    next_cookie: u64,
+    control: Vec<Option<ControlPool>>,
+    scratch: Vec<u8>,
     pools: Vec<RecvPool>,
     recv: RecvConfig,
     events: Vec<Event>,
@@ -218,7 +275,17 @@ impl<N: Nic> Worker<N> {
         config: WorkerConfig,
     ) -> Self {
         let now = Instant::now();
+        let diagnose = !nics.iter().all(|n| n.reports_rejected_keys());
+        let control = nics.iter().map(|_| None).collect();
         Worker {
+            diagnose,
+            grants: HashMap::new(),
+            address: config.address,
+            diagnoses: Vec::new(),
+            answers: Vec::new(),
+            next_cookie: 1,
+            control,
+            scratch: Vec::new(),
             nics,
             commands,
             link,
@@ -341,6 +408,9 @@ impl<N: Nic> Worker<N> {
         if self.request_timeout.is_some() && self.now >= self.next_expiry_check {
             busy |= self.expire();
         }
+        if !self.diagnoses.is_empty() || !self.answers.is_empty() {
+            self.tend_diagnoses();
+        }
         busy
     }
 
@@ -358,7 +428,7 @@ impl<N: Nic> Worker<N> {
         let mut expired = Vec::new();
         for (index, slot) in self.active.iter_mut().enumerate() {
             let Some(a) = slot.as_mut() else { continue };
-            if a.guard.is_none() {
+            if a.guard.is_none() || a.diagnosing {
                 continue;
             }
             let quiet_since = a.since.max(self.peers[a.peer].last_progress);
@@ -370,8 +440,8 @@ impl<N: Nic> Worker<N> {
                  (the peer is dead, stalled or unreachable); {} operation(s) of this request were still in flight",
                 a.seq.in_flight()
             ));
-            if let Some(guard) = a.guard.take() {
-                guard.finish(Err(error));
+            if !matches!(a.error, Some(Error::RemoteAccess(_))) {
+                a.error = Some(error);
             }
             a.seq.abort();
             a.retry = None;
@@ -383,9 +453,6 @@ impl<N: Nic> Worker<N> {
             if !stuck.contains(&a.peer) {
                 stuck.push(a.peer);
             }
-            if a.seq.outcome().is_some() {
-                self.finish(index);
-            }
         }
         // Let the NICs route later requests around what is stuck (shm).
         for peer in stuck {
@@ -395,6 +462,10 @@ impl<N: Nic> Worker<N> {
                     nic.reset_peer(addr);
                 }
             }
+        }
+        // After the reset, so that a query to an shm peer takes the new path.
+        for &index in &expired {
+            self.conclude(index);
         }
         if !expired.is_empty() {
             tracing::warn!(requests = expired.len(), "requests expired: their peers made no progress");
@@ -442,6 +513,7 @@ impl<N: Nic> Worker<N> {
                 let _ = reply.send(self.register(ptr as *mut u8, len, access));
             }
             Command::Deregister { id, memory, done } => {
+                self.grants.remove(&id);
                 if let Some(regions) = self.regions.remove(&id) {
                     for (nic, region) in regions.into_iter().enumerate() {
                         self.nics[nic].deregister(region);
@@ -473,6 +545,17 @@ impl<N: Nic> Worker<N> {
         }
         let id = self.next_region;
         self.next_region += 1;
+        if self.diagnose && (access.remote_write || access.remote_read) {
+            let addr = if self.nics[0].virtual_addresses() { ptr as u64 } else { 0 };
+            let grant = Grant {
+                key: regions[0].key,
+                addr,
+                len,
+                remote_write: access.remote_write,
+                remote_read: access.remote_read,
+            };
+            self.grants.insert(id, grant);
+        }
         self.regions.insert(id, regions.clone());
         Ok(Registration { id, regions })
     }
@@ -515,6 +598,8 @@ impl<N: Nic> Worker<N> {
             queued: true,
             since: self.now,
             data_pieces,
+            diagnosing: false,
+            diagnosed: false,
         };
         let index = match self.free.pop() {
             Some(i) => {
@@ -599,7 +684,28 @@ impl<N: Nic> Worker<N> {
         (posted, busy)
     }
 
+    /// A request's outcome is decided (`a.error` set, or every piece done):
+    /// hands it to the user, unless its error calls for asking the owner
+    /// first; an expired request whose operations are still in flight keeps
+    /// its slot until they complete.
+    fn conclude(&mut self, index: usize) {
+        if self.start_diagnosis(index) {
+            return;
+        }
+        let Some(a) = self.active[index].as_mut() else { return };
+        if a.seq.outcome().is_some() {
+            self.finish(index);
+        } else if let Some(guard) = a.guard.take() {
+            guard.finish(a.error.take().map_or(Ok(()), Err));
+        }
+    }
+
     fn finish(&mut self, index: usize) {
+        // A request waiting for the verdict is finished by it; start_diagnosis
+        // leaves the others alone.
+        if self.active[index].as_ref().is_some_and(|a| a.diagnosing) || self.start_diagnosis(index) {
+            return;
+        }
         let mut a = self.active[index].take().expect("finishing a live request");
         self.free.push(index);
         let result = match a.error.take() {
@@ -613,11 +719,28 @@ impl<N: Nic> Worker<N> {
 
     fn on_event(&mut self, event: Event) {
         match event {
+            Event::Done { token } if token & CONTROL_TOKEN != 0 => self.control_sent(token, None),
+            Event::Failed { token, error } if token & CONTROL_TOKEN != 0 => self.control_sent(token, Some(error)),
             Event::Done { token } => self.piece_done(token as usize, None),
             Event::Failed { token, error } => self.piece_done(token as usize, Some(error)),
             Event::Imm { value } => self.imm.deliver(value),
             Event::Received { token, len, message, imm } => {
                 let (nic, index) = recv_slot(token);
+                if message && imm.is_some() {
+                    // Only the engine's control messages carry an immediate.
+                    if imm == Some(CONTROL_IMM) && self.diagnose {
+                        let pool = &self.pools[nic];
+                        // SAFETY: as for messages below.
+                        let bytes = unsafe {
+                            std::slice::from_raw_parts(pool.memory.as_ptr().add(index * pool.size), len.min(pool.size))
+                        };
+                        match Control::decode(bytes) {
+                            Ok(control) => self.on_control(nic, control),
+                            Err(e) => tracing::debug!(error = %e, "ignoring a malformed control message"),
+                        }
+                    }
+                    return self.repost(nic, index);
+                }
                 if let Some(value) = imm {
                     self.imm.deliver(value);
                 }
@@ -639,6 +762,214 @@ impl<N: Nic> Worker<N> {
                 tracing::warn!(%error, "receive failed");
                 let (nic, index) = recv_slot(token);
                 self.repost(nic, index);
+            }
+        }
+    }
+
+    /// Starts asking the owner about the key of a failed write or read, if
+    /// the NICs cannot tell a rejected key themselves and the error may be
+    /// one. Returns true when the request now waits for the verdict.
+    fn start_diagnosis(&mut self, index: usize) -> bool {
+        if !self.diagnose {
+            return false;
+        }
+        let Some(a) = self.active[index].as_mut() else { return false };
+        if a.diagnosing
+            || a.diagnosed
+            || a.guard.is_none()
+            || !matches!(a.error, Some(Error::Transport { .. } | Error::PeerUnreachable(_)))
+        {
+            return false;
+        }
+        let (wanted, desc) = match &a.op {
+            RequestOp::Write { dst, .. } | RequestOp::Paged { dst, .. } => (Wanted::Write, dst),
+            RequestOp::Read { remote, .. } => (Wanted::Read, remote),
+            RequestOp::Send { .. } => return false,
+        };
+        let (key, addr, len, peer) = (desc.key(0), desc.remote_addr(0), desc.len(), a.peer);
+        a.diagnosing = true;
+        // Requests about the same region share one question.
+        if let Some(d) = self.diagnoses.iter_mut().find(|d| {
+            d.peer == peer
+                && d.query.wanted == wanted
+                && d.query.key == key
+                && d.query.addr == addr
+                && d.query.len == len
+        }) {
+            d.requests.push(index);
+            return true;
+        }
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        let query = Query { wanted, cookie, key, addr, len, reply_to: self.address.clone() };
+        self.diagnoses.push(Diagnosis {
+            peer,
+            query,
+            requests: vec![index],
+            deadline: self.now + access::WINDOW,
+            retry_at: self.now,
+            state: QueryState::Unsent,
+        });
+        self.send_query(self.diagnoses.len() - 1);
+        true
+    }
+
+    /// Sends (again) the question of diagnosis `pos`, to the owner's NIC 0.
+    fn send_query(&mut self, pos: usize) {
+        let d = &mut self.diagnoses[pos];
+        d.query.encode(&mut self.scratch);
+        let to = self.peers[d.peer].addrs[0];
+        let bytes = std::mem::take(&mut self.scratch);
+        let sent = self.send_control(0, to, &bytes);
+        self.scratch = bytes;
+        let d = &mut self.diagnoses[pos];
+        match sent {
+            Some(token) => d.state = QueryState::Sending(token),
+            None => d.retry_at = self.now + access::RETRY,
+        }
+    }
+
+    /// Resends what could not be sent; ends diagnoses whose window closed
+    /// with their original errors.
+    fn tend_diagnoses(&mut self) {
+        let mut i = 0;
+        while i < self.answers.len() {
+            let p = &self.answers[i];
+            if self.now >= p.retry_at {
+                let (nic, to, bytes) = (p.nic, p.to, p.answer.encode());
+                if self.send_control(nic, to, &bytes).is_some() || self.now >= self.answers[i].deadline {
+                    self.answers.swap_remove(i);
+                    continue;
+                }
+                self.answers[i].retry_at = self.now + access::RETRY;
+            }
+            i += 1;
+        }
+        let mut i = 0;
+        while i < self.diagnoses.len() {
+            let d = &self.diagnoses[i];
+            if self.now >= d.deadline {
+                self.end_diagnosis(i, false);
+                continue;
+            }
+            if d.state == QueryState::Unsent && self.now >= d.retry_at {
+                self.send_query(i);
+            }
+            i += 1;
+        }
+    }
+
+    /// Ends diagnosis `pos`: with `denied`, its requests fail with
+    /// `RemoteAccess`; otherwise they keep their errors.
+    fn end_diagnosis(&mut self, pos: usize, denied: bool) {
+        let d = self.diagnoses.swap_remove(pos);
+        for index in d.requests {
+            let Some(a) = self.active[index].as_mut() else { continue };
+            a.diagnosing = false;
+            a.diagnosed = true;
+            if denied {
+                let q = &d.query;
+                let what = if q.wanted == Wanted::Write { "write" } else { "read" };
+                let original = a.error.as_ref().map(ToString::to_string).unwrap_or_default();
+                a.error = Some(Error::RemoteAccess(format!(
+                    "{what} refused: the region's owner reports that key {:#x} grants no {what} access to the \
+                     region ({} bytes at {:#x}): it was deregistered, or never shared for this access; \
+                     the transport reported: {original}",
+                    q.key, q.len, q.addr
+                )));
+            }
+            self.conclude(index);
+        }
+    }
+
+    /// A control message from a peer.
+    fn on_control(&mut self, nic: usize, control: Control) {
+        match control {
+            Control::Query(q) => {
+                let denied = !self.grants.values().any(|g| g.grants(&q));
+                if q.reply_to.provider() != self.address.provider() {
+                    return;
+                }
+                let peer = match self.resolve_peer(&q.reply_to) {
+                    Ok(p) => p,
+                    Err(e) => return tracing::debug!(error = %e, "cannot answer a key query"),
+                };
+                let to = self.peers[peer].addrs[nic * self.peers[peer].remote_nics];
+                let answer = Answer { cookie: q.cookie, denied };
+                if self.send_control(nic, to, &answer.encode()).is_none() {
+                    // A peer new to this NIC may need connecting first.
+                    let (deadline, retry_at) = (self.now + access::WINDOW, self.now + access::RETRY);
+                    self.answers.push(PendingAnswer { nic, to, answer, deadline, retry_at });
+                }
+            }
+            Control::Answer(a) => {
+                if let Some(pos) = self.diagnoses.iter().position(|d| d.query.cookie == a.cookie) {
+                    self.end_diagnosis(pos, a.denied);
+                }
+            }
+        }
+    }
+
+    /// Posts `bytes` as a control message through local NIC `nic` to
+    /// `peer` (an AV address of that NIC). Returns the send's token, or
+    /// `None` when it could not be posted now.
+    fn send_control(&mut self, nic: usize, peer: u64, bytes: &[u8]) -> Option<u64> {
+        debug_assert!(bytes.len() <= CONTROL_SLOT_SIZE);
+        if self.control[nic].is_none() {
+            let size = (CONTROL_SLOTS * CONTROL_SLOT_SIZE) as u64;
+            let memory = AlignedBuf::zeroed(size).ok()?;
+            // SAFETY: the memory lives in self.control until shutdown, after
+            // the NICs are closed.
+            let region = unsafe { self.nics[nic].register(memory.as_ptr(), size, Access::LOCAL) }.ok()?;
+            self.control[nic] = Some(ControlPool { memory, region, free: (0..CONTROL_SLOTS).rev().collect() });
+        }
+        let pool = self.control[nic].as_mut().expect("created above");
+        let slot = pool.free.pop()?;
+        // SAFETY: slot < CONTROL_SLOTS, so the slot lies inside the memory,
+        // which no posted operation uses (the slot was free).
+        let local = unsafe { pool.memory.as_ptr().add(slot * CONTROL_SLOT_SIZE) };
+        // SAFETY: as above; bytes fits a slot.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), local, bytes.len()) };
+        let token = CONTROL_TOKEN | (nic as u64) << 32 | slot as u64;
+        let op = Op {
+            kind: OpKind::Send,
+            local,
+            len: bytes.len() as u64,
+            local_desc: pool.region.desc,
+            peer,
+            remote_addr: 0,
+            key: 0,
+            imm: Some(CONTROL_IMM),
+            delivery_complete: false,
+            token,
+        };
+        // SAFETY: the buffer is registered and stays valid until shutdown.
+        match unsafe { self.nics[nic].post(&op) } {
+            Ok(Posted::Accepted) => {
+                self.nics[nic].flush();
+                Some(token)
+            }
+            Ok(Posted::Busy) | Err(_) => {
+                pool.free.push(slot);
+                None
+            }
+        }
+    }
+
+    /// A control message's send completed (or failed).
+    fn control_sent(&mut self, token: u64, error: Option<Error>) {
+        let (nic, slot) = (((token & !CONTROL_TOKEN) >> 32) as usize, (token & 0xffff_ffff) as usize);
+        if let Some(pool) = self.control.get_mut(nic).and_then(Option::as_mut) {
+            pool.free.push(slot);
+        }
+        if let Some(d) = self.diagnoses.iter_mut().find(|d| d.state == QueryState::Sending(token)) {
+            match error {
+                None => d.state = QueryState::Delivered,
+                Some(e) => {
+                    tracing::debug!(error = %e, "a key query was not delivered; trying again");
+                    d.state = QueryState::Unsent;
+                    d.retry_at = self.now + access::RETRY;
+                }
             }
         }
     }
@@ -703,10 +1034,17 @@ impl<N: Nic> Worker<N> {
         for (nic, pool) in pools.iter().enumerate() {
             self.nics[nic].deregister(pool.region);
         }
+        let control = std::mem::take(&mut self.control);
+        for (nic, pool) in control.iter().enumerate() {
+            if let Some(pool) = pool {
+                self.nics[nic].deregister(pool.region);
+            }
+        }
         // Close the endpoints before any memory they may still touch (posted
         // receives, operations of the requests failed above) is freed.
         self.nics.clear();
         drop(pools);
+        drop(control);
         // Anything still queued gets its outcome: submissions end with
         // Shutdown as their guards drop, deregistrations are confirmed and
         // their memory freed.

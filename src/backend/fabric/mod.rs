@@ -585,9 +585,14 @@ impl Nic for FabricNic {
                 }
             }
             OpKind::Send => {
-                let msg = sys::fi_msg { msg_iov: &iov, desc: &mut desc, iov_count, addr: op.peer, context, data: 0 };
+                let data = op.imm.unwrap_or(0) as u64;
+                let msg = sys::fi_msg { msg_iov: &iov, desc: &mut desc, iov_count, addr: op.peer, context, data };
+                let mut flags = sys::FI_COMPLETION as u64;
+                if op.imm.is_some() {
+                    flags |= sys::FI_REMOTE_CQ_DATA as u64;
+                }
                 // SAFETY: as above.
-                unsafe { fi::fi_sendmsg(ep, &msg, sys::FI_COMPLETION as u64) }
+                unsafe { fi::fi_sendmsg(ep, &msg, flags) }
             }
         };
         if rc == 0 {
@@ -636,6 +641,13 @@ impl Nic for FabricNic {
                 }
             }
         }
+    }
+
+    /// libfabric 1.17: tcp drops the connection on a rejected key (the
+    /// rejection itself may or may not reach the initiator first) and shm
+    /// never answers the operation.
+    fn reports_rejected_keys(&self) -> bool {
+        false
     }
 
     /// shm: libfabric 1.17's shm completes a transmit endpoint's operations
