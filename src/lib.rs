@@ -134,3 +134,14 @@ pub use error::{Error, Result};
 pub use plan::{PagedLayout, ShardConfig};
 pub use provider::{Provider, ProviderKind};
 pub use wire::{MAX_NICS, MAX_NIC_ADDRESS_LEN};
+
+/// Entry points for the fuzz targets under `fuzz/`, for decoders of bytes
+/// from other processes that are not public API. Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Decodes an engine control message (a key query or its answer); on
+    /// success, returns its encoding, which must equal the input.
+    pub fn control_message(bytes: &[u8]) -> Option<Vec<u8>> {
+        crate::engine::access::Control::decode(bytes).ok().map(|c| c.encode())
+    }
+}

@@ -30,7 +30,7 @@
 //!   LE, for the owner's NIC 0), address (u64 LE, as the descriptor names
 //!   the region's first byte), length (u64 LE), then the asking engine's
 //!   address (as [`EngineAddress`] encodes it), nothing after.
-//! * Answer: `"STA" 1`, verdict (0 granted, 1 denied), cookie (u64 LE).
+//! * Answer: `"STV" 1`, verdict (0 granted, 1 denied), cookie (u64 LE).
 
 use std::time::Duration;
 
@@ -53,7 +53,7 @@ pub(crate) const MAX_QUERY: usize = 4 + 1 + 32 + 6 + MAX_NICS * (1 + MAX_NIC_ADD
 pub(crate) const ANSWER_LEN: usize = 4 + 1 + 8;
 
 const QUERY_MAGIC: &[u8; 3] = b"STQ";
-const ANSWER_MAGIC: &[u8; 3] = b"STA";
+const ANSWER_MAGIC: &[u8; 3] = b"STV";
 const VERSION: u8 = 1;
 
 /// The access a query asks about.
@@ -114,6 +114,18 @@ impl Answer {
 }
 
 impl Control {
+    /// The encoding (what [`decode`](Self::decode) accepts, byte for byte).
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        match self {
+            Control::Query(q) => {
+                let mut out = Vec::new();
+                q.encode(&mut out);
+                out
+            }
+            Control::Answer(a) => a.encode().to_vec(),
+        }
+    }
+
     /// Decodes a control message from a peer, checking every field.
     pub(crate) fn decode(bytes: &[u8]) -> Result<Control> {
         let mut r = Reader::new(bytes, "control message");

@@ -1,6 +1,6 @@
 //! `TransferEngine`: the handle users hold, and its builder.
 
-mod access;
+pub(crate) mod access;
 mod completion;
 #[cfg(test)]
 mod fault_tests;
