@@ -47,6 +47,10 @@ pub(crate) const WINDOW: Duration = Duration::from_millis(500);
 /// needs a moment to reconnect after the owner dropped the connection; a
 /// new shm peer must be connected first).
 pub(crate) const RETRY: Duration = Duration::from_millis(20);
+/// Tries of a query that could not be sent, or whose send failed, before
+/// the request ends with its original error: a peer that refuses every
+/// connection (a dead process) is not kept waiting for the whole window.
+pub(crate) const TRIES: u8 = 5;
 /// The longest query: fixed fields plus the longest engine address.
 pub(crate) const MAX_QUERY: usize = 4 + 1 + 32 + 6 + MAX_NICS * (1 + MAX_NIC_ADDRESS_LEN);
 /// The length of an answer.

@@ -155,6 +155,8 @@ struct Diagnosis {
     deadline: Instant,
     retry_at: Instant,
     state: QueryState,
+    /// Sends that could not be posted or failed.
+    failures: u8,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -809,6 +811,7 @@ impl<N: Nic> Worker<N> {
             deadline: self.now + access::WINDOW,
             retry_at: self.now,
             state: QueryState::Unsent,
+            failures: 0,
         });
         self.send_query(self.diagnoses.len() - 1);
         true
@@ -825,7 +828,10 @@ impl<N: Nic> Worker<N> {
         let d = &mut self.diagnoses[pos];
         match sent {
             Some(token) => d.state = QueryState::Sending(token),
-            None => d.retry_at = self.now + access::RETRY,
+            None => {
+                d.failures += 1;
+                d.retry_at = self.now + access::RETRY;
+            }
         }
     }
 
@@ -848,7 +854,7 @@ impl<N: Nic> Worker<N> {
         let mut i = 0;
         while i < self.diagnoses.len() {
             let d = &self.diagnoses[i];
-            if self.now >= d.deadline {
+            if self.now >= d.deadline || d.failures >= access::TRIES {
                 self.end_diagnosis(i, false);
                 continue;
             }
@@ -968,6 +974,7 @@ impl<N: Nic> Worker<N> {
                 Some(e) => {
                     tracing::debug!(error = %e, "a key query was not delivered; trying again");
                     d.state = QueryState::Unsent;
+                    d.failures += 1;
                     d.retry_at = self.now + access::RETRY;
                 }
             }
