@@ -297,3 +297,37 @@ def test_request_timeout_fails_requests_to_a_silent_peer(provider):
         assert time.monotonic() - start < 1.0 + 3.0
     finally:
         a.shutdown()
+
+
+def test_a_revoked_region_fails_with_remote_access_and_the_peer_stays_usable(provider):
+    """Closing a region revokes it: a write with its old descriptor fails
+    with RemoteAccessError (on tcp and shm the engine asks the owner, since
+    libfabric reports only a dropped connection, or nothing), the owner's
+    bytes are untouched, and the next write to a live region of the same
+    peer works."""
+    import time
+
+    a = engine(provider, request_timeout=1.0)
+    b = engine(provider)
+    try:
+        live = b.alloc(1 << 16, remote="write")
+        doomed = b.alloc(1 << 16, remote="write")
+        stale = doomed.descriptor
+        src = a.alloc(1 << 16)
+        src.write(b"\x5a" * (1 << 16))
+        doomed.close()
+        with pytest.raises(strait.RemoteAccessError):
+            a.write(src, stale, imm=9).wait(TIMEOUT)
+        deadline = time.monotonic() + 2.0
+        while True:  # tcp reconnects after the owner dropped the connection
+            try:
+                a.write(src, live.descriptor).wait(TIMEOUT)
+                break
+            except strait.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        assert live.read(0, 1 << 16) == b"\x5a" * (1 << 16)
+    finally:
+        a.shutdown()
+        b.shutdown()
