@@ -705,7 +705,7 @@ impl<N: Nic> Worker<N> {
     fn finish(&mut self, index: usize) {
         // A request waiting for the verdict is finished by it; start_diagnosis
         // leaves the others alone.
-        if self.active[index].as_ref().is_some_and(|a| a.diagnosing) || self.start_diagnosis(index) {
+        if self.diagnose && (self.active[index].as_ref().is_some_and(|a| a.diagnosing) || self.start_diagnosis(index)) {
             return;
         }
         let mut a = self.active[index].take().expect("finishing a live request");
