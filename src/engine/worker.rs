@@ -428,6 +428,7 @@ impl<N: Nic> Worker<N> {
         let now = self.now;
         self.next_expiry_check = now + (timeout / 8).clamp(Duration::from_millis(1), Duration::from_millis(100));
         let mut expired = Vec::new();
+        let mut stuck: Vec<usize> = Vec::new();
         for (index, slot) in self.active.iter_mut().enumerate() {
             let Some(a) = slot.as_mut() else { continue };
             if a.guard.is_none() || a.diagnosing {
@@ -448,10 +449,6 @@ impl<N: Nic> Worker<N> {
             a.seq.abort();
             a.retry = None;
             expired.push(index);
-        }
-        let mut stuck: Vec<usize> = Vec::new();
-        for &index in &expired {
-            let Some(a) = self.active[index].as_ref() else { continue };
             if !stuck.contains(&a.peer) {
                 stuck.push(a.peer);
             }
@@ -892,10 +889,10 @@ impl<N: Nic> Worker<N> {
     fn on_control(&mut self, nic: usize, control: Control) {
         match control {
             Control::Query(q) => {
-                let denied = !self.grants.values().any(|g| g.grants(&q));
                 if q.reply_to.provider() != self.address.provider() {
                     return;
                 }
+                let denied = !self.grants.values().any(|g| g.grants(&q));
                 let peer = match self.resolve_peer(&q.reply_to) {
                     Ok(p) => p,
                     Err(e) => return tracing::debug!(error = %e, "cannot answer a key query"),
