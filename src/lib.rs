@@ -74,9 +74,23 @@
 //! (pin it with [`EngineBuilder::pin_worker`]); the default
 //! [`PollMode::Adaptive`] spins for 50 µs after the last work, then sleeps on
 //! the completion queues' wait descriptors, so several engines share a small
-//! machine well. Callbacks run on the worker: keep them short, and do not
-//! wait on the engine from them.
+//! machine well.
 //!
+//! A thread that blocks in [`Transfer::wait`], [`ImmCounter::wait`] (and
+//! their timeout forms), [`TransferEngine::recv_timeout`] or
+//! [`TransferEngine::next_imm`] drives the engine itself while it waits,
+//! when no other thread does: it runs the worker's polling (spin, then sleep
+//! on the wait descriptors) and the worker thread stands aside, so a
+//! completion wakes the waiting thread directly. One thread at a time runs
+//! the worker. After a wait ends the worker thread stays aside for up to
+//! 200 µs (the same thread usually submits or waits again at once): a
+//! request submitted then without a wait after it is posted when the
+//! worker resumes, at most that much later. So callbacks
+//! ([`Transfer::on_complete`], [`ImmCounter::on_reached`],
+//! [`EngineBuilder::on_message`], ...) run on whichever thread drives at
+//! that moment, the worker or a waiting thread: keep them short, and do not
+//! wait on the engine from them.
+
 //! ## Failures and timeouts
 //!
 //! A request whose peer completes none of the engine's operations for the

@@ -85,6 +85,9 @@ fn millions_of_writes_with_immediates_across_four_nics_in_flat_memory() {
     assert!(per_write < 16, "resident memory grew by {} MiB ({per_write} B per write)", growth >> 20);
 }
 
+/// On the null backend, so only with `--features test-backend` (the test
+/// command, `scripts/test.sh`, builds with `--all-features`).
+#[cfg(feature = "test-backend")]
 #[test]
 fn the_engine_itself_keeps_memory_flat_over_a_million_requests() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -8,6 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use super::link::Link;
 use crate::error::{Error, Result};
 
 type Callback = Box<dyn FnOnce(&Result<()>) + Send>;
@@ -127,6 +128,8 @@ impl Drop for PartGuard {
 #[derive(Clone)]
 pub struct Transfer {
     completion: Arc<Completion>,
+    /// The engine, which a waiting thread drives (none in unit tests).
+    link: Option<Arc<Link>>,
 }
 
 impl fmt::Debug for Transfer {
@@ -136,8 +139,24 @@ impl fmt::Debug for Transfer {
 }
 
 impl Transfer {
+    #[cfg(test)]
     pub(crate) fn new(completion: Arc<Completion>) -> Self {
-        Transfer { completion }
+        Transfer { completion, link: None }
+    }
+
+    /// A handle whose waits drive the engine behind `link`.
+    pub(crate) fn driven(completion: Arc<Completion>, link: Arc<Link>) -> Self {
+        Transfer { completion, link: Some(link) }
+    }
+
+    /// Drives the engine on this thread while the request is in flight,
+    /// if nobody else does (see `engine::progress`).
+    fn drive(&self, deadline: Option<Instant>) {
+        if let Some(link) = &self.link {
+            if !self.is_done() {
+                link.drive(&|| self.completion.is_done(), deadline);
+            }
+        }
     }
 
     /// True once the request has ended.
@@ -155,6 +174,7 @@ impl Transfer {
 
     /// Blocks until the request ends.
     pub fn wait(&self) -> Result<()> {
+        self.drive(None);
         let mut s = self.completion.lock();
         while s.outcome.is_none() {
             s.waiters += 1;
@@ -169,6 +189,7 @@ impl Transfer {
     /// handle).
     pub fn wait_timeout(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
+        self.drive(Some(deadline));
         let mut s = self.completion.lock();
         while s.outcome.is_none() {
             let now = Instant::now();
@@ -183,7 +204,8 @@ impl Transfer {
     }
 
     /// Runs `callback` with the outcome when the request ends: on the
-    /// engine's worker thread, or right here if it already has. Keep it
+    /// thread that drives the engine then (its worker, or a thread waiting
+    /// on it: see the crate docs), or right here if it already has. Keep it
     /// short and non-blocking; submitting new requests from it is fine,
     /// waiting on one is not. One callback per handle: a second replaces the
     /// first if the first has not run yet.

@@ -12,10 +12,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
+use super::link::Link;
 use crate::error::{Error, Result};
 
 /// Where immediates no counter claims go.
@@ -31,6 +32,8 @@ pub(crate) enum UnclaimedImm {
 pub(crate) struct ImmTable {
     state: Mutex<TableState>,
     unclaimed: UnclaimedImm,
+    /// The engine, which a thread waiting on a counter drives.
+    link: OnceLock<Arc<Link>>,
 }
 
 struct TableState {
@@ -65,7 +68,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl ImmTable {
     pub(crate) fn new(unclaimed: UnclaimedImm) -> Arc<Self> {
-        Arc::new(ImmTable { state: Mutex::new(TableState { tally: HashMap::new(), armed: HashMap::new() }), unclaimed })
+        Arc::new(ImmTable {
+            state: Mutex::new(TableState { tally: HashMap::new(), armed: HashMap::new() }),
+            unclaimed,
+            link: OnceLock::new(),
+        })
+    }
+
+    pub(crate) fn set_link(&self, link: Arc<Link>) {
+        let _ = self.link.set(link);
     }
 
     /// One immediate arrived (worker thread).
@@ -210,6 +221,12 @@ impl ImmCounter {
     }
 
     fn wait_until(&self, deadline: Option<(Instant, Duration)>) -> Result<()> {
+        if let Some(link) = self.table.link.get() {
+            let armed = || lock(&self.shared.state).status == Status::Armed;
+            if armed() {
+                link.drive(&|| !armed(), deadline.map(|(at, _)| at));
+            }
+        }
         let mut c = lock(&self.shared.state);
         loop {
             match c.status {
@@ -231,7 +248,8 @@ impl ImmCounter {
     }
 
     /// Calls `callback(value)` each time the counter reaches its count (on
-    /// the worker thread; or right away if it already has).
+    /// the thread that drives the engine then, see the crate docs; or right
+    /// away if it already has).
     pub fn on_reached(&self, callback: impl Fn(u32) + Send + Sync + 'static) {
         let callback: Arc<dyn Fn(u32) + Send + Sync> = Arc::new(callback);
         let mut c = lock(&self.shared.state);

@@ -44,6 +44,17 @@ impl<T> Mailbox<T> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The next item, if one is there.
+    pub(crate) fn try_pop(&self) -> Option<T> {
+        self.lock().items.pop_front()
+    }
+
+    /// Whether an item is there, or none can come any more.
+    pub(crate) fn has_items(&self) -> bool {
+        let state = self.lock();
+        !state.items.is_empty() || state.closed
+    }
+
     /// The next item, waiting up to `timeout`.
     pub(crate) fn pop_timeout(&self, timeout: Duration) -> Result<T> {
         let deadline = Instant::now() + timeout;

@@ -8,6 +8,7 @@ mod imm;
 mod link;
 mod mailbox;
 mod memory;
+mod progress;
 mod worker;
 
 use std::fmt;
@@ -299,18 +300,24 @@ impl EngineBuilder {
             request_timeout: self.request_timeout,
             address: address.clone(),
         };
-        let worker = Worker::new(nics, commands, link.clone(), imm.clone(), messages, config);
+        let mut worker = Worker::new(nics, commands, link.clone(), imm.clone(), messages, config);
+        // Before any thread can drive it: receive buffers are posted first.
+        let pollfds = worker.start();
+        let core = progress::Core::new(worker);
         let cpu = self.cpu;
+        let (thread_core, thread_link) = (core.clone(), link.clone());
         let thread = std::thread::Builder::new()
             .name("strait-worker".into())
             .spawn(move || {
                 if let Some(cpu) = cpu {
                     pin_current_thread(cpu);
                 }
-                worker.run()
+                progress::run(thread_core, thread_link, pollfds)
             })
             .map_err(|e| Error::InvalidRequest(format!("spawning the worker: {e}")))?;
-        link.set_worker(thread.thread().id());
+        link.set_worker(thread.thread().clone());
+        link.set_progress(core);
+        imm.set_link(link.clone());
         tracing::info!(provider = %kind, nics = nic_count, address = %address, "engine started");
         Ok(TransferEngine {
             shared: Arc::new(Shared {
@@ -330,9 +337,19 @@ impl EngineBuilder {
     }
 }
 
-/// Waits on one of the engine's delivery queues, if it has that queue.
-fn receive<T>(queue: Option<&Arc<Mailbox<T>>>, timeout: Duration, missing: &str) -> Result<T> {
-    queue.ok_or_else(|| Error::InvalidRequest(missing.into()))?.pop_timeout(timeout)
+/// Waits on one of the engine's delivery queues, if it has that queue,
+/// driving the engine meanwhile (see `progress`).
+fn receive<T>(link: &Link, queue: Option<&Arc<Mailbox<T>>>, timeout: Duration, missing: &str) -> Result<T> {
+    let queue = queue.ok_or_else(|| Error::InvalidRequest(missing.into()))?;
+    if let Some(item) = queue.try_pop() {
+        return Ok(item);
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    link.drive(&|| queue.has_items(), Some(deadline));
+    queue.pop_timeout(deadline.saturating_duration_since(std::time::Instant::now())).map_err(|e| match e {
+        Error::Timeout(_) => Error::Timeout(timeout),
+        e => e,
+    })
 }
 
 /// Scatter targets writing into the same region must not overlap: their
@@ -423,7 +440,9 @@ impl Shared {
         if let Some(thread) = thread {
             let _ = self.link.send(Command::Shutdown);
             self.link.wake();
-            if thread.thread().id() != std::thread::current().id() {
+            // On the worker, or on a thread that drives it (a callback that
+            // dropped the last handle), joining would wait for this thread.
+            if !self.link.on_worker() {
                 let _ = thread.join();
             }
         }
@@ -593,7 +612,7 @@ impl TransferEngine {
     fn submit(&self, op: RequestOp) -> Result<Transfer> {
         let completion = Completion::new(1);
         self.submit_part(op, &completion)?;
-        Ok(Transfer::new(completion))
+        Ok(Transfer::driven(completion, self.shared.link.clone()))
     }
 
     fn submit_part(&self, op: RequestOp, completion: &Arc<Completion>) -> Result<()> {
@@ -722,7 +741,7 @@ impl TransferEngine {
             // still ends with exactly one outcome.
             let _ = self.submit_part(op, &completion);
         }
-        Ok(Transfer::new(completion))
+        Ok(Transfer::driven(completion, self.shared.link.clone()))
     }
 
     /// Reads `len` bytes of the peer's region `src` at `src_offset` into
@@ -778,13 +797,13 @@ impl TransferEngine {
     /// Unavailable when an [`on_message`](EngineBuilder::on_message) callback
     /// was configured.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Vec<u8>> {
-        receive(self.shared.messages.as_ref(), timeout, "messages go to the on_message callback")
+        receive(&self.shared.link, self.shared.messages.as_ref(), timeout, "messages go to the on_message callback")
     }
 
     /// The next immediate no counter claimed, waiting up to `timeout`; only
     /// with [`EngineBuilder::unclaimed_imm_queue`].
     pub fn next_imm(&self, timeout: Duration) -> Result<u32> {
-        receive(self.shared.imm_queue.as_ref(), timeout, "no unclaimed-immediate queue configured")
+        receive(&self.shared.link, self.shared.imm_queue.as_ref(), timeout, "no unclaimed-immediate queue configured")
     }
 
     /// A counter that is reached once `count` immediates of `value` have

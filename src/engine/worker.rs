@@ -256,6 +256,7 @@ pub(crate) struct Worker<N: Nic> {
     pools: Vec<RecvPool>,
     recv: RecvConfig,
     events: Vec<Event>,
+    /// The eventfd and the NICs' wait descriptors (see `start`).
     pollfds: Vec<libc::pollfd>,
     /// Next nap when the NICs have no wait descriptor.
     nap: Duration,
@@ -341,8 +342,9 @@ impl<N: Nic> Worker<N> {
         }
     }
 
-    /// Runs until shutdown.
-    pub(crate) fn run(mut self) {
+    /// Posts the receive pools and returns the descriptors the thread
+    /// sleeps on (the eventfd first). Runs once, before the first turn.
+    pub(crate) fn start(&mut self) -> Vec<libc::pollfd> {
         if let Err(e) = self.post_receive_pools() {
             tracing::error!(error = %e, "posting receive buffers failed; two-sided receives are unavailable");
         }
@@ -350,32 +352,31 @@ impl<N: Nic> Worker<N> {
             .chain(self.nics.iter().filter_map(|n| n.wait_fd()))
             .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
             .collect();
-        // Spin only after real work: once asleep, a turn that finds nothing
-        // goes straight back to sleep, so an idle worker costs next to no
-        // CPU even when it must nap instead of waiting on a descriptor.
-        let mut idle_since: Option<Instant> = None;
-        let mut asleep = false;
-        while !self.stopping {
-            if self.step() {
-                idle_since = None;
-                asleep = false;
-                self.nap = NAP_MIN;
-                continue;
-            }
-            if let PollMode::Adaptive { spin } = self.poll_mode {
-                let since = *idle_since.get_or_insert_with(Instant::now);
-                if asleep || since.elapsed() >= spin {
-                    self.sleep();
-                    asleep = true;
-                }
-            }
-        }
-        self.teardown();
+        self.pollfds.clone()
     }
 
-    /// One turn: take commands, post what can go, read completions. Returns
-    /// whether anything happened.
-    pub(crate) fn step(&mut self) -> bool {
+    /// The descriptors to sleep on (the eventfd first), for a driving thread.
+    pub(crate) fn pollfds(&mut self) -> &mut [libc::pollfd] {
+        &mut self.pollfds
+    }
+
+    pub(crate) fn poll_mode(&self) -> PollMode {
+        self.poll_mode
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping
+    }
+
+    /// After a turn that did something: the next nap starts short again.
+    pub(crate) fn worked(&mut self) {
+        self.nap = NAP_MIN;
+    }
+
+    /// Takes queued commands and posts what they allow, without reading
+    /// completions: what a submitting thread does when nobody else runs the
+    /// worker. Returns whether anything happened.
+    pub(crate) fn take_commands(&mut self) -> bool {
         let mut busy = false;
         self.now = Instant::now();
         loop {
@@ -394,7 +395,16 @@ impl<N: Nic> Worker<N> {
                 }
             }
         }
-        busy |= self.pump();
+        busy | self.pump()
+    }
+
+    /// One turn: take commands, post what can go, read completions. Returns
+    /// whether anything happened.
+    pub(crate) fn step(&mut self) -> bool {
+        let mut busy = self.take_commands();
+        if self.stopping {
+            return true;
+        }
         for nic in 0..self.nics.len() {
             self.nics[nic].poll(&mut self.events);
         }
@@ -472,37 +482,31 @@ impl<N: Nic> Worker<N> {
         !expired.is_empty()
     }
 
-    /// Sleeps until a wait descriptor or the wake-up fires, or a short cap.
-    fn sleep(&mut self) {
-        self.link.set_sleeping(true);
+    /// Gets ready to sleep: returns how long the thread may sleep on the
+    /// descriptors, or `None` when there is work or a NIC must be polled
+    /// first. The caller has already told submitters that it is about to
+    /// sleep (so that a command queued after the check here wakes it).
+    pub(crate) fn prepare_sleep(&mut self) -> Option<Duration> {
         if !self.commands.is_empty() || !self.ready.is_empty() {
-            self.link.set_sleeping(false);
-            return;
+            return None;
         }
         let all_have_fds = self.nics.iter().all(|n| n.wait_fd().is_some());
         for nic in &mut self.nics {
             if !nic.ready_to_sleep() {
-                self.link.set_sleeping(false);
-                return;
+                return None;
             }
         }
         // With wait descriptors the cap only bounds a missed wake-up; without
         // them (shm, EFA, busy CQs) the provider needs regular progress
         // calls, and peers may be waiting on ours (shm's delivery-complete
         // acknowledgements): nap briefly, doubling while nothing happens.
-        let timeout = if all_have_fds {
+        Some(if all_have_fds {
             Duration::from_millis(10)
         } else {
             let nap = self.nap;
             self.nap = (self.nap * 2).min(NAP_MAX);
             nap
-        };
-        let ts = libc::timespec { tv_sec: 0, tv_nsec: timeout.as_nanos() as libc::c_long };
-        // SAFETY: pollfds is a live array of len pollfd structs; ts is a
-        // valid timeout below one second; no signal mask is passed.
-        unsafe { libc::ppoll(self.pollfds.as_mut_ptr(), self.pollfds.len() as libc::nfds_t, &ts, std::ptr::null()) };
-        self.link.set_sleeping(false);
-        self.link.drain_wakeups();
+        })
     }
 
     fn handle(&mut self, command: Command) {
@@ -1014,7 +1018,7 @@ impl<N: Nic> Worker<N> {
     }
 
     /// Fails what is left, releases every registration, then the NICs.
-    fn teardown(mut self) {
+    pub(crate) fn teardown(mut self) {
         let left = self.active.iter().filter(|a| a.is_some()).count();
         if left > 0 {
             tracing::info!(requests = left, "engine shutting down with requests in flight");

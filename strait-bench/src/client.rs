@@ -8,7 +8,7 @@ use std::net::{IpAddr, TcpStream};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use strait::{Access, EngineAddress, MemoryRegion, MrDesc, PagedLayout, Transfer, TransferEngine};
+use strait::{Access, EngineAddress, MemoryRegion, MrDesc, PagedLayout, PollMode, Transfer, TransferEngine};
 
 use crate::proto::{Channel, Driver, Echo, Msg, RawEnds, PROTOCOL};
 use crate::raw::{self, Kind, Piece, RawEnd};
@@ -133,6 +133,8 @@ pub struct Client {
     rows: Vec<Row>,
     next_tag: u32,
     tty: bool,
+    /// The engine's polling mode, as the report records it.
+    poll: String,
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -187,7 +189,11 @@ impl Client {
             return Err("the server did not open raw endpoints".into());
         }
         let tty = plan.progress && std::io::stderr().is_terminal();
-        Ok(Client { plan, ch, engine, region, server, raw, rows: Vec::new(), next_tag: FIRST_TAG, tty })
+        let poll = match options.poll {
+            PollMode::Busy => "busy".to_string(),
+            PollMode::Adaptive { spin } => format!("adaptive:{}us", spin.as_micros()),
+        };
+        Ok(Client { plan, ch, engine, region, server, raw, rows: Vec::new(), next_tag: FIRST_TAG, tty, poll })
     }
 
     fn progress(&self, text: &str) {
@@ -257,6 +263,7 @@ impl Client {
             pages: self.plan.pages,
             duration: self.plan.duration.as_secs_f64(),
             repeat: self.plan.repeat,
+            poll: self.poll.clone(),
             rows: self.rows,
         };
         self.ch.send(&Msg::Report { report: Box::new(report.clone()) })?;
@@ -487,6 +494,7 @@ impl Client {
             bytes: sent,
             seconds,
             rtt_p50_us: None,
+            rtt_p90_us: None,
             rtt_p99_us: None,
             spread: None,
         })
@@ -512,6 +520,7 @@ fn row(w: Workload, driver: &str, size: u64, page: Option<u64>, ops: u64, second
         bytes: ops * size,
         seconds,
         rtt_p50_us: None,
+        rtt_p90_us: None,
         rtt_p99_us: None,
         spread: None,
     }
@@ -528,6 +537,7 @@ fn latency_row(w: Workload, driver: &str, size: u64, rtt: &mut [f64], seconds: f
         bytes: rtt.len() as u64 * size * 2,
         seconds,
         rtt_p50_us: Some(percentile(rtt, 0.5)),
+        rtt_p90_us: Some(percentile(rtt, 0.9)),
         rtt_p99_us: Some(percentile(rtt, 0.99)),
         spread: None,
     }

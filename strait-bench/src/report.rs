@@ -35,6 +35,9 @@ pub struct Row {
     pub rtt_p50_us: Option<f64>,
     /// See `rtt_p50_us`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_p90_us: Option<f64>,
+    /// See `rtt_p50_us`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt_p99_us: Option<f64>,
     /// With `--repeat`: this row is the median run; lowest and highest GB/s
     /// of all runs.
@@ -80,6 +83,10 @@ pub struct Report {
     /// Runs per bandwidth point (the median is reported).
     #[serde(default = "one")]
     pub repeat: u32,
+    /// The client engine's polling mode: `busy`, or `adaptive` with its
+    /// spin (`adaptive:50us`). The server of `loopback` uses the same.
+    #[serde(default)]
+    pub poll: String,
     /// The points.
     pub rows: Vec<Row>,
 }
@@ -212,31 +219,35 @@ impl Report {
 
     fn latency_table(&self, out: &mut String, points: &[Point<'_>]) {
         let has_raw = points.iter().any(|p| p.get(RAW).is_some());
-        let mut header = format!("{:>9} {:>14} {:>14}", "size", "strait p50 µs", "strait p99 µs");
+        let cols = |who: &str| format!(" {:>10} {:>10} {:>10} {:>8}", format!("{who} p50"), "p90", "p99", "samples");
+        let mut header = format!("{:>9}{} µs", "size", cols("strait"));
         if has_raw {
-            let _ = write!(header, " | {:>11} {:>11} {:>14}", "raw p50 µs", "raw p99 µs", "p50 raw/strait");
+            let _ = write!(header, " |{} µs {:>14}", cols("raw"), "p50 raw/strait");
         }
         let _ = writeln!(out, "{header}");
+        let cells = |r: Option<&Row>| {
+            let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+            format!(
+                " {:>10} {:>10} {:>10} {:>8}",
+                cell(r.and_then(|r| r.rtt_p50_us)),
+                cell(r.and_then(|r| r.rtt_p90_us)),
+                cell(r.and_then(|r| r.rtt_p99_us)),
+                r.map_or("-".into(), |r| r.ops.to_string())
+            )
+        };
         for p in points {
             let s = p.get(STRAIT);
-            let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
-            let mut line = format!(
-                "{:>9} {:>14} {:>14}",
-                format_size(p.size),
-                cell(s.and_then(|r| r.rtt_p50_us)),
-                cell(s.and_then(|r| r.rtt_p99_us))
-            );
+            let mut line = format!("{:>9}{}   ", format_size(p.size), cells(s));
             if has_raw {
                 let r = p.get(RAW);
                 let _ = write!(
                     line,
-                    " | {:>11} {:>11} {:>14}",
-                    cell(r.and_then(|r| r.rtt_p50_us)),
-                    cell(r.and_then(|r| r.rtt_p99_us)),
+                    " |{}    {:>14}",
+                    cells(r),
                     ratio(r.and_then(|r| r.rtt_p50_us), s.and_then(|r| r.rtt_p50_us))
                 );
             }
-            let _ = writeln!(out, "{line}");
+            let _ = writeln!(out, "{}", line.trim_end());
         }
     }
 
@@ -389,6 +400,7 @@ mod tests {
             bytes: (gb * 1e9) as u64,
             seconds: 1.0,
             rtt_p50_us: None,
+            rtt_p90_us: None,
             rtt_p99_us: None,
             spread: None,
         }
@@ -405,6 +417,7 @@ mod tests {
             pages: 64,
             duration: 0.5,
             repeat: 1,
+            poll: "adaptive:50us".into(),
             rows: vec![
                 row("write", "strait", 4096, 0.5),
                 row("write", "raw", 4096, 0.6),
@@ -412,7 +425,12 @@ mod tests {
                 row("write", "strait", 1 << 20, 3.0),
                 row("write", "raw", 1 << 20, 3.1),
                 row("write", "tcp-1", 1 << 20, 3.5),
-                Row { rtt_p50_us: Some(20.0), rtt_p99_us: Some(40.0), ..row("imm_latency", "strait", 0, 0.0) },
+                Row {
+                    rtt_p50_us: Some(20.0),
+                    rtt_p90_us: Some(31.5),
+                    rtt_p99_us: Some(40.0),
+                    ..row("imm_latency", "strait", 0, 0.0)
+                },
             ],
         }
     }
@@ -425,7 +443,8 @@ mod tests {
         assert!(t.contains("tcp-1 GB/s"), "{t}");
         assert!(t.contains("0.83"), "ratio 0.5/0.6 missing: {t}");
         assert!(t.contains("== imm_latency"), "{t}");
-        assert!(t.contains("20.0"), "{t}");
+        assert!(t.contains("20.0") && t.contains("31.5"), "p50 and p90 in the latency table: {t}");
+        assert!(t.contains("samples") && t.contains("1000"), "sample count in the latency table: {t}");
     }
 
     #[test]

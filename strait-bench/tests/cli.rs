@@ -33,6 +33,7 @@ fn check_json(path: &PathBuf, drivers: &[&str]) {
     let text = std::fs::read_to_string(path).expect("JSON written");
     let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
     assert_eq!(v["tool"], "strait-bench");
+    assert!(v["poll"].as_str().is_some_and(|p| p == "busy" || p.starts_with("adaptive:")), "poll mode in {text}");
     let rows = v["rows"].as_array().expect("rows");
     for workload in ["write", "paged", "read", "imm_latency", "send_latency"] {
         assert!(rows.iter().any(|r| r["workload"] == workload), "no {workload} rows in {text}");
@@ -45,7 +46,8 @@ fn check_json(path: &PathBuf, drivers: &[&str]) {
         assert!(r["ops"].as_u64().unwrap() > 0, "{r}");
         if r["workload"].as_str().unwrap().ends_with("latency") {
             let p50 = r["rtt_p50_us"].as_f64().unwrap();
-            assert!(p50 > 0.0 && p50 <= r["rtt_p99_us"].as_f64().unwrap(), "{r}");
+            let p90 = r["rtt_p90_us"].as_f64().unwrap();
+            assert!(p50 > 0.0 && p50 <= p90 && p90 <= r["rtt_p99_us"].as_f64().unwrap(), "{r}");
         } else {
             assert!(r["bytes"].as_u64().unwrap() > 0, "{r}");
         }

@@ -205,6 +205,9 @@ pub(crate) struct NicObjects {
     /// with an endpoint per peer it stalls only its own. Receives and
     /// peers' operations on us use `ep`, whose name is the NIC's address.
     tx: Vec<Option<Owned<sys::fid_ep, Domain>>>,
+    /// shm only: the process behind each peer (by AV index), checked
+    /// before every post to it (see [`shm::PeerWatch`]).
+    watches: Vec<Option<shm::PeerWatch>>,
     /// shm only: transmit endpoints replaced by [`Nic::reset_peer`], kept
     /// open (bound to the CQ, so that whatever they still complete returns
     /// its slot) until the NIC closes; at most [`MAX_RETIRED`].
@@ -320,6 +323,7 @@ impl NicObjects {
             }
             Ok(NicObjects {
                 tx: Vec::new(),
+                watches: Vec::new(),
                 retired: Vec::new(),
                 tx_info,
                 ep,
@@ -532,6 +536,12 @@ impl Nic for FabricNic {
             if objects.tx.len() <= index {
                 objects.tx.resize_with(index + 1, || None);
             }
+            if objects.watches.len() <= index {
+                objects.watches.resize_with(index + 1, || None);
+            }
+            if objects.watches[index].is_none() {
+                objects.watches[index] = shm::PeerWatch::for_address(address);
+            }
             if objects.tx[index].is_none() {
                 // SAFETY: the copy is of the entry the domain was opened from.
                 let ep = unsafe { open_endpoint(&objects.domain, info.0, &objects.cq, &objects.av) }?;
@@ -542,6 +552,14 @@ impl Nic for FabricNic {
     }
 
     unsafe fn post(&mut self, op: &Op) -> Result<Posted> {
+        if let Some(Some(watch)) = self.objects.watches.get_mut(op.peer as usize) {
+            if watch.exited() {
+                return Err(Error::PeerUnreachable(format!(
+                    "the shm peer's process ({}) has exited; nothing is posted to it",
+                    watch.pid()
+                )));
+            }
+        }
         let Some(context) = self.slots.take(op.token, false) else {
             return Ok(Posted::Busy);
         };
