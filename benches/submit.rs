@@ -74,9 +74,50 @@ fn items(c: &mut Criterion) {
     group.finish();
 }
 
+/// The same 256 requests as `single`, submitted as one batch: with a
+/// handle per request, and with one handle for the batch.
+fn batched(c: &mut Criterion) {
+    let mut group = c.benchmark_group("submit_batch");
+    group.throughput(Throughput::Elements(BATCH));
+    for nics in [1usize, 4] {
+        let engine = engine(nics);
+        let region = engine.alloc(64 << 20, Access::REMOTE_WRITE).unwrap();
+        let dst = region.descriptor().clone();
+        group.bench_function(BenchmarkId::new("write_4KiB_handles", format!("{nics}nic")), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let mut batch = engine.batch();
+                    for _ in 0..BATCH {
+                        batch.write(&region, 0, &dst, 4096, 4096, None).unwrap();
+                    }
+                    for t in batch.submit().unwrap() {
+                        t.wait().expect("null backend completes");
+                    }
+                }
+                start.elapsed()
+            })
+        });
+        group.bench_function(BenchmarkId::new("write_4KiB_joined", format!("{nics}nic")), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let mut batch = engine.batch();
+                    for _ in 0..BATCH {
+                        batch.write(&region, 0, &dst, 4096, 4096, None).unwrap();
+                    }
+                    batch.submit_joined().unwrap().wait().expect("null backend completes");
+                }
+                start.elapsed()
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = single, items
+    targets = single, items, batched
 }
 criterion_main!(benches);

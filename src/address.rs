@@ -20,16 +20,40 @@ const VERSION: u8 = 1;
 ///
 /// Encoding (version 1): `"STA" 1`, provider byte, NIC count (1..=16), then
 /// per NIC a length byte (1..=64) and the provider's raw address.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone)]
 pub struct EngineAddress {
     inner: Arc<Inner>,
 }
 
-#[derive(PartialEq, Eq, Hash)]
 struct Inner {
+    /// The canonical encoding: it determines everything else, so equality
+    /// and hashing use it alone.
     encoded: Box<[u8]>,
+    /// FNV-1a of `encoded`, computed once: the worker looks peers up by
+    /// address for every request, and hashing the whole encoding each time
+    /// showed in the submit profile.
+    hash: u64,
     provider: ProviderKind,
     nics: Vec<Box<[u8]>>,
+}
+
+impl PartialEq for EngineAddress {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+            || (self.inner.hash == other.inner.hash && self.inner.encoded == other.inner.encoded)
+    }
+}
+
+impl Eq for EngineAddress {}
+
+impl std::hash::Hash for EngineAddress {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.inner.hash);
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 impl EngineAddress {
@@ -42,7 +66,8 @@ impl EngineAddress {
         for nic in &nics {
             wire::put_nic_address(&mut encoded, nic);
         }
-        EngineAddress { inner: Arc::new(Inner { encoded: encoded.into(), provider, nics }) }
+        let hash = fnv1a(&encoded);
+        EngineAddress { inner: Arc::new(Inner { encoded: encoded.into(), hash, provider, nics }) }
     }
 
     /// Decodes and validates an address received from another process.

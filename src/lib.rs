@@ -82,10 +82,12 @@
 //! when no other thread does: it runs the worker's polling (spin, then sleep
 //! on the wait descriptors) and the worker thread stands aside, so a
 //! completion wakes the waiting thread directly. One thread at a time runs
-//! the worker. After a wait ends the worker thread stays aside for up to
-//! 200 µs (the same thread usually submits or waits again at once): a
-//! request submitted then without a wait after it is posted when the
-//! worker resumes, at most that much later. So callbacks
+//! the worker. After a wait ends the worker thread stays aside a little
+//! longer (the same thread usually submits or waits again at once): from
+//! 100 µs after a single wait up to 1 ms after a long run of waits. A
+//! request submitted then, with no wait after it, is posted when the
+//! worker resumes, at most that much later; meanwhile the engine makes no
+//! progress for its peers either. So callbacks
 //! ([`Transfer::on_complete`], [`ImmCounter::on_reached`],
 //! [`EngineBuilder::on_message`], ...) run on whichever thread drives at
 //! that moment, the worker or a waiting thread: keep them short, and do not
@@ -141,7 +143,7 @@ pub use address::EngineAddress;
 pub use backend::verbs::VerbsConfig;
 pub use descriptor::{Access, MrDesc};
 pub use engine::{
-    EngineBuilder, ImmCounter, MemoryRegion, PollMode, ScatterTarget, Transfer, TransferEngine,
+    Batch, EngineBuilder, ImmCounter, MemoryRegion, PollMode, ScatterTarget, Transfer, TransferEngine,
     DEFAULT_REQUEST_TIMEOUT, PAGE_SIZE,
 };
 pub use error::{Error, Result};

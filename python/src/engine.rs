@@ -614,6 +614,68 @@ impl TransferEngine {
         self.submit(py, |e| e.write(&src, src_offset, &dst, dst_offset, len, imm))
     }
 
+    /// Writes many ranges of `src` into `dst` with one call and one hand-off
+    /// to the engine: write `i` takes `lengths[i]` bytes from `src` at
+    /// `src_offsets[i]` to `dst` at `dst_offsets[i]`. The three arguments are
+    /// numpy arrays of uint64/int64 (read in one copy, no Python object per
+    /// element) or sequences of ints, of equal length. With `imm`, every
+    /// write delivers it once after its own bytes (a counter at the target
+    /// expects `len(lengths)`). Every write is checked before any is posted.
+    /// Returns one `Transfer` for the batch (`joined=True`, the default: it
+    /// succeeds when every write has, else carries the first error), or a
+    /// list of one per write.
+    #[pyo3(signature = (src, dst, src_offsets, dst_offsets, lengths, *, imm=None, joined=true))]
+    #[allow(clippy::too_many_arguments)] // keyword arguments on the Python side
+    fn write_batch(
+        &self,
+        py: Python<'_>,
+        src: &Region,
+        dst: &Bound<'_, PyAny>,
+        src_offsets: &Bound<'_, PyAny>,
+        dst_offsets: &Bound<'_, PyAny>,
+        lengths: &Bound<'_, PyAny>,
+        imm: Option<u32>,
+        joined: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let (src, dst) = (src.region(py)?, descriptor(dst)?);
+        let src_offsets = crate::export::u64s(src_offsets, "src_offsets")?;
+        let dst_offsets = crate::export::u64s(dst_offsets, "dst_offsets")?;
+        let lengths = crate::export::u64s(lengths, "lengths")?;
+        if src_offsets.len() != lengths.len() || dst_offsets.len() != lengths.len() {
+            return Err(raise(
+                py,
+                "InvalidRequestError",
+                format!(
+                    "src_offsets, dst_offsets and lengths differ in length ({}, {}, {})",
+                    src_offsets.len(),
+                    dst_offsets.len(),
+                    lengths.len()
+                ),
+            ));
+        }
+        let engine = self.engine(py)?;
+        let submitted = py
+            .detach(|| {
+                let mut batch = engine.batch();
+                for i in 0..lengths.len() {
+                    batch.write(&src, src_offsets[i], &dst, dst_offsets[i], lengths[i], imm)?;
+                }
+                if joined {
+                    batch.submit_joined().map(|t| (Some(t), Vec::new()))
+                } else {
+                    batch.submit().map(|ts| (None, ts))
+                }
+            })
+            .py(py)?;
+        match submitted {
+            (Some(t), _) => Ok(Py::new(py, Transfer::new(t))?.into_any()),
+            (None, ts) => {
+                let list = ts.into_iter().map(|t| Py::new(py, Transfer::new(t))).collect::<PyResult<Vec<_>>>()?;
+                Ok(pyo3::types::PyList::new(py, list)?.into_any().unbind())
+            }
+        }
+    }
+
     /// Delivers only the immediate `imm` to the owner of `dst` (a
     /// zero-length write).
     fn write_imm(&self, py: Python<'_>, dst: &Bound<'_, PyAny>, imm: u32) -> PyResult<Transfer> {

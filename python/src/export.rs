@@ -288,3 +288,74 @@ fn from_data_ptr(obj: &Bound<'_, PyAny>) -> PyResult<Exported> {
     let len: u64 = obj.getattr("nbytes")?.extract()?;
     Ok(Exported { ptr, len, writable: true, keepalive: obj.clone().unbind(), via: "data_ptr" })
 }
+
+/// A sequence of offsets or lengths as `u64`s: a C-contiguous buffer of
+/// 8-byte integers (a numpy `uint64`/`int64` array: copied in one go, no
+/// Python object per element), else any sequence of Python ints. Negative
+/// values are refused.
+pub fn u64s(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
+    let py = obj.py();
+    if let Some(values) = u64s_from_buffer(obj, what)? {
+        return Ok(values);
+    }
+    obj.extract::<Vec<u64>>().map_err(|e| {
+        raise(
+            py,
+            "InvalidRequestError",
+            format!("{what}: expected an array of uint64/int64 or a sequence of ints ({e})"),
+        )
+    })
+}
+
+fn u64s_from_buffer(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Option<Vec<u64>>> {
+    let py = obj.py();
+    // Only objects that export a buffer themselves (numpy arrays,
+    // array.array, memoryview); lists and tuples go the sequence way.
+    if obj.is_instance_of::<pyo3::types::PyList>() || obj.is_instance_of::<pyo3::types::PyTuple>() {
+        return Ok(None);
+    }
+    // SAFETY: an all-zero Py_buffer is a valid "empty" value to fill.
+    let mut b: PyBufferView = unsafe { std::mem::zeroed() };
+    // SAFETY: `obj` is a live object and `b` a Py_buffer to fill.
+    if unsafe { get_buffer(obj.as_ptr(), &mut b, PYBUF_FULL_RO) } != 0 {
+        // Not a buffer exporter: clear the error and try the sequence way.
+        let _ = PyErr::take(py);
+        return Ok(None);
+    }
+    let format = if b.format.is_null() {
+        "B".to_string()
+    } else {
+        // SAFETY: `b` was filled by a successful PyObject_GetBuffer with
+        // PyBUF_FORMAT: a non-null format is a NUL-terminated string that
+        // lives until the buffer is released, below.
+        unsafe { std::ffi::CStr::from_ptr(b.format) }.to_string_lossy().into_owned()
+    };
+    let code = format.trim_start_matches(['@', '=', '<']);
+    // SAFETY: as above.
+    let contiguous = unsafe { buffer_is_contiguous(&b, b'C' as c_char) } != 0;
+    let signed = matches!(code, "q" | "l");
+    let result = if b.itemsize != 8 || !(signed || matches!(code, "Q" | "L")) || !contiguous || b.ndim > 1 {
+        Err(raise(
+            py,
+            "InvalidRequestError",
+            format!(
+                "{what}: expected a contiguous 1-d array of uint64 or int64 (got format {format:?}, {} bytes per item)",
+                b.itemsize
+            ),
+        ))
+    } else {
+        let n = b.len as usize / 8;
+        let mut values = vec![0u64; n];
+        // SAFETY: the buffer holds `len` bytes, contiguous, at `buf`; the
+        // destination has room for them; they do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(b.buf.cast::<u8>(), values.as_mut_ptr().cast::<u8>(), n * 8) };
+        if signed && values.iter().any(|&v| (v as i64) < 0) {
+            Err(raise(py, "InvalidRequestError", format!("{what}: negative values")))
+        } else {
+            Ok(Some(values))
+        }
+    };
+    // SAFETY: released once, after its last use.
+    unsafe { release_buffer(&mut b) };
+    result
+}

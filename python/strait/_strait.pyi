@@ -121,6 +121,17 @@ class TransferEngine:
         dst_offset: int = 0,
         imm: Optional[int] = None,
     ) -> Transfer: ...
+    def write_batch(
+        self,
+        src: Region,
+        dst: DescriptorLike,
+        src_offsets: Any,
+        dst_offsets: Any,
+        lengths: Any,
+        *,
+        imm: Optional[int] = None,
+        joined: bool = True,
+    ) -> Union[Transfer, List[Transfer]]: ...
     def write_imm(self, dst: DescriptorLike, imm: int) -> Transfer: ...
     def write_paged(
         self,

@@ -331,3 +331,48 @@ def test_a_revoked_region_fails_with_remote_access_and_the_peer_stays_usable(pro
     finally:
         a.shutdown()
         b.shutdown()
+
+
+def test_write_batch_from_numpy_arrays_and_lists(pair):
+    a, b = pair
+    n, size = 64, 512
+    data = pattern(n * size, seed=9)
+    inbox = np.zeros(2 * n * size, dtype=np.uint8)
+    src = a.register(data)
+    dst = b.register(inbox, remote="write")
+    # Reversed order into every other slot: offsets as numpy uint64 arrays.
+    src_offsets = np.arange(n, dtype=np.uint64) * size
+    dst_offsets = (np.arange(n, dtype=np.uint64)[::-1] * 2 * size).copy()
+    lengths = np.full(n, size, dtype=np.uint64)
+    arrived = b.expect_imm(31, n)
+    t = a.write_batch(src, dst.descriptor, src_offsets, dst_offsets, lengths, imm=31)
+    assert isinstance(t, strait.Transfer)
+    t.wait(TIMEOUT)
+    arrived.wait(TIMEOUT)
+    for i in range(n):
+        at = int(dst_offsets[i])
+        assert np.array_equal(inbox[at : at + size], data[i * size : (i + 1) * size])
+        assert not inbox[at + size : at + 2 * size].any()
+    # Lists and int64 arrays, one handle per write.
+    ts = a.write_batch(src, dst.descriptor, [0, size], np.array([0, 4 * size], dtype=np.int64), [size, size], joined=False)
+    assert isinstance(ts, list) and len(ts) == 2
+    for t in ts:
+        t.wait(TIMEOUT)
+    assert np.array_equal(inbox[4 * size : 5 * size], data[size : 2 * size])
+
+
+def test_write_batch_refuses_bad_arrays_before_posting(pair):
+    a, b = pair
+    inbox = np.zeros(4096, dtype=np.uint8)
+    src = a.register(np.ones(4096, dtype=np.uint8))
+    dst = b.register(inbox, remote="write")
+    with pytest.raises(strait.InvalidRequestError):
+        a.write_batch(src, dst.descriptor, [0, 1], [0], [1, 1])
+    with pytest.raises(strait.InvalidRequestError):
+        a.write_batch(src, dst.descriptor, np.array([0], dtype=np.int64), np.array([-1], dtype=np.int64), [1])
+    with pytest.raises(strait.InvalidRequestError):
+        a.write_batch(src, dst.descriptor, np.zeros(2, dtype=np.float64), [0, 0], [1, 1])
+    # The second write is out of range: neither is posted.
+    with pytest.raises(strait.InvalidRequestError):
+        a.write_batch(src, dst.descriptor, [0, 0], [0, 4000], [16, 200])
+    assert not inbox.any()

@@ -688,6 +688,19 @@ impl TransferEngine {
         dst_pages: Vec<u32>,
         imm: Option<u32>,
     ) -> Result<Transfer> {
+        let op = self.paged_op(src, dst, layout, src_pages, dst_pages, imm)?;
+        self.submit(op)
+    }
+
+    fn paged_op(
+        &self,
+        src: &MemoryRegion,
+        dst: &MrDesc,
+        layout: PagedLayout,
+        src_pages: Vec<u32>,
+        dst_pages: Vec<u32>,
+        imm: Option<u32>,
+    ) -> Result<RequestOp> {
         self.check_local(src)?;
         self.check_peer(dst.owner())?;
         if !dst.access().remote_write {
@@ -704,7 +717,7 @@ impl TransferEngine {
             dst.owner().nic_count(),
             self.shared.shard.max_piece,
         )?;
-        self.submit(RequestOp::Paged { src: src.inner.clone(), dst: dst.clone(), plan: Box::new(plan), imm })
+        Ok(RequestOp::Paged { src: src.inner.clone(), dst: dst.clone(), plan: Box::new(plan), imm })
     }
 
     /// Writes parts of `src` to several peers (or several places of one
@@ -712,15 +725,16 @@ impl TransferEngine {
     /// all: it succeeds when every target has, else carries the first error.
     /// Every target is validated before any is posted.
     pub fn scatter(&self, src: &MemoryRegion, targets: &[ScatterTarget]) -> Result<Transfer> {
+        let ops = self.scatter_ops(src, targets)?;
+        self.submit_all(ops)
+    }
+
+    fn scatter_ops(&self, src: &MemoryRegion, targets: &[ScatterTarget]) -> Result<Vec<RequestOp>> {
         if targets.is_empty() {
             return Err(Error::InvalidRequest("scatter with no targets".into()));
         }
         check_disjoint(targets)?;
-        let ops = targets
-            .iter()
-            .map(|t| self.write_op(Some(src), t.src_offset, &t.dst, t.dst_offset, t.len, t.imm))
-            .collect::<Result<Vec<_>>>()?;
-        self.submit_all(ops)
+        targets.iter().map(|t| self.write_op(Some(src), t.src_offset, &t.dst, t.dst_offset, t.len, t.imm)).collect()
     }
 
     /// Delivers immediate `imm` to the owner of each descriptor (one per
@@ -813,9 +827,158 @@ impl TransferEngine {
         self.shared.imm.expect(value, count)
     }
 
+    /// An empty [`Batch`]: requests added to it are checked as they are
+    /// added and handed to the worker together.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch { engine: self, ops: Vec::new(), parts: Vec::new() }
+    }
+
     /// Stops the worker now (clones of the handle then fail with
     /// [`Error::Shutdown`]). In-flight requests end with `Shutdown`.
     pub fn shutdown(&self) {
         self.shared.shutdown();
+    }
+}
+
+/// Requests submitted together: each is checked when it is added (an
+/// invalid one is refused there, and nothing of the batch has been posted),
+/// and [`submit`](Self::submit) hands them all to the worker in one
+/// message, so the whole batch costs one queue operation and at most one
+/// wake-up, and the worker posts it in one round (one doorbell per NIC
+/// where the backend chains work requests). The semantics of each request
+/// are exactly those of the single call of the same name: its own outcome,
+/// its own immediate after its own bytes; nothing orders the requests of a
+/// batch among themselves.
+///
+/// ```no_run
+/// # fn main() -> strait::Result<()> {
+/// # let engine = strait::TransferEngine::builder().build()?;
+/// # let src = engine.alloc(1 << 20, strait::Access::LOCAL)?;
+/// # let dst: strait::MrDesc = todo!();
+/// let mut batch = engine.batch();
+/// for layer in 0..32u64 {
+///     batch.write(&src, layer * 4096, &dst, layer * 4096, 4096, None)?;
+/// }
+/// batch.write_imm(&dst, 7)?; // not ordered after the writes: count it at the target
+/// let all = batch.submit_joined()?; // one handle: the first error, else success
+/// all.wait()?;
+/// # Ok(()) }
+/// ```
+pub struct Batch<'a> {
+    engine: &'a TransferEngine,
+    ops: Vec<RequestOp>,
+    /// Operations per request, in order (a scatter is several).
+    parts: Vec<u32>,
+}
+
+impl fmt::Debug for Batch<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batch").field("requests", &self.parts.len()).finish()
+    }
+}
+
+impl Batch<'_> {
+    /// Adds a [`TransferEngine::write`].
+    pub fn write(
+        &mut self,
+        src: &MemoryRegion,
+        src_offset: u64,
+        dst: &MrDesc,
+        dst_offset: u64,
+        len: u64,
+        imm: Option<u32>,
+    ) -> Result<&mut Self> {
+        let op = self.engine.write_op(Some(src), src_offset, dst, dst_offset, len, imm)?;
+        Ok(self.push(std::iter::once(op)))
+    }
+
+    /// Adds a [`TransferEngine::write_imm`].
+    pub fn write_imm(&mut self, dst: &MrDesc, imm: u32) -> Result<&mut Self> {
+        let op = self.engine.write_op(None, 0, dst, 0, 0, Some(imm))?;
+        Ok(self.push(std::iter::once(op)))
+    }
+
+    /// Adds a [`TransferEngine::write_paged`].
+    pub fn write_paged(
+        &mut self,
+        src: &MemoryRegion,
+        dst: &MrDesc,
+        layout: PagedLayout,
+        src_pages: Vec<u32>,
+        dst_pages: Vec<u32>,
+        imm: Option<u32>,
+    ) -> Result<&mut Self> {
+        let op = self.engine.paged_op(src, dst, layout, src_pages, dst_pages, imm)?;
+        Ok(self.push(std::iter::once(op)))
+    }
+
+    /// Adds a [`TransferEngine::scatter`] (one request of several parts).
+    pub fn scatter(&mut self, src: &MemoryRegion, targets: &[ScatterTarget]) -> Result<&mut Self> {
+        let ops = self.engine.scatter_ops(src, targets)?;
+        Ok(self.push(ops))
+    }
+
+    /// Adds a [`TransferEngine::barrier`] (one request of a part per peer).
+    pub fn barrier(&mut self, peers: &[MrDesc], imm: u32) -> Result<&mut Self> {
+        if peers.is_empty() {
+            return Err(Error::InvalidRequest("barrier with no peers".into()));
+        }
+        let ops =
+            peers.iter().map(|d| self.engine.write_op(None, 0, d, 0, 0, Some(imm))).collect::<Result<Vec<_>>>()?;
+        Ok(self.push(ops))
+    }
+
+    fn push(&mut self, ops: impl IntoIterator<Item = RequestOp>) -> &mut Self {
+        let before = self.ops.len();
+        self.ops.extend(ops);
+        self.parts.push((self.ops.len() - before) as u32);
+        self
+    }
+
+    /// Requests added so far.
+    pub fn len(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// True when nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// Submits every request; one [`Transfer`] per request, in the order
+    /// they were added. An empty batch gives an empty list.
+    pub fn submit(self) -> Result<Vec<Transfer>> {
+        let link = &self.engine.shared.link;
+        let mut transfers = Vec::with_capacity(self.parts.len());
+        let mut submissions = Vec::with_capacity(self.ops.len());
+        let mut ops = self.ops.into_iter();
+        for &parts in &self.parts {
+            let completion = Completion::new(parts);
+            for op in ops.by_ref().take(parts as usize) {
+                submissions.push(Submission { op, guard: PartGuard::new(completion.clone()) });
+            }
+            transfers.push(Transfer::driven(completion, link.clone()));
+        }
+        if !submissions.is_empty() {
+            // On failure (shutdown) the dropped guards end every request
+            // with Shutdown; the handles still report it.
+            let _ = link.send(Command::SubmitBatch(submissions));
+        }
+        Ok(transfers)
+    }
+
+    /// Submits every request with one [`Transfer`] for the whole batch: it
+    /// succeeds when every request has, else carries the first error.
+    /// Fails with [`Error::InvalidRequest`] on an empty batch.
+    pub fn submit_joined(self) -> Result<Transfer> {
+        if self.ops.is_empty() {
+            return Err(Error::InvalidRequest("an empty batch".into()));
+        }
+        let link = &self.engine.shared.link;
+        let completion = Completion::new(self.ops.len() as u32);
+        let submissions =
+            self.ops.into_iter().map(|op| Submission { op, guard: PartGuard::new(completion.clone()) }).collect();
+        let _ = link.send(Command::SubmitBatch(submissions));
+        Ok(Transfer::driven(completion, link.clone()))
     }
 }

@@ -67,8 +67,19 @@ unsafe impl Send for NicRegion {}
 
 pub(crate) enum Command {
     Submit(Submission),
-    Register { ptr: usize, len: u64, access: Access, reply: Sender<Result<Registration>> },
-    Deregister { id: u64, memory: Option<Owner>, done: Option<Sender<()>> },
+    /// Several submissions in one message (`TransferEngine::batch`).
+    SubmitBatch(Vec<Submission>),
+    Register {
+        ptr: usize,
+        len: u64,
+        access: Access,
+        reply: Sender<Result<Registration>>,
+    },
+    Deregister {
+        id: u64,
+        memory: Option<Owner>,
+        done: Option<Sender<()>>,
+    },
     Shutdown,
 }
 
@@ -512,6 +523,11 @@ impl<N: Nic> Worker<N> {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Submit(s) => self.submit(s),
+            Command::SubmitBatch(batch) => {
+                for s in batch {
+                    self.submit(s);
+                }
+            }
             Command::Register { ptr, len, access, reply } => {
                 let _ = reply.send(self.register(ptr as *mut u8, len, access));
             }
