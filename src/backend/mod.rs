@@ -144,6 +144,11 @@ pub(crate) trait Nic: Send {
     /// # Safety
     /// As for [`post`](Self::post).
     unsafe fn post_recv(&mut self, buf: *mut u8, len: usize, desc: *mut c_void, token: u64) -> Result<Posted>;
+    /// A round of posts begins (the engine calls it before each round of
+    /// [`post`](Self::post)s). Checks that need not be repeated for every
+    /// post of a round (shm: whether a peer's process still runs) are made
+    /// once per round and peer. The default does nothing.
+    fn start_round(&mut self) {}
     /// Submits work that [`post`](Self::post) staged (backends may chain
     /// several posts into one doorbell). The engine calls it after each
     /// round of posts; `poll` and `ready_to_sleep` flush too.

@@ -269,6 +269,9 @@ pub(crate) struct Worker<N: Nic> {
     events: Vec<Event>,
     /// The eventfd and the NICs' wait descriptors (see `start`).
     pollfds: Vec<libc::pollfd>,
+    /// (local NIC, peer address) pairs whose post was refused as busy in the
+    /// current round of `pump`: the rest of the round skips them.
+    busy_paths: Vec<(usize, u64)>,
     /// Next nap when the NICs have no wait descriptor.
     nap: Duration,
     stopping: bool,
@@ -320,6 +323,7 @@ impl<N: Nic> Worker<N> {
             recv: config.recv,
             events: Vec::with_capacity(256),
             pollfds: Vec::new(),
+            busy_paths: Vec::new(),
             nap: NAP_MIN,
             stopping: false,
         }
@@ -636,6 +640,13 @@ impl<N: Nic> Worker<N> {
     /// Posts what the ready requests may post. Returns whether anything moved.
     fn pump(&mut self) -> bool {
         let mut moved = false;
+        if self.ready.is_empty() {
+            return false;
+        }
+        for nic in &mut self.nics {
+            nic.start_round();
+        }
+        self.busy_paths.clear();
         for _ in 0..self.ready.len() {
             let Some(index) = self.ready.pop_front() else { break };
             let (posted, busy) = self.post_some(index);
@@ -675,6 +686,13 @@ impl<N: Nic> Worker<N> {
             let last = a.seq.is_last(i);
             let imm = a.op.imm();
             let fi_addr = peer.addrs[piece.local_nic * peer.remote_nics + piece.remote_nic];
+            if self.busy_paths.contains(&(piece.local_nic, fi_addr)) {
+                // That path refused a post this round: retrying now would
+                // only take the provider's locks again (shm: the peer's).
+                a.retry = Some(piece);
+                busy = true;
+                break;
+            }
             let op = build_op(&a.op, &piece, fi_addr, if last { imm } else { None }, index as u64);
             // SAFETY: the op's local buffer lies in a region held by
             // `a.op` (an Arc of its registration) until the request ends,
@@ -687,6 +705,7 @@ impl<N: Nic> Worker<N> {
                 Ok(Posted::Busy) => {
                     a.retry = Some(piece);
                     busy = true;
+                    self.busy_paths.push((piece.local_nic, fi_addr));
                     break;
                 }
                 Err(e) => {
@@ -938,6 +957,7 @@ impl<N: Nic> Worker<N> {
     /// `None` when it could not be posted now.
     fn send_control(&mut self, nic: usize, peer: u64, bytes: &[u8]) -> Option<u64> {
         debug_assert!(bytes.len() <= CONTROL_SLOT_SIZE);
+        self.nics[nic].start_round();
         if self.control[nic].is_none() {
             let size = (CONTROL_SLOTS * CONTROL_SLOT_SIZE) as u64;
             let memory = AlignedBuf::zeroed(size).ok()?;

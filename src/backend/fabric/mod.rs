@@ -206,8 +206,10 @@ pub(crate) struct NicObjects {
     /// peers' operations on us use `ep`, whose name is the NIC's address.
     tx: Vec<Option<Owned<sys::fid_ep, Domain>>>,
     /// shm only: the process behind each peer (by AV index), checked
-    /// before every post to it (see [`shm::PeerWatch`]).
+    /// before the first post to it of every round (see [`shm::PeerWatch`]).
     watches: Vec<Option<shm::PeerWatch>>,
+    /// Rounds of posts begun ([`Nic::start_round`]).
+    round: u64,
     /// shm only: transmit endpoints replaced by [`Nic::reset_peer`], kept
     /// open (bound to the CQ, so that whatever they still complete returns
     /// its slot) until the NIC closes; at most [`MAX_RETIRED`].
@@ -324,6 +326,7 @@ impl NicObjects {
             Ok(NicObjects {
                 tx: Vec::new(),
                 watches: Vec::new(),
+                round: 0,
                 retired: Vec::new(),
                 tx_info,
                 ep,
@@ -551,9 +554,14 @@ impl Nic for FabricNic {
         Ok(fi_addr)
     }
 
+    fn start_round(&mut self) {
+        self.objects.round += 1;
+    }
+
     unsafe fn post(&mut self, op: &Op) -> Result<Posted> {
+        let round = self.objects.round;
         if let Some(Some(watch)) = self.objects.watches.get_mut(op.peer as usize) {
-            if watch.exited() {
+            if watch.exited(round) {
                 return Err(Error::PeerUnreachable(format!(
                     "the shm peer's process ({}) has exited; nothing is posted to it",
                     watch.pid()

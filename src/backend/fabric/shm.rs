@@ -149,18 +149,22 @@ pub(super) fn retire(address: Box<[u8]>, objects: Box<dyn Send>) {
 /// for good, and the next post to that peer spins inside libfabric forever,
 /// taking the engine's worker with it (seen in the killed-peer test: the
 /// worker spinning in `fi_writemsg` on the lock at offset 0x18 of the dead
-/// peer's `/dev/shm` region, in 2 of 3 runs once waiting threads drove
-/// the engine). So the NIC checks the peer's process before every post to
-/// it, through a pidfd (readable once the process has exited, reaped or
-/// not; one `poll` of 0.2-0.4 µs) or, without pidfds, `kill(pid, 0)`. A
-/// post to an exited peer fails with `PeerUnreachable` without calling into
-/// libfabric. Checking only every 20 µs still hung 1 run in 6 (posts right
-/// after the kill). What remains is a post already spinning on the lock of
-/// a live peer that is killed within that critical section.
+/// peer's `/dev/shm` region). So the NIC checks the peer's process before
+/// its first post to that peer in each round of posts (one pass of the
+/// worker over its ready requests), through a pidfd (readable once the
+/// process has exited, reaped or not; one `poll` of 0.2-0.4 µs) or,
+/// without pidfds, `kill(pid, 0)`. A post to an exited peer fails with
+/// `PeerUnreachable` without calling into libfabric. (Checking before every
+/// post cost up to a fifth of the submitting thread's time with 4 KiB
+/// writes, whose retries on a full queue each paid the system call.) What
+/// remains is a post already spinning on the lock of a live peer that is
+/// killed within that critical section, or killed during the round.
 pub(super) struct PeerWatch {
     pid: i32,
     pidfd: Option<std::os::fd::OwnedFd>,
     exited: bool,
+    /// The round of posts it was last checked in.
+    checked: Option<u64>,
 }
 
 impl PeerWatch {
@@ -179,7 +183,7 @@ impl PeerWatch {
             // SAFETY: a fresh descriptor that nothing else owns.
             unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) }
         });
-        Some(PeerWatch { pid, pidfd, exited: false })
+        Some(PeerWatch { pid, pidfd, exited: false, checked: None })
     }
 
     /// The peer's pid.
@@ -187,11 +191,13 @@ impl PeerWatch {
         self.pid
     }
 
-    /// True once the peer's process has exited.
-    pub(super) fn exited(&mut self) -> bool {
-        if self.exited {
-            return true;
+    /// True once the peer's process has exited; checked once per round of
+    /// posts (`round`: the NIC's round counter).
+    pub(super) fn exited(&mut self, round: u64) -> bool {
+        if self.exited || self.checked == Some(round) {
+            return self.exited;
         }
+        self.checked = Some(round);
         self.exited = match &self.pidfd {
             Some(fd) => {
                 let mut p = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(fd), events: libc::POLLIN, revents: 0 };
@@ -276,14 +282,15 @@ mod tests {
         let mut child = std::process::Command::new("sleep").arg("5").spawn().expect("spawning sleep");
         let address = format!("fi_shm://{PREFIX}{}-0badcafe:0:0", child.id());
         let mut watch = PeerWatch::for_address(address.as_bytes()).expect("a strait shm name of another process");
-        assert!(!watch.exited(), "the child runs");
+        assert!(!watch.exited(1), "the child runs");
         child.kill().unwrap();
         // Exited but not reaped yet (a zombie): with a pidfd it counts as exited.
         std::thread::sleep(std::time::Duration::from_millis(50));
         if watch.pidfd.is_none() {
             child.wait().unwrap();
         }
-        assert!(watch.exited(), "the child was killed");
+        assert!(!watch.exited(1), "checked once per round");
+        assert!(watch.exited(2), "the child was killed");
         let _ = child.wait();
         let own = format!("fi_shm://{PREFIX}{}-0badcafe:0:0", std::process::id());
         assert!(PeerWatch::for_address(own.as_bytes()).is_none(), "in-process peers are not watched");
