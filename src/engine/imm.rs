@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -52,12 +53,17 @@ struct CounterShared {
     value: u32,
     state: Mutex<CounterState>,
     cv: Condvar,
+    /// `state.status != Armed`, readable without the lock (a driving
+    /// waiter checks it after every turn of the worker).
+    settled: AtomicBool,
 }
 
 struct CounterState {
     expected: u64,
     seen: u64,
     status: Status,
+    /// Threads blocked on `cv`.
+    waiters: u32,
     waker: Option<Waker>,
     callback: Option<Arc<dyn Fn(u32) + Send + Sync>>,
 }
@@ -89,10 +95,15 @@ impl ImmTable {
                 t.armed.remove(&value);
                 drop(t);
                 c.status = Status::Reached;
+                counter.settled.store(true, Ordering::Release);
                 let waker = c.waker.take();
                 let callback = c.callback.clone();
+                let waiters = c.waiters > 0;
                 drop(c);
-                counter.cv.notify_all();
+                // A notify is a system call: only for threads blocked on it.
+                if waiters {
+                    counter.cv.notify_all();
+                }
                 if let Some(w) = waker {
                     w.wake();
                 }
@@ -150,6 +161,7 @@ impl ImmTable {
             c.status = Status::Armed;
             t.armed.insert(counter.value, counter.clone());
         }
+        counter.settled.store(c.status != Status::Armed, Ordering::Release);
         Ok(())
     }
 
@@ -160,10 +172,12 @@ impl ImmTable {
                 expected: count,
                 seen: 0,
                 status: Status::Armed,
+                waiters: 0,
                 waker: None,
                 callback: None,
             }),
             cv: Condvar::new(),
+            settled: AtomicBool::new(false),
         });
         self.arm(&shared, count)?;
         Ok(ImmCounter { shared, table: self.clone() })
@@ -222,9 +236,9 @@ impl ImmCounter {
 
     fn wait_until(&self, deadline: Option<(Instant, Duration)>) -> Result<()> {
         if let Some(link) = self.table.link.get() {
-            let armed = || lock(&self.shared.state).status == Status::Armed;
-            if armed() {
-                link.drive(&|| !armed(), deadline.map(|(at, _)| at));
+            let settled = || self.shared.settled.load(Ordering::Acquire);
+            if !settled() {
+                link.drive(&settled, deadline.map(|(at, _)| at));
             }
         }
         let mut c = lock(&self.shared.state);
@@ -234,16 +248,19 @@ impl ImmCounter {
                 Status::Cancelled => return Err(Error::Cancelled),
                 Status::Armed => {}
             }
+            c.waiters += 1;
             c = match deadline {
                 None => self.shared.cv.wait(c).unwrap_or_else(|e| e.into_inner()),
                 Some((at, timeout)) => {
                     let now = Instant::now();
                     if now >= at {
+                        c.waiters -= 1;
                         return Err(Error::Timeout(timeout));
                     }
                     self.shared.cv.wait_timeout(c, at - now).unwrap_or_else(|e| e.into_inner()).0
                 }
             };
+            c.waiters -= 1;
         }
     }
 
@@ -272,6 +289,7 @@ impl ImmCounter {
         if c.status == Status::Armed {
             c.status = Status::Cancelled;
         }
+        self.shared.settled.store(true, Ordering::Release);
         let waker = c.waker.take();
         drop(c);
         self.shared.cv.notify_all();

@@ -375,6 +375,11 @@ impl<N: Nic> Worker<N> {
         &mut self.pollfds
     }
 
+    /// The time read at the start of the last turn.
+    pub(crate) fn now(&self) -> Instant {
+        self.now
+    }
+
     pub(crate) fn poll_mode(&self) -> PollMode {
         self.poll_mode
     }
