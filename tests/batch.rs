@@ -98,3 +98,31 @@ fn a_joined_batch_has_one_handle_and_a_refused_add_posts_nothing() {
         assert!(matches!(writer.batch().submit_joined(), Err(Error::InvalidRequest(_))));
     }
 }
+
+#[test]
+fn many_writes_in_one_call_check_each_range_and_add_all_or_nothing() {
+    for provider in PROVIDERS {
+        let writer = engine(provider, 1);
+        let target = engine(provider, 1);
+        let inbox = target.alloc(64 << 10, Access::REMOTE_WRITE).unwrap();
+        let src = writer.alloc(64 << 10, Access::LOCAL).unwrap();
+        let data = pattern(64 << 10, 3);
+        src.write_at(0, &data).unwrap();
+        let dst = inbox.descriptor().clone();
+        let mut batch = writer.batch();
+        // Page i of src to page 15 - i of dst.
+        batch.writes(&src, &dst, (0..16u64).map(|i| (i * 4096, (15 - i) * 4096, 4096)), Some(40)).unwrap();
+        assert_eq!(batch.len(), 16);
+        // The third range runs past the destination: nothing of it is added.
+        let bad = [(0, 0, 16), (0, 4096, 16), (0, 64 << 10, 1)];
+        assert!(batch.writes(&src, &dst, bad, None).is_err());
+        assert_eq!(batch.len(), 16, "a refused call adds nothing");
+        let arrived = target.expect_imm(40, 16).unwrap();
+        batch.submit_joined().unwrap().wait_timeout(TIMEOUT).unwrap();
+        arrived.wait_timeout(TIMEOUT).unwrap();
+        for i in 0..16usize {
+            let got = inbox.to_vec(((15 - i) * 4096) as u64, 4096).unwrap();
+            assert!(got == data[i * 4096..(i + 1) * 4096], "{provider:?}: page {i}");
+        }
+    }
+}

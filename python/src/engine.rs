@@ -657,9 +657,8 @@ impl TransferEngine {
         let submitted = py
             .detach(|| {
                 let mut batch = engine.batch();
-                for i in 0..lengths.len() {
-                    batch.write(&src, src_offsets[i], &dst, dst_offsets[i], lengths[i], imm)?;
-                }
+                let ranges = (0..lengths.len()).map(|i| (src_offsets[i], dst_offsets[i], lengths[i]));
+                batch.writes(&src, &dst, ranges, imm)?;
                 if joined {
                     batch.submit_joined().map(|t| (Some(t), Vec::new()))
                 } else {

@@ -892,6 +892,55 @@ impl Batch<'_> {
         Ok(self.push(std::iter::once(op)))
     }
 
+    /// Adds many [`TransferEngine::write`]s from `src` into `dst`, one per
+    /// `(src_offset, dst_offset, len)`, each with `imm` if given (so the
+    /// target counts one per write). The peer, the access and the region
+    /// are checked once, each range on its own; on a range outside either
+    /// region ([`Error::OutOfBounds`]) or a zero-length write without an
+    /// immediate (its index in the message), nothing of this call is added.
+    pub fn writes(
+        &mut self,
+        src: &MemoryRegion,
+        dst: &MrDesc,
+        ranges: impl IntoIterator<Item = (u64, u64, u64)>,
+        imm: Option<u32>,
+    ) -> Result<&mut Self> {
+        let engine = self.engine;
+        engine.check_peer(dst.owner())?;
+        if !dst.access().remote_write {
+            return Err(Error::RemoteAccess("the destination region does not allow remote writes".into()));
+        }
+        engine.check_local(src)?;
+        let (ops_before, parts_before) = (self.ops.len(), self.parts.len());
+        for (i, (src_offset, dst_offset, len)) in ranges.into_iter().enumerate() {
+            let checked = if len == 0 && imm.is_none() {
+                Err(Error::InvalidRequest("a zero-length write must carry an immediate".into()))
+            } else {
+                check_range("source", src_offset, len, src.len()).and_then(|()| dst.check_range(dst_offset, len))
+            };
+            if let Err(e) = checked {
+                self.ops.truncate(ops_before);
+                self.parts.truncate(parts_before);
+                return Err(match e {
+                    Error::InvalidRequest(m) => Error::InvalidRequest(format!("write {i} of the batch: {m}")),
+                    e => e,
+                });
+            }
+            let plan = ShardPlan::new(
+                src_offset,
+                dst_offset,
+                len,
+                engine.rotation(),
+                engine.shared.nic_count,
+                dst.owner().nic_count(),
+                &engine.shared.shard,
+            );
+            self.ops.push(RequestOp::Write { src: Some(src.inner.clone()), dst: dst.clone(), plan, imm });
+            self.parts.push(1);
+        }
+        Ok(self)
+    }
+
     /// Adds a [`TransferEngine::write_imm`].
     pub fn write_imm(&mut self, dst: &MrDesc, imm: u32) -> Result<&mut Self> {
         let op = self.engine.write_op(None, 0, dst, 0, 0, Some(imm))?;
