@@ -628,15 +628,37 @@ impl TransferEngine {
         len: u64,
         imm: Option<u32>,
     ) -> Result<RequestOp> {
+        self.check_write_target(dst)?;
+        if let Some(src) = src {
+            self.check_local(src)?;
+        }
+        self.checked_write_op(src, src_offset, dst, dst_offset, len, imm)
+    }
+
+    /// The checks of a write that depend on its destination only.
+    fn check_write_target(&self, dst: &MrDesc) -> Result<()> {
         self.check_peer(dst.owner())?;
         if !dst.access().remote_write {
             return Err(Error::RemoteAccess("the destination region does not allow remote writes".into()));
         }
+        Ok(())
+    }
+
+    /// A write whose destination (`check_write_target`) and source region
+    /// (`check_local`) were checked: checks the ranges and plans it.
+    fn checked_write_op(
+        &self,
+        src: Option<&MemoryRegion>,
+        src_offset: u64,
+        dst: &MrDesc,
+        dst_offset: u64,
+        len: u64,
+        imm: Option<u32>,
+    ) -> Result<RequestOp> {
         if len == 0 && imm.is_none() {
             return Err(Error::InvalidRequest("a zero-length write must carry an immediate".into()));
         }
         if let Some(src) = src {
-            self.check_local(src)?;
             check_range("source", src_offset, len, src.len())?;
         }
         dst.check_range(dst_offset, len)?;
@@ -906,37 +928,24 @@ impl Batch<'_> {
         imm: Option<u32>,
     ) -> Result<&mut Self> {
         let engine = self.engine;
-        engine.check_peer(dst.owner())?;
-        if !dst.access().remote_write {
-            return Err(Error::RemoteAccess("the destination region does not allow remote writes".into()));
-        }
+        engine.check_write_target(dst)?;
         engine.check_local(src)?;
         let (ops_before, parts_before) = (self.ops.len(), self.parts.len());
         for (i, (src_offset, dst_offset, len)) in ranges.into_iter().enumerate() {
-            let checked = if len == 0 && imm.is_none() {
-                Err(Error::InvalidRequest("a zero-length write must carry an immediate".into()))
-            } else {
-                check_range("source", src_offset, len, src.len()).and_then(|()| dst.check_range(dst_offset, len))
-            };
-            if let Err(e) = checked {
-                self.ops.truncate(ops_before);
-                self.parts.truncate(parts_before);
-                return Err(match e {
-                    Error::InvalidRequest(m) => Error::InvalidRequest(format!("write {i} of the batch: {m}")),
-                    e => e,
-                });
+            match engine.checked_write_op(Some(src), src_offset, dst, dst_offset, len, imm) {
+                Ok(op) => {
+                    self.ops.push(op);
+                    self.parts.push(1);
+                }
+                Err(e) => {
+                    self.ops.truncate(ops_before);
+                    self.parts.truncate(parts_before);
+                    return Err(match e {
+                        Error::InvalidRequest(m) => Error::InvalidRequest(format!("write {i} of the batch: {m}")),
+                        e => e,
+                    });
+                }
             }
-            let plan = ShardPlan::new(
-                src_offset,
-                dst_offset,
-                len,
-                engine.rotation(),
-                engine.shared.nic_count,
-                dst.owner().nic_count(),
-                &engine.shared.shard,
-            );
-            self.ops.push(RequestOp::Write { src: Some(src.inner.clone()), dst: dst.clone(), plan, imm });
-            self.parts.push(1);
         }
         Ok(self)
     }
