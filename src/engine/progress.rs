@@ -228,8 +228,10 @@ pub(crate) fn run<N: Nic + 'static>(core: Arc<Core<N>>, link: Arc<Link>, mut pol
             continue;
         }
         let PollMode::Adaptive { spin } = poll_mode else { continue };
-        let since = *idle_since.get_or_insert_with(Instant::now);
-        if !(asleep || since.elapsed() >= spin) {
+        // The turn's own clock reading: no second one per idle turn.
+        let now = worker.now();
+        let since = *idle_since.get_or_insert(now);
+        if !(asleep || now.duration_since(since) >= spin) {
             continue;
         }
         link.set_state(SLEEPING);
