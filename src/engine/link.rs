@@ -5,7 +5,7 @@
 
 use std::cell::Cell;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
 use std::time::Instant;
@@ -14,15 +14,6 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::worker::Command;
 use crate::error::{Error, Result};
-
-/// What the worker thread is doing, as submitters need to know it.
-pub(crate) const RUNNING: u8 = 0;
-/// In `ppoll` on the wait descriptors (or napping): a new command needs the
-/// eventfd.
-pub(crate) const SLEEPING: u8 = 1;
-/// Parked while a user thread drives (or just drove): a new command is
-/// seen by the driver, or needs an unpark.
-pub(crate) const ASIDE: u8 = 2;
 
 thread_local! {
     /// The link of the engine whose worker this thread runs right now (as
@@ -58,7 +49,8 @@ pub(crate) trait Progress: Send + Sync {
 /// Shared by the engine, its regions, its handles and the worker.
 pub(crate) struct Link {
     commands: Sender<Command>,
-    state: AtomicU8,
+    /// The worker thread sleeps on the descriptors (or naps).
+    sleeping: AtomicBool,
     /// User threads that want to drive now: the worker steps aside.
     wanted: AtomicUsize,
     /// A user thread holds the worker.
@@ -85,7 +77,7 @@ impl Link {
         let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
         let link = Link {
             commands: tx,
-            state: AtomicU8::new(RUNNING),
+            sleeping: AtomicBool::new(false),
             wanted: AtomicUsize::new(0),
             driver_active: AtomicBool::new(false),
             driver_sleeping: AtomicBool::new(false),
@@ -109,10 +101,10 @@ impl Link {
     }
 
     /// Queues a command and makes sure somebody handles it soon: a driving
-    /// thread asleep on the descriptors, or the worker asleep, is woken
-    /// through the eventfd; a worker standing aside while no thread drives
-    /// is unparked; a running worker or an awake driver sees the command on
-    /// its next turn. Fails with [`Error::Shutdown`] (returning nothing: the
+    /// thread or the worker asleep on the descriptors is woken through the
+    /// eventfd; a running worker or an awake driver sees the command on its
+    /// next turn; a worker standing aside after a driver left sees it when
+    /// it resumes (at most `progress::ASIDE_MAX` later). Fails with [`Error::Shutdown`] (returning nothing: the
     /// command is dropped, and with it any guard, which reports the
     /// shutdown) once the worker is gone.
     ///
@@ -124,11 +116,7 @@ impl Link {
     /// of the killed-peer test, against none in 26 runs without it.)
     pub(crate) fn send(&self, command: Command) -> Result<()> {
         self.commands.send(command).map_err(|_| Error::Shutdown)?;
-        if self.driver_sleeping.load(Ordering::SeqCst) {
-            self.wake_fd();
-            return Ok(());
-        }
-        if self.state.load(Ordering::SeqCst) == SLEEPING {
+        if self.driver_sleeping.load(Ordering::SeqCst) || self.sleeping.load(Ordering::SeqCst) {
             self.wake_fd();
         }
         Ok(())
@@ -159,9 +147,9 @@ impl Link {
         }
     }
 
-    /// Worker side: what it is doing now.
-    pub(crate) fn set_state(&self, state: u8) {
-        self.state.store(state, Ordering::SeqCst);
+    /// Worker side: about to sleep on the descriptors (`true`), or awake.
+    pub(crate) fn set_sleeping(&self, sleeping: bool) {
+        self.sleeping.store(sleeping, Ordering::SeqCst);
     }
 
     pub(crate) fn eventfd(&self) -> RawFd {

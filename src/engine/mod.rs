@@ -762,22 +762,29 @@ impl TransferEngine {
     /// Delivers immediate `imm` to the owner of each descriptor (one per
     /// peer): a barrier's signal. Succeeds once every peer has it.
     pub fn barrier(&self, peers: &[MrDesc], imm: u32) -> Result<Transfer> {
-        if peers.is_empty() {
-            return Err(Error::InvalidRequest("barrier with no peers".into()));
-        }
-        let ops = peers.iter().map(|d| self.write_op(None, 0, d, 0, 0, Some(imm))).collect::<Result<Vec<_>>>()?;
+        let ops = self.barrier_ops(peers, imm)?;
         self.submit_all(ops)
     }
 
-    fn submit_all(&self, ops: Vec<RequestOp>) -> Result<Transfer> {
-        let completion = Completion::new(ops.len() as u32);
-        for op in ops {
-            // A failed send means the engine is gone: the guard inside the
-            // dropped command reports Shutdown for that part, so the handle
-            // still ends with exactly one outcome.
-            let _ = self.submit_part(op, &completion);
+    fn barrier_ops(&self, peers: &[MrDesc], imm: u32) -> Result<Vec<RequestOp>> {
+        if peers.is_empty() {
+            return Err(Error::InvalidRequest("barrier with no peers".into()));
         }
-        Ok(Transfer::driven(completion, self.shared.link.clone()))
+        peers.iter().map(|d| self.write_op(None, 0, d, 0, 0, Some(imm))).collect()
+    }
+
+    /// Submits `ops` (at least one) as the parts of one request, in one
+    /// message to the worker.
+    fn submit_all(&self, ops: Vec<RequestOp>) -> Result<Transfer> {
+        let link = &self.shared.link;
+        let completion = Completion::new(ops.len() as u32);
+        let submissions =
+            ops.into_iter().map(|op| Submission { op, guard: PartGuard::new(completion.clone()) }).collect();
+        // A failed send means the engine is gone: the guards inside the
+        // dropped command report Shutdown, so the handle still ends with
+        // exactly one outcome.
+        let _ = link.send(Command::SubmitBatch(submissions));
+        Ok(Transfer::driven(completion, link.clone()))
     }
 
     /// Reads `len` bytes of the peer's region `src` at `src_offset` into
@@ -978,11 +985,7 @@ impl Batch<'_> {
 
     /// Adds a [`TransferEngine::barrier`] (one request of a part per peer).
     pub fn barrier(&mut self, peers: &[MrDesc], imm: u32) -> Result<&mut Self> {
-        if peers.is_empty() {
-            return Err(Error::InvalidRequest("barrier with no peers".into()));
-        }
-        let ops =
-            peers.iter().map(|d| self.engine.write_op(None, 0, d, 0, 0, Some(imm))).collect::<Result<Vec<_>>>()?;
+        let ops = self.engine.barrier_ops(peers, imm)?;
         Ok(self.push(ops))
     }
 
@@ -1032,11 +1035,6 @@ impl Batch<'_> {
         if self.ops.is_empty() {
             return Err(Error::InvalidRequest("an empty batch".into()));
         }
-        let link = &self.engine.shared.link;
-        let completion = Completion::new(self.ops.len() as u32);
-        let submissions =
-            self.ops.into_iter().map(|op| Submission { op, guard: PartGuard::new(completion.clone()) }).collect();
-        let _ = link.send(Command::SubmitBatch(submissions));
-        Ok(Transfer::driven(completion, link.clone()))
+        self.engine.submit_all(self.ops)
     }
 }

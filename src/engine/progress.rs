@@ -50,7 +50,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
-use super::link::{DrivingMark, Link, Progress, ASIDE, RUNNING, SLEEPING};
+use super::link::{DrivingMark, Link, Progress};
 use super::worker::{PollMode, Worker};
 use crate::backend::Nic;
 
@@ -189,14 +189,12 @@ pub(crate) fn run<N: Nic + 'static>(core: Arc<Core<N>>, link: Arc<Link>, mut pol
     loop {
         let aside = |window| link.drive_wanted() || (link.driven_within(window) && !link.has_commands());
         if aside(aside_for) {
-            link.set_state(ASIDE);
             // Parks even in the busy mode: the driver polls meanwhile, and
             // a spinning worker would take the core it runs on.
             if aside(aside_for) {
                 std::thread::park_timeout(aside_for);
                 aside_for = (aside_for * 2).min(ASIDE_MAX);
             }
-            link.set_state(RUNNING);
             // Back from standing aside: no spin before sleeping again (the
             // driver's thread is likely to come back; a submission or a
             // completion wakes the sleeping worker).
@@ -234,14 +232,14 @@ pub(crate) fn run<N: Nic + 'static>(core: Arc<Core<N>>, link: Arc<Link>, mut pol
         if !(asleep || now.duration_since(since) >= spin) {
             continue;
         }
-        link.set_state(SLEEPING);
+        link.set_sleeping(true);
         let Some(timeout) = worker.prepare_sleep() else {
-            link.set_state(RUNNING);
+            link.set_sleeping(false);
             continue;
         };
         drop(guard);
         sleep_on(&mut pollfds, timeout);
-        link.set_state(RUNNING);
+        link.set_sleeping(false);
         link.drain_wakeups();
         asleep = true;
     }

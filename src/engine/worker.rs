@@ -393,10 +393,9 @@ impl<N: Nic> Worker<N> {
         self.nap = NAP_MIN;
     }
 
-    /// Takes queued commands and posts what they allow, without reading
-    /// completions: what a submitting thread does when nobody else runs the
-    /// worker. Returns whether anything happened.
-    pub(crate) fn take_commands(&mut self) -> bool {
+    /// One turn: take commands, post what can go, read completions. Returns
+    /// whether anything happened.
+    pub(crate) fn step(&mut self) -> bool {
         let mut busy = false;
         self.now = Instant::now();
         loop {
@@ -415,16 +414,7 @@ impl<N: Nic> Worker<N> {
                 }
             }
         }
-        busy | self.pump()
-    }
-
-    /// One turn: take commands, post what can go, read completions. Returns
-    /// whether anything happened.
-    pub(crate) fn step(&mut self) -> bool {
-        let mut busy = self.take_commands();
-        if self.stopping {
-            return true;
-        }
+        busy |= self.pump();
         for nic in 0..self.nics.len() {
             self.nics[nic].poll(&mut self.events);
         }
