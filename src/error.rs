@@ -96,6 +96,25 @@ pub enum Error {
     /// The waited-on counter was cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// The two sides of a KV transfer describe different models.
+    #[error("KV layouts differ in {what}: sender {sender}, decoder {decoder}")]
+    LayoutMismatch {
+        /// The field that differs.
+        what: &'static str,
+        /// The sender's value.
+        sender: u64,
+        /// The decoder's value.
+        decoder: u64,
+    },
+    /// A request was abandoned with a reason: by the caller, or by the
+    /// peer, who said why.
+    #[error("aborted by {by}: {reason}")]
+    Aborted {
+        /// Who gave up (`this rank`, or the peer's rank and address).
+        by: String,
+        /// Why.
+        reason: String,
+    },
     /// The call would block the engine's own worker thread on itself
     /// (for example registering memory from a completion callback).
     #[error("{0} cannot be called from the engine's worker thread")]

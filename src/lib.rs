@@ -134,6 +134,7 @@ pub mod baseline;
 mod descriptor;
 mod engine;
 mod error;
+pub mod kv;
 pub mod plan;
 pub mod probe;
 mod provider;
@@ -143,11 +144,12 @@ pub use address::EngineAddress;
 pub use backend::verbs::VerbsConfig;
 pub use descriptor::{Access, MrDesc};
 pub use engine::{
-    Batch, EngineBuilder, ImmCounter, MemoryRegion, PollMode, ScatterTarget, Transfer, TransferEngine,
-    DEFAULT_REQUEST_TIMEOUT, PAGE_SIZE,
+    reserved_imm, Batch, EngineBuilder, ImmCounter, ImmSlot, ImmSpace, MemoryRegion, MessagePool, PollMode,
+    ScatterTarget, Service, Transfer, TransferEngine, DEFAULT_REQUEST_TIMEOUT, PAGE_SIZE, PING_IMM, RESERVED_IMM_BASE,
+    SERVICE_HEADER, SERVICE_MAGIC,
 };
 pub use error::{Error, Result};
-pub use plan::{PagedLayout, ShardConfig};
+pub use plan::{CopyList, PagedLayout, ShardConfig, Strided};
 pub use provider::{Provider, ProviderKind};
 pub use wire::{MAX_NICS, MAX_NIC_ADDRESS_LEN};
 

@@ -38,6 +38,35 @@ impl<'a> Reader<'a> {
         Ok(self.take(1, field)?[0])
     }
 
+    pub(crate) fn u16(&mut self, field: &str) -> Result<u16> {
+        let b = self.take(2, field)?;
+        Ok(u16::from_le_bytes(b.try_into().expect("2 bytes")))
+    }
+
+    pub(crate) fn u32(&mut self, field: &str) -> Result<u32> {
+        let b = self.take(4, field)?;
+        Ok(u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    }
+
+    /// A byte string with a `u32` length prefix of at most `max` bytes.
+    pub(crate) fn bytes(&mut self, max: usize, field: &str) -> Result<&'a [u8]> {
+        let n = self.u32(field)? as usize;
+        if n > max {
+            return Err(self.error(format!("{field}: {n} bytes, more than {max}")));
+        }
+        self.take(n, field)
+    }
+
+    /// A list of `u32`s with a `u32` count prefix of at most `max`.
+    pub(crate) fn u32s(&mut self, max: usize, field: &str) -> Result<Vec<u32>> {
+        let n = self.u32(field)? as usize;
+        if n > max {
+            return Err(self.error(format!("{field}: {n} entries, more than {max}")));
+        }
+        let b = self.take(n * 4, field)?;
+        Ok(b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+    }
+
     pub(crate) fn u64(&mut self, field: &str) -> Result<u64> {
         let b = self.take(8, field)?;
         Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
@@ -79,6 +108,21 @@ impl<'a> Reader<'a> {
         } else {
             Err(self.error(format!("{} trailing bytes", self.bytes.len())))
         }
+    }
+}
+
+/// Appends a byte string with a `u32` length prefix (read by
+/// [`Reader::bytes`]).
+pub(crate) fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Appends a `u32` list with a count prefix (read by [`Reader::u32s`]).
+pub(crate) fn put_u32s(out: &mut Vec<u8>, values: &[u32]) {
+    out.extend_from_slice(&(values.len() as u32).to_le_bytes());
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
     }
 }
 

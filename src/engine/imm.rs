@@ -87,6 +87,9 @@ impl ImmTable {
 
     /// One immediate arrived (worker thread).
     pub(crate) fn deliver(&self, value: u32) {
+        if value == super::reserved::PING_IMM {
+            return;
+        }
         let mut t = lock(&self.state);
         if let Some(counter) = t.armed.get(&value).cloned() {
             let mut c = lock(&counter.state);
@@ -114,6 +117,8 @@ impl ImmTable {
             return;
         }
         match &self.unclaimed {
+            // Reserved immediates are never the user's: kept for their slot.
+            _ if value >= super::reserved::RESERVED_IMM_BASE => *t.tally.entry(value).or_insert(0) += 1,
             UnclaimedImm::Tally => *t.tally.entry(value).or_insert(0) += 1,
             UnclaimedImm::Callback(cb) => {
                 drop(t);
@@ -163,6 +168,15 @@ impl ImmTable {
         }
         counter.settled.store(c.status != Status::Armed, Ordering::Release);
         Ok(())
+    }
+
+    /// Forgets the kept immediates of the 256 values from `first` (a slot
+    /// being handed to a new holder).
+    pub(crate) fn forget_prefix(&self, first: u32) {
+        let mut t = lock(&self.state);
+        if !t.tally.is_empty() {
+            t.tally.retain(|v, _| v & !0xFF != first);
+        }
     }
 
     pub(crate) fn expect(self: &Arc<Self>, value: u32, count: u64) -> Result<ImmCounter> {

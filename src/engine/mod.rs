@@ -9,6 +9,7 @@ mod link;
 mod mailbox;
 mod memory;
 mod progress;
+mod reserved;
 mod worker;
 
 use std::fmt;
@@ -20,6 +21,9 @@ use std::time::Duration;
 pub use self::completion::Transfer;
 pub use self::imm::ImmCounter;
 pub use self::memory::{MemoryRegion, PAGE_SIZE};
+pub use self::reserved::{
+    reserved_imm, ImmSlot, ImmSpace, MessagePool, Service, PING_IMM, RESERVED_IMM_BASE, SERVICE_HEADER, SERVICE_MAGIC,
+};
 pub use self::worker::PollMode;
 
 use self::completion::{Completion, PartGuard};
@@ -35,7 +39,7 @@ use crate::backend::verbs::{self, VerbsConfig, VerbsOptions};
 use crate::backend::Nic;
 use crate::descriptor::{check_range, Access, MrDesc};
 use crate::error::{Error, Result};
-use crate::plan::{PagedLayout, PagedPlan, ShardConfig, ShardPlan};
+use crate::plan::{CopyList, PagedLayout, PagedPlan, ShardConfig, ShardPlan, StridedPlan};
 use crate::provider::{Provider, ProviderKind};
 
 /// Default of [`EngineBuilder::request_timeout`]: a request fails once its
@@ -300,7 +304,8 @@ impl EngineBuilder {
             request_timeout: self.request_timeout,
             address: address.clone(),
         };
-        let mut worker = Worker::new(nics, commands, link.clone(), imm.clone(), messages, config);
+        let services = Arc::new(reserved::Services::default());
+        let mut worker = Worker::new(nics, commands, link.clone(), imm.clone(), messages, services.clone(), config);
         // Before any thread can drive it: receive buffers are posted first.
         let pollfds = worker.start();
         let core = progress::Core::new(worker);
@@ -331,6 +336,8 @@ impl EngineBuilder {
                 rotation: AtomicUsize::new(0),
                 messages: message_queue,
                 imm_queue: self.imm_queue,
+                slots: Arc::new(reserved::SlotPool::default()),
+                services,
                 thread: Mutex::new(Some(thread)),
             }),
         })
@@ -431,6 +438,8 @@ struct Shared {
     rotation: AtomicUsize,
     messages: Option<Arc<Mailbox<Vec<u8>>>>,
     imm_queue: Option<Arc<Mailbox<u32>>>,
+    slots: Arc<reserved::SlotPool>,
+    services: Arc<reserved::Services>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -742,6 +751,73 @@ impl TransferEngine {
         Ok(RequestOp::Paged { src: src.inner.clone(), dst: dst.clone(), plan: Box::new(plan), imm })
     }
 
+    /// Writes the strided copies of `list` from `src` (offsets from
+    /// `src_base`) into the peer's region `dst` (offsets from `dst_base`),
+    /// as one request: with `imm`, one immediate after every byte of every
+    /// copy has landed. A head slice of a KV block (one run per token) or
+    /// any other gather of many ranges costs one request, not one per
+    /// range. The list was checked when it was built; a replay checks only
+    /// that both bases keep it inside the regions, so replaying one list at
+    /// many bases (one per layer) costs no work per range at submission.
+    pub fn write_copies(
+        &self,
+        src: &MemoryRegion,
+        src_base: u64,
+        dst: &MrDesc,
+        dst_base: u64,
+        list: &CopyList,
+        imm: Option<u32>,
+    ) -> Result<Transfer> {
+        let op = self.copies_op(src, src_base, dst, dst_base, list, imm, false)?;
+        self.submit(op)
+    }
+
+    /// Reads the strided copies of `list` from the peer's region `src`
+    /// (offsets from `src_base`) into `dst` (offsets from `dst_base`), as
+    /// one request (the peer's region needs remote read access).
+    pub fn read_copies(
+        &self,
+        dst: &MemoryRegion,
+        dst_base: u64,
+        src: &MrDesc,
+        src_base: u64,
+        list: &CopyList,
+    ) -> Result<Transfer> {
+        let op = self.copies_op(dst, dst_base, src, src_base, list, None, true)?;
+        self.submit(op)
+    }
+
+    /// `local`/`local_base` is the source of a write and the destination of
+    /// a read; the list's source side is always where bytes come from.
+    #[allow(clippy::too_many_arguments)]
+    fn copies_op(
+        &self,
+        local: &MemoryRegion,
+        local_base: u64,
+        remote: &MrDesc,
+        remote_base: u64,
+        list: &CopyList,
+        imm: Option<u32>,
+        read: bool,
+    ) -> Result<RequestOp> {
+        self.check_local(local)?;
+        self.check_peer(remote.owner())?;
+        let (nics, remote_nics) = (self.shared.nic_count, remote.owner().nic_count());
+        let max_piece = self.shared.shard.max_piece;
+        let plan = if read {
+            if !remote.access().remote_read {
+                return Err(Error::RemoteAccess("the source region does not allow remote reads".into()));
+            }
+            let (src_len, dst_len) = (remote.len(), local.len());
+            StridedPlan::new(list, remote_base, local_base, src_len, dst_len, self.rotation(), nics, remote_nics, max_piece)?
+        } else {
+            self.check_write_target(remote)?;
+            let (src_len, dst_len) = (local.len(), remote.len());
+            StridedPlan::new(list, local_base, remote_base, src_len, dst_len, self.rotation(), nics, remote_nics, max_piece)?
+        };
+        Ok(RequestOp::Strided { local: local.inner.clone(), remote: remote.clone(), plan: Box::new(plan), imm, read })
+    }
+
     /// Writes parts of `src` to several peers (or several places of one
     /// peer), each with its own range and optional immediate. One handle for
     /// all: it succeeds when every target has, else carries the first error.
@@ -852,8 +928,42 @@ impl TransferEngine {
     /// A counter that is reached once `count` immediates of `value` have
     /// arrived (counting those that arrived before this call and were not
     /// yet claimed). One armed counter per value at a time.
+    ///
+    /// Values from [`RESERVED_IMM_BASE`](crate::RESERVED_IMM_BASE) up are
+    /// refused: they are counted through an [`ImmSlot`] (see
+    /// [`imm_slot`](Self::imm_slot)).
     pub fn expect_imm(&self, value: u32, count: u64) -> Result<ImmCounter> {
+        if value >= reserved::RESERVED_IMM_BASE {
+            return Err(Error::InvalidRequest(format!(
+                "immediate {value:#x} is reserved (from {:#x} up); count it through an ImmSlot",
+                reserved::RESERVED_IMM_BASE
+            )));
+        }
         self.shared.imm.expect(value, count)
+    }
+
+    /// A slot of 256 reserved immediates in `space`, unique on this engine
+    /// while held (see [the scheme](crate::RESERVED_IMM_BASE) in
+    /// [`ImmSlot`]'s docs and `reserved_imm`).
+    pub fn imm_slot(&self, space: ImmSpace) -> Result<ImmSlot> {
+        reserved::new_slot(self, space)
+    }
+
+    /// Registers `handler` for service messages (see [`MessagePool`]); it
+    /// runs on the thread driving the engine, like other callbacks. The
+    /// returned [`Service`] names its id and unregisters it when dropped.
+    pub fn serve(&self, handler: impl Fn(&[u8]) + Send + Sync + 'static) -> Result<Service> {
+        reserved::serve(self, handler)
+    }
+
+    /// A zero-length write of [`PING_IMM`](crate::PING_IMM) to the owner of
+    /// `peer` (a descriptor with remote write access), which counts it
+    /// nowhere: it succeeds when the peer's engine is reachable and alive,
+    /// and fails like any write when it is not (within the request
+    /// timeout).
+    pub fn ping(&self, peer: &MrDesc) -> Result<Transfer> {
+        let op = self.write_op(None, 0, peer, 0, 0, Some(reserved::PING_IMM))?;
+        self.submit(op)
     }
 
     /// An empty [`Batch`]: requests added to it are checked as they are
@@ -974,6 +1084,20 @@ impl Batch<'_> {
         imm: Option<u32>,
     ) -> Result<&mut Self> {
         let op = self.engine.paged_op(src, dst, layout, src_pages, dst_pages, imm)?;
+        Ok(self.push(std::iter::once(op)))
+    }
+
+    /// Adds a [`TransferEngine::write_copies`].
+    pub fn write_copies(
+        &mut self,
+        src: &MemoryRegion,
+        src_base: u64,
+        dst: &MrDesc,
+        dst_base: u64,
+        list: &CopyList,
+        imm: Option<u32>,
+    ) -> Result<&mut Self> {
+        let op = self.engine.copies_op(src, src_base, dst, dst_base, list, imm, false)?;
         Ok(self.push(std::iter::once(op)))
     }
 

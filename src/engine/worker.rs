@@ -19,7 +19,7 @@ use crate::address::EngineAddress;
 use crate::backend::{Event, Nic, NicRegion, Op, OpKind, Posted};
 use crate::descriptor::{Access, MrDesc};
 use crate::error::{Error, Result};
-use crate::plan::{PagedPlan, Piece, Sequencer, ShardPlan};
+use crate::plan::{PagedPlan, Piece, Sequencer, ShardPlan, StridedPlan};
 
 /// How the worker waits for work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +97,10 @@ pub(crate) enum RequestOp {
     /// A one-sided read: `plan`'s source offsets are in `local`, its
     /// destination offsets in `remote`.
     Read { local: Arc<MrInner>, remote: MrDesc, plan: ShardPlan },
+    /// Strided copies, written (`read: false`: `plan`'s source offsets in
+    /// `local`, destination offsets in `remote`) or read (`read: true`:
+    /// `plan`'s source offsets in `remote`, destination offsets in `local`).
+    Strided { local: Arc<MrInner>, remote: MrDesc, plan: Box<StridedPlan>, imm: Option<u32>, read: bool },
     /// A two-sided send.
     Send { peer: EngineAddress, src: Arc<MrInner>, offset: u64, len: u64, rotation: usize },
 }
@@ -106,6 +110,7 @@ impl RequestOp {
         match self {
             RequestOp::Write { plan, .. } | RequestOp::Read { plan, .. } => plan.count(),
             RequestOp::Paged { plan, .. } => plan.count(),
+            RequestOp::Strided { plan, .. } => plan.count(),
             RequestOp::Send { .. } => 1,
         }
     }
@@ -113,6 +118,7 @@ impl RequestOp {
     fn imm(&self) -> Option<u32> {
         match self {
             RequestOp::Write { imm, .. } | RequestOp::Paged { imm, .. } => *imm,
+            RequestOp::Strided { imm, read: false, .. } => *imm,
             _ => None,
         }
     }
@@ -120,7 +126,7 @@ impl RequestOp {
     fn peer(&self) -> &EngineAddress {
         match self {
             RequestOp::Write { dst, .. } | RequestOp::Paged { dst, .. } => dst.owner(),
-            RequestOp::Read { remote, .. } => remote.owner(),
+            RequestOp::Read { remote, .. } | RequestOp::Strided { remote, .. } => remote.owner(),
             RequestOp::Send { peer, .. } => peer,
         }
     }
@@ -130,6 +136,15 @@ impl RequestOp {
         match self {
             RequestOp::Write { plan, .. } | RequestOp::Read { plan, .. } => plan.piece(index),
             RequestOp::Paged { plan, .. } => plan.next_piece().expect("sequencer asks for counted pieces only"),
+            RequestOp::Strided { plan, read, .. } => {
+                let p = plan.next_piece().expect("sequencer asks for counted pieces only");
+                // A piece's `src_offset` is always local, `dst_offset` remote.
+                if *read {
+                    Piece { src_offset: p.dst_offset, dst_offset: p.src_offset, ..p }
+                } else {
+                    p
+                }
+            }
             RequestOp::Send { offset, len, rotation, .. } => {
                 let (local_nic, remote_nic) = crate::plan::nic_pair(0, *rotation, local_nics, remote_nics);
                 Piece { local_nic, remote_nic, src_offset: *offset, dst_offset: 0, len: *len }
@@ -240,6 +255,7 @@ pub(crate) struct Worker<N: Nic> {
     link: Arc<Link>,
     imm: Arc<ImmTable>,
     messages: MessageSink,
+    services: Arc<super::reserved::Services>,
     poll_mode: PollMode,
     request_timeout: Option<Duration>,
     /// The time at the start of the current turn.
@@ -289,6 +305,7 @@ impl<N: Nic> Worker<N> {
         link: Arc<Link>,
         imm: Arc<ImmTable>,
         messages: MessageSink,
+        services: Arc<super::reserved::Services>,
         config: WorkerConfig,
     ) -> Self {
         let now = Instant::now();
@@ -308,6 +325,7 @@ impl<N: Nic> Worker<N> {
             link,
             imm,
             messages,
+            services,
             poll_mode: config.poll_mode,
             request_timeout: config.request_timeout,
             now,
@@ -784,9 +802,11 @@ impl<N: Nic> Worker<N> {
                     let bytes = unsafe {
                         std::slice::from_raw_parts(pool.memory.as_ptr().add(index * pool.size), len.min(pool.size))
                     };
-                    match &self.messages {
-                        MessageSink::Queue(tx) => tx.push(bytes.to_vec()),
-                        MessageSink::Callback(cb) => cb(bytes),
+                    if !self.services.dispatch(bytes) {
+                        match &self.messages {
+                            MessageSink::Queue(tx) => tx.push(bytes.to_vec()),
+                            MessageSink::Callback(cb) => cb(bytes),
+                        }
                     }
                 }
                 self.repost(nic, index);
@@ -816,7 +836,8 @@ impl<N: Nic> Worker<N> {
         }
         let (wanted, desc) = match &a.op {
             RequestOp::Write { dst, .. } | RequestOp::Paged { dst, .. } => (Wanted::Write, dst),
-            RequestOp::Read { remote, .. } => (Wanted::Read, remote),
+            RequestOp::Read { remote, .. } | RequestOp::Strided { remote, read: true, .. } => (Wanted::Read, remote),
+            RequestOp::Strided { remote, read: false, .. } => (Wanted::Write, remote),
             RequestOp::Send { .. } => return false,
         };
         let (key, addr, len, peer) = (desc.key(0), desc.remote_addr(0), desc.len(), a.peer);
@@ -1109,6 +1130,9 @@ fn build_op(op: &RequestOp, piece: &Piece, peer: u64, imm: Option<u32>, token: u
         RequestOp::Write { src, dst, .. } => (OpKind::Write, src.as_deref(), Some(dst)),
         RequestOp::Paged { src, dst, .. } => (OpKind::Write, Some(src), Some(dst)),
         RequestOp::Read { local, remote, .. } => (OpKind::Read, Some(local), Some(remote)),
+        RequestOp::Strided { local, remote, read, .. } => {
+            (if *read { OpKind::Read } else { OpKind::Write }, Some(local), Some(remote))
+        }
         RequestOp::Send { src, .. } => (OpKind::Send, Some(src), None),
     };
     let (ptr, desc) = match local {

@@ -23,10 +23,12 @@
 mod paged;
 mod sequencer;
 mod shard;
+mod strided;
 
 pub use paged::{PagedLayout, PagedPlan};
 pub use sequencer::Sequencer;
 pub use shard::{ShardConfig, ShardPlan};
+pub use strided::{CopyList, Strided, StridedPlan};
 
 /// One work item: a contiguous range written (or read) through one local NIC
 /// to one remote NIC. Offsets are relative to the start of the source and
