@@ -115,9 +115,51 @@ fn batched(c: &mut Criterion) {
     group.finish();
 }
 
+/// The caller's cost of submitting one layer of a KV request: llama3-8b
+/// shapes (8 KV heads, head dim 128, bf16, 16-token blocks), 4096 tokens =
+/// 256 blocks, scattered destination blocks (512 K/V runs per layer), vLLM
+/// layout. Only the `send_layers` call is timed; the request's set-up
+/// (planned once) and the completions are not.
+fn kv_layer(c: &mut Criterion) {
+    use strait::kv::{KvCache, KvConfig, KvExpect, KvLayout, KvShape, Tp};
+    let mut group = c.benchmark_group("kv");
+    group.throughput(Throughput::Elements(1));
+    let engine = engine(1);
+    let layers = 4;
+    let shape =
+        KvShape { layers, blocks: 256, block_tokens: 16, heads: 8, total_heads: 8, head_dim: 128, elem_bytes: 2 };
+    let layout = KvLayout::vllm_flash(shape);
+    let decoder = KvCache::alloc(&engine, layout, Tp::SINGLE, KvConfig::default()).unwrap();
+    let sender = KvCache::alloc(&engine, layout, Tp::SINGLE, KvConfig::default()).unwrap();
+    let src: Vec<u32> = (0..256).collect();
+    let dst: Vec<u32> = (0..256u32).map(|i| i * 37 % 256).collect();
+    let senders = [sender.descriptor().clone()];
+    group.bench_function("send_layer_256_blocks", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let recv = decoder.expect(&KvExpect::push(&senders, &dst)).unwrap();
+                let send = sender.push(recv.request(), decoder.descriptor(), &src).unwrap();
+                let n = left.min(layers as u64) as u32;
+                let start = Instant::now();
+                for l in 0..n {
+                    send.send_layers(l..l + 1).unwrap();
+                }
+                timed += start.elapsed();
+                send.send_layers(n..layers).unwrap();
+                recv.wait().unwrap();
+                left -= n as u64;
+            }
+            timed
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = single, items, batched
+    targets = single, items, batched, kv_layer
 }
 criterion_main!(benches);

@@ -34,7 +34,8 @@ fn fill(cache: &KvCache, blocks: &[u32], tokens: u64) {
         let (t, _) = l.layer_base(layer);
         for kv in 0..l.kv_count() as u32 {
             for pos in 0..tokens {
-                let (block, tok) = (blocks[(pos / l.block_tokens as u64) as usize], (pos % l.block_tokens as u64) as u32);
+                let (block, tok) =
+                    (blocks[(pos / l.block_tokens as u64) as usize], (pos % l.block_tokens as u64) as u32);
                 for h in 0..l.heads {
                     let row: Vec<u8> = (0..l.head_bytes()).map(|b| byte(layer, kv, pos, first + h, b)).collect();
                     cache.tensors()[t].write_at(l.offset(layer, kv, block, tok, h), &row).unwrap();
@@ -53,11 +54,18 @@ fn check(cache: &KvCache, blocks: &[u32], tokens: u64, layers: impl Iterator<Ite
         let (t, _) = l.layer_base(layer);
         for kv in 0..l.kv_count() as u32 {
             for pos in 0..tokens {
-                let (block, tok) = (blocks[(pos / l.block_tokens as u64) as usize], (pos % l.block_tokens as u64) as u32);
+                let (block, tok) =
+                    (blocks[(pos / l.block_tokens as u64) as usize], (pos % l.block_tokens as u64) as u32);
                 for h in 0..l.heads {
                     let got = cache.tensors()[t].to_vec(l.offset(layer, kv, block, tok, h), l.head_bytes()).unwrap();
                     let want: Vec<u8> = (0..l.head_bytes()).map(|b| byte(layer, kv, pos, first + h, b)).collect();
-                    assert_eq!(got, want, "layer {layer} kv {kv} token {pos} head {} of decoder rank {}", first + h, tp.rank);
+                    assert_eq!(
+                        got,
+                        want,
+                        "layer {layer} kv {kv} token {pos} head {} of decoder rank {}",
+                        first + h,
+                        tp.rank
+                    );
                 }
             }
         }
@@ -74,7 +82,8 @@ fn side(provider: Provider, tp: u32, layers: u32, blocks: u32, block_tokens: u32
     let caches = (0..tp)
         .map(|r| {
             let held = strait::kv::heads_of(Tp::new(r, tp).unwrap(), heads).unwrap().1;
-            let shape = KvShape { layers, blocks, block_tokens, heads: held, total_heads: heads, head_dim: 8, elem_bytes: 2 };
+            let shape =
+                KvShape { layers, blocks, block_tokens, heads: held, total_heads: heads, head_dim: 8, elem_bytes: 2 };
             let e = engine(provider, 1);
             KvCache::alloc(&e, ctor(shape), Tp::new(r, tp).unwrap(), config()).unwrap()
         })
@@ -190,7 +199,8 @@ fn mla_side(provider: Provider, tp: u32, blocks: u32, block_tokens: u32) -> Side
     let caches = (0..tp)
         .map(|r| {
             let e = engine(provider, 1);
-            KvCache::alloc(&e, KvLayout::mla(4, blocks, block_tokens, 12, 2), Tp::new(r, tp).unwrap(), config()).unwrap()
+            KvCache::alloc(&e, KvLayout::mla(4, blocks, block_tokens, 12, 2), Tp::new(r, tp).unwrap(), config())
+                .unwrap()
         })
         .collect();
     Side { caches }
@@ -209,7 +219,8 @@ fn mla_one_sender_per_layer() {
     let sd = descs(&senders);
     for d in &decoders.caches {
         let r = d.expect(&KvExpect::push(&sd, &dst).tokens(tokens)).unwrap();
-        let sends: Vec<KvSend> = senders.caches.iter().map(|c| c.push(r.request(), d.descriptor(), &src).unwrap()).collect();
+        let sends: Vec<KvSend> =
+            senders.caches.iter().map(|c| c.push(r.request(), d.descriptor(), &src).unwrap()).collect();
         let per_rank: Vec<usize> = sends.iter().map(|s| s.layers_to_send().len()).collect();
         assert_eq!(per_rank.iter().sum::<usize>(), 4, "each layer from exactly one rank: {per_rank:?}");
         for s in &sends {
@@ -225,7 +236,8 @@ fn mla_one_sender_per_layer() {
 
 /// A decoder of one rank and a sender of one rank, vLLM layout, 16 blocks.
 fn pair(provider: Provider) -> (KvCache, KvCache) {
-    let shape = KvShape { layers: 4, blocks: 16, block_tokens: 4, heads: 2, total_heads: 2, head_dim: 8, elem_bytes: 2 };
+    let shape =
+        KvShape { layers: 4, blocks: 16, block_tokens: 4, heads: 2, total_heads: 2, head_dim: 8, elem_bytes: 2 };
     let s = KvCache::alloc(&engine(provider, 1), KvLayout::vllm_flash(shape), Tp::SINGLE, config()).unwrap();
     let d = KvCache::alloc(&engine(provider, 1), KvLayout::vllm_flash(shape), Tp::SINGLE, config()).unwrap();
     (s, d)
@@ -241,7 +253,8 @@ fn concurrent_requests_and_layer_progress() {
     let mut ids: Vec<u64> = recvs.iter().map(|r| r.request().id).collect();
     ids.dedup();
     assert_eq!(ids.len(), 4);
-    let sends: Vec<KvSend> = recvs.iter().map(|r| s.push(r.request(), d.descriptor(), &[0, 1, 2, 3]).unwrap()).collect();
+    let sends: Vec<KvSend> =
+        recvs.iter().map(|r| s.push(r.request(), d.descriptor(), &[0, 1, 2, 3]).unwrap()).collect();
     // Layer 2 only: the decoders see exactly that layer land.
     for x in &sends {
         x.send_layers(2..3).unwrap();
@@ -326,7 +339,8 @@ fn sender_cancel_and_sender_failure_reach_the_decoder() {
 #[test]
 fn mismatched_and_corrupt_descriptors_are_rejected() {
     let (s, d) = pair(Provider::Tcp);
-    let other = KvShape { layers: 4, blocks: 16, block_tokens: 4, heads: 2, total_heads: 2, head_dim: 16, elem_bytes: 2 };
+    let other =
+        KvShape { layers: 4, blocks: 16, block_tokens: 4, heads: 2, total_heads: 2, head_dim: 16, elem_bytes: 2 };
     let odd = KvCache::alloc(&engine(Provider::Tcp, 1), KvLayout::vllm_flash(other), Tp::SINGLE, config()).unwrap();
     let e = d.expect(&KvExpect::push(&[odd.descriptor().clone()], &[0])).unwrap_err();
     assert!(matches!(e, Error::LayoutMismatch { what: "head dim", .. }), "{e}");
@@ -446,4 +460,3 @@ fn killed_sender_fails_its_request_only_tcp() {
 fn killed_sender_fails_its_request_only_shm() {
     killed_sender(Provider::Shm, "shm");
 }
-

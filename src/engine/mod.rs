@@ -809,11 +809,31 @@ impl TransferEngine {
                 return Err(Error::RemoteAccess("the source region does not allow remote reads".into()));
             }
             let (src_len, dst_len) = (remote.len(), local.len());
-            StridedPlan::new(list, remote_base, local_base, src_len, dst_len, self.rotation(), nics, remote_nics, max_piece)?
+            StridedPlan::new(
+                list,
+                remote_base,
+                local_base,
+                src_len,
+                dst_len,
+                self.rotation(),
+                nics,
+                remote_nics,
+                max_piece,
+            )?
         } else {
             self.check_write_target(remote)?;
             let (src_len, dst_len) = (local.len(), remote.len());
-            StridedPlan::new(list, local_base, remote_base, src_len, dst_len, self.rotation(), nics, remote_nics, max_piece)?
+            StridedPlan::new(
+                list,
+                local_base,
+                remote_base,
+                src_len,
+                dst_len,
+                self.rotation(),
+                nics,
+                remote_nics,
+                max_piece,
+            )?
         };
         Ok(RequestOp::Strided { local: local.inner.clone(), remote: remote.clone(), plan: Box::new(plan), imm, read })
     }

@@ -321,10 +321,7 @@ pub fn heads_of(tp: Tp, total: u32) -> Result<(u32, u32)> {
         Ok((tp.rank * per, per))
     } else {
         if !tp.size.is_multiple_of(total) {
-            return Err(Error::InvalidRequest(format!(
-                "{} ranks do not replicate {total} KV heads evenly",
-                tp.size
-            )));
+            return Err(Error::InvalidRequest(format!("{} ranks do not replicate {total} KV heads evenly", tp.size)));
         }
         Ok((tp.rank / (tp.size / total), 1))
     }

@@ -132,10 +132,16 @@ pub fn pair_plan(
         let src = kv * sender.kv_stride + sb * sender.block_stride + ts * sender.token_stride + hs * sender.head_stride;
         let dst =
             kv * decoder.kv_stride + db * decoder.block_stride + td * decoder.token_stride + hd * decoder.head_stride;
-        push_2d(&mut copies, src, dst, n, m, hb, (sender.token_stride, sender.head_stride), (
-            decoder.token_stride,
-            decoder.head_stride,
-        ));
+        push_2d(
+            &mut copies,
+            src,
+            dst,
+            n,
+            m,
+            hb,
+            (sender.token_stride, sender.head_stride),
+            (decoder.token_stride, decoder.head_stride),
+        );
     };
     if kv_inner {
         for run in &runs {
@@ -207,15 +213,7 @@ mod tests {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn reference(
-        s: &KvLayout,
-        stp: Tp,
-        sb: &[u32],
-        d: &KvLayout,
-        dtp: Tp,
-        db: &[u32],
-        tokens: u64,
-    ) -> Vec<(u64, u64)> {
+    fn reference(s: &KvLayout, stp: Tp, sb: &[u32], d: &KvLayout, dtp: Tp, db: &[u32], tokens: u64) -> Vec<(u64, u64)> {
         let (s0, sn) = heads_of(stp, s.total_heads).unwrap();
         let (d0, dn) = heads_of(dtp, d.total_heads).unwrap();
         let mut v = Vec::new();

@@ -143,9 +143,8 @@ impl KvCache {
                 pull.push(plan);
             }
         }
-        let per_layer = (0..layout.layers)
-            .map(|l| senders_for(l, cache.tp, p, layout.total_heads))
-            .collect::<Result<Vec<_>>>()?;
+        let per_layer =
+            (0..layout.layers).map(|l| senders_for(l, cache.tp, p, layout.total_heads)).collect::<Result<Vec<_>>>()?;
         let slot = cache.engine.imm_slot(ImmSpace::Kv)?;
         let request = KvRequest {
             id: cache.new_id(),
@@ -223,7 +222,9 @@ impl RecvState {
             let sender = &self.senders[s as usize];
             let (si, sbase) = sender.layout.layer_base(layer);
             let read = match &self.pull[s as usize] {
-                Some(plan) => cache.engine.read_copies(&cache.tensors[ti], tbase, &sender.tensors[si], sbase, &plan.copies),
+                Some(plan) => {
+                    cache.engine.read_copies(&cache.tensors[ti], tbase, &sender.tensors[si], sbase, &plan.copies)
+                }
                 None => Err(Error::InvalidRequest("a sender chosen for a layer shares no heads".into())),
             };
             let weak = Arc::downgrade(self);
@@ -465,7 +466,8 @@ impl KvRecv {
 
     /// True once every byte of `layer` has landed.
     pub fn layer_landed(&self, layer: u32) -> bool {
-        layer < MAX_LAYERS && self.state.landed[(layer / 64) as usize].load(Ordering::Acquire) & (1 << (layer % 64)) != 0
+        layer < MAX_LAYERS
+            && self.state.landed[(layer / 64) as usize].load(Ordering::Acquire) & (1 << (layer % 64)) != 0
     }
 
     /// The layers that have fully landed, in order.

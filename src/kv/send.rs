@@ -76,9 +76,7 @@ impl KvCache {
     fn start(&self, request: &KvRequest, decoder: &KvCacheDesc, src_blocks: &[u32]) -> Result<KvSend> {
         let cache = &self.inner;
         if decoder.fingerprint() != request.decoder {
-            return Err(Error::InvalidRequest(
-                "the decoder descriptor is not the one the request was made for".into(),
-            ));
+            return Err(Error::InvalidRequest("the decoder descriptor is not the one the request was made for".into()));
         }
         if decoder.tp != request.decoder_tp {
             return Err(Error::InvalidRequest("the request's decoder rank differs from its descriptor's".into()));
@@ -239,7 +237,12 @@ impl SendState {
         self.conclude(result, tell);
     }
 
-    fn finish_if(self: &Arc<Self>, when: impl Fn(&Phase) -> bool, result: Result<()>, tell: Option<(ControlKind, String)>) {
+    fn finish_if(
+        self: &Arc<Self>,
+        when: impl Fn(&Phase) -> bool,
+        result: Result<()>,
+        tell: Option<(ControlKind, String)>,
+    ) {
         {
             let mut g = lock(&self.inner);
             if !when(&g.phase) || g.in_flight > 0 {

@@ -83,7 +83,11 @@ impl KvCacheDesc {
         for i in 0..n {
             let t = MrDesc::from_bytes(r.bytes(MAX_MR_DESC, "tensor descriptor")?)?;
             if t.len() < layout.tensor_bytes() {
-                return Err(r.error(format!("tensor {i} has {} bytes, the layout needs {}", t.len(), layout.tensor_bytes())));
+                return Err(r.error(format!(
+                    "tensor {i} has {} bytes, the layout needs {}",
+                    t.len(),
+                    layout.tensor_bytes()
+                )));
             }
             if t.owner() != control.owner() {
                 return Err(r.error(format!("tensor {i} belongs to another engine")));

@@ -322,12 +322,10 @@ mod tests {
         let list = CopyList::new([a, b]).unwrap();
         assert_eq!(list.copies(), [Strided { rows: 4, ..a }]);
         let ps = all(plan(&list, 1 << 20));
-        assert_eq!(ps.iter().map(|p| (p.src_offset, p.dst_offset)).collect::<Vec<_>>(), [
-            (0, 0),
-            (32, 16),
-            (64, 32),
-            (96, 48)
-        ]);
+        assert_eq!(
+            ps.iter().map(|p| (p.src_offset, p.dst_offset)).collect::<Vec<_>>(),
+            [(0, 0), (32, 16), (64, 32), (96, 48)]
+        );
     }
 
     #[test]
@@ -344,7 +342,8 @@ mod tests {
         assert!(CopyList::new([Strided::contiguous(0, 0, 0)]).is_err());
         let short = Strided { src_offset: 0, dst_offset: 0, rows: 2, row_len: 8, src_stride: 4, dst_stride: 8 };
         assert!(CopyList::new([short]).is_err());
-        let huge = Strided { src_offset: 0, dst_offset: 0, rows: 3, row_len: 8, src_stride: u64::MAX / 2, dst_stride: 8 };
+        let huge =
+            Strided { src_offset: 0, dst_offset: 0, rows: 3, row_len: 8, src_stride: u64::MAX / 2, dst_stride: 8 };
         assert!(CopyList::new([huge]).is_err());
         let overlap = CopyList::new([Strided::contiguous(0, 0, 10), Strided::contiguous(20, 5, 10)]);
         assert!(matches!(overlap, Err(Error::InvalidRequest(m)) if m.contains("overlap")));

@@ -33,11 +33,12 @@ pub enum Workload {
     Read,
     ImmLatency,
     SendLatency,
+    Kv,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] =
-        [Workload::Write, Workload::Paged, Workload::Read, Workload::ImmLatency, Workload::SendLatency];
+    pub const ALL: [Workload; 6] =
+        [Workload::Write, Workload::Paged, Workload::Read, Workload::ImmLatency, Workload::SendLatency, Workload::Kv];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -46,6 +47,7 @@ impl Workload {
             Workload::Read => "read",
             Workload::ImmLatency => "imm_latency",
             Workload::SendLatency => "send_latency",
+            Workload::Kv => "kv",
         }
     }
 }
@@ -57,7 +59,7 @@ impl FromStr for Workload {
         Workload::ALL
             .into_iter()
             .find(|w| w.name() == s || w.name().strip_suffix("_latency").is_some_and(|n| s == format!("{n}_lat")))
-            .ok_or_else(|| format!("unknown workload {s:?} (write, paged, read, imm_latency, send_latency)"))
+            .ok_or_else(|| format!("unknown workload {s:?} (write, paged, read, imm_latency, send_latency, kv)"))
     }
 }
 
@@ -80,6 +82,8 @@ pub struct Plan {
     pub tcp: bool,
     pub tcp_streams: usize,
     pub progress: bool,
+    /// The `kv` workload's request.
+    pub kv: crate::kv::KvSpec,
 }
 
 impl Plan {
@@ -231,6 +235,7 @@ impl Client {
                     }
                 }
                 Workload::ImmLatency => self.latency_point(w, 0)?,
+                Workload::Kv => self.kv_point()?,
                 Workload::SendLatency => {
                     for size in self.plan.message_sizes.clone() {
                         self.latency_point(w, size)?;
@@ -269,6 +274,71 @@ impl Client {
         self.ch.send(&Msg::Report { report: Box::new(report.clone()) })?;
         self.ch.send(&Msg::Bye)?;
         Ok(report)
+    }
+
+    /// The `kv` workload: strait's KV push and its two baselines, each
+    /// `repeat` times, alternating; the medians are reported.
+    fn kv_point(&mut self) -> Result<(), String> {
+        let spec = self.plan.kv.clone();
+        let label = format!(
+            "{} {} tok {} TP {}:{} {}",
+            spec.preset,
+            spec.tokens,
+            spec.layout,
+            spec.prefill_tp,
+            spec.decode_tp,
+            if spec.layerwise { "layer-wise" } else { "whole" }
+        );
+        self.progress(&format!("kv {label}: setting up"));
+        let (mut kv, senders) = crate::kv::KvClient::new(&self.engine, spec.clone())?;
+        self.ch.send(&Msg::KvSetup { spec: spec.clone(), senders })?;
+        let decoders = self.ch.expect("KV ready", |m| match m {
+            Msg::KvReady { decoders } => Some(decoders),
+            _ => None,
+        })?;
+        kv.set_decoders(&decoders)?;
+        let bytes = kv.bytes()?;
+        let mut runs: [Vec<Row>; 3] = Default::default();
+        let kv_row = |driver: &str, r: crate::kv::KvRun| {
+            let mut row = row(Workload::Kv, driver, bytes, None, 1, r.seconds);
+            row.label = Some(label.clone());
+            row.requests = Some(r.requests);
+            row.layer_us = Some(r.seconds * 1e6 / spec.layers as f64);
+            row.cpu_us_per_layer = Some(r.cpu_per_layer * 1e6);
+            row
+        };
+        // One unmeasured round first: connections and first touches.
+        for measured in std::iter::once(false).chain(std::iter::repeat_n(true, self.plan.repeat as usize)) {
+            self.progress(&format!("kv {label}: strait"));
+            self.ch.send(&Msg::KvExpect)?;
+            let requests = self.ch.expect("KV requests", |m| match m {
+                Msg::KvRequests { requests } => Some(requests),
+                _ => None,
+            })?;
+            let run = kv.strait(&requests)?;
+            self.ch.send(&Msg::KvWait)?;
+            if let Some(e) = self.ch.expect("KV done", |m| match m {
+                Msg::KvDone { error } => Some(error),
+                _ => None,
+            })? {
+                return Err(format!("the decoder's request failed: {e}"));
+            }
+            self.progress(&format!("kv {label}: contiguous"));
+            let contiguous = kv.contiguous()?;
+            self.progress(&format!("kv {label}: per-block"));
+            let per_block = kv.per_block()?;
+            if measured {
+                runs[0].push(kv_row(STRAIT, run));
+                runs[1].push(kv_row("contiguous", contiguous));
+                if let Some(p) = per_block {
+                    runs[2].push(kv_row("per-block", p));
+                }
+            }
+        }
+        for r in runs.into_iter().filter(|r| !r.is_empty()) {
+            self.rows.push(median(r));
+        }
+        Ok(())
     }
 
     /// First contact on every path (connection set-up on tcp takes many
@@ -497,6 +567,10 @@ impl Client {
             rtt_p90_us: None,
             rtt_p99_us: None,
             spread: None,
+            label: None,
+            requests: None,
+            layer_us: None,
+            cpu_us_per_layer: None,
         })
     }
 }
@@ -523,6 +597,10 @@ fn row(w: Workload, driver: &str, size: u64, page: Option<u64>, ops: u64, second
         rtt_p90_us: None,
         rtt_p99_us: None,
         spread: None,
+        label: None,
+        requests: None,
+        layer_us: None,
+        cpu_us_per_layer: None,
     }
 }
 
@@ -540,5 +618,9 @@ fn latency_row(w: Workload, driver: &str, size: u64, rtt: &mut [f64], seconds: f
         rtt_p90_us: Some(percentile(rtt, 0.9)),
         rtt_p99_us: Some(percentile(rtt, 0.99)),
         spread: None,
+        label: None,
+        requests: None,
+        layer_us: None,
+        cpu_us_per_layer: None,
     }
 }

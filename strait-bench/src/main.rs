@@ -4,6 +4,7 @@
 //! offers. See `strait-bench --help`.
 
 mod client;
+mod kv;
 mod proto;
 mod raw;
 mod report;
@@ -109,7 +110,8 @@ struct EngineArgs {
 
 #[derive(Args, Debug, Clone)]
 struct RunArgs {
-    /// Workloads to run, comma-separated: write, paged, read, imm-lat, send-lat.
+    /// Workloads to run, comma-separated: write, paged, read, imm-lat,
+    /// send-lat, kv (not in the default list: it moves a model's KV cache).
     #[arg(long, default_value = "write,paged,read,imm-lat,send-lat")]
     workloads: String,
     /// Message sizes of single writes (K, M, G are binary units).
@@ -156,6 +158,24 @@ struct RunArgs {
     /// No progress line on stderr.
     #[arg(long)]
     no_progress: bool,
+    /// kv: model preset: llama3-8b (32 layers, 8 KV heads, head dim 128),
+    /// qwen3-32b (64 layers, 8, 128), deepseek-v3 (MLA, 61 layers, latent
+    /// 576); bf16, 16-token blocks (64 for MLA).
+    #[arg(long, default_value = "llama3-8b")]
+    kv_preset: String,
+    /// kv: tokens of the request.
+    #[arg(long, default_value_t = 4096)]
+    prompt_tokens: u64,
+    /// kv: cache layout: vllm ([2, blocks, block, heads, dim] per layer),
+    /// nhd, hnd (FlashInfer); mla is implied by deepseek-v3.
+    #[arg(long, default_value = "vllm")]
+    layout: String,
+    /// kv: prefill and decode tensor-parallel sizes, P:D.
+    #[arg(long, default_value = "1:1")]
+    tp: String,
+    /// kv: submit all layers at once instead of layer by layer.
+    #[arg(long)]
+    kv_whole: bool,
 }
 
 /// How to open an engine (and the raw baseline's endpoints).
@@ -234,6 +254,18 @@ impl RunArgs {
             tcp: has("tcp"),
             tcp_streams: self.tcp_streams.unwrap_or(nics.max(2)),
             progress: !self.no_progress,
+            kv: {
+                let (p, d) = self.tp.split_once(':').ok_or("--tp is P:D, e.g. 2:1")?;
+                let parse = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("bad --tp {:?}", self.tp));
+                let layout = if self.kv_preset == "deepseek-v3" { "mla" } else { self.layout.as_str() };
+                crate::kv::KvSpec::preset(
+                    &self.kv_preset,
+                    layout,
+                    self.prompt_tokens,
+                    (parse(p)?, parse(d)?),
+                    !self.kv_whole,
+                )?
+            },
         })
     }
 

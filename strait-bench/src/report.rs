@@ -43,6 +43,18 @@ pub struct Row {
     /// of all runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spread: Option<(f64, f64)>,
+    /// `kv`: the request (model, tokens, layout, TP, layer-wise or whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// `kv`: engine requests the transfer took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
+    /// `kv`: wall time per layer, microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_us: Option<f64>,
+    /// `kv`: the caller's CPU time submitting, per layer, microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_layer: Option<f64>,
 }
 
 impl Row {
@@ -102,6 +114,7 @@ fn describe(workload: &str) -> &'static str {
         "read" => "one-sided reads",
         "imm_latency" => "write-with-immediate ping-pong (zero-length writes)",
         "send_latency" => "send/recv ping-pong",
+        "kv" => "KV cache of one request, prefill to decode (medians; baselines on the same bytes)",
         _ => "",
     }
 }
@@ -141,6 +154,31 @@ fn distinct<'a>(rows: impl Iterator<Item = &'a Row>, field: impl Fn(&Row) -> &st
     out
 }
 
+fn kv_table(out: &mut String, rows: &[Row]) {
+    let _ = writeln!(
+        out,
+        "{:<44} {:<10} {:>9} {:>8} {:>8} {:>9} {:>8} {:>11} {:>9}",
+        "request", "driver", "ms", "GB/s", "Mop/s", "requests", "layer us", "cpu us/layer", "vs strait"
+    );
+    let rows: Vec<&Row> = rows.iter().filter(|r| r.workload == "kv").collect();
+    for r in &rows {
+        let label = r.label.clone().unwrap_or_default();
+        let strait = rows.iter().find(|s| s.label == r.label && s.driver == STRAIT).map(|s| s.gbytes_per_s());
+        let _ = writeln!(
+            out,
+            "{label:<44} {:<10} {:>9.2} {:>8.3} {:>8.4} {:>9} {:>8.0} {:>11.1} {:>9}",
+            r.driver,
+            r.seconds * 1e3,
+            r.gbytes_per_s(),
+            r.requests.unwrap_or(0) as f64 / r.seconds / 1e6,
+            r.requests.unwrap_or(0),
+            r.layer_us.unwrap_or(0.0),
+            r.cpu_us_per_layer.unwrap_or(0.0),
+            ratio(strait, Some(r.gbytes_per_s())),
+        );
+    }
+}
+
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
@@ -172,7 +210,9 @@ impl Report {
             }
             let _ = writeln!(out, "{title}");
             let latency = points.first().is_some_and(|p| p.rows.iter().any(|r| r.is_latency()));
-            if latency {
+            if workload == "kv" {
+                kv_table(&mut out, &self.rows);
+            } else if latency {
                 self.latency_table(&mut out, &points);
             } else {
                 self.bandwidth_table(&mut out, &points, &workload);
@@ -403,6 +443,10 @@ mod tests {
             rtt_p90_us: None,
             rtt_p99_us: None,
             spread: None,
+            label: None,
+            requests: None,
+            layer_us: None,
+            cpu_us_per_layer: None,
         }
     }
 

@@ -97,6 +97,7 @@ struct Session<'a> {
     client_desc: MrDesc,
     region: strait::MemoryRegion,
     raw: Option<RawEnd>,
+    kv: Option<crate::kv::KvServer>,
     quiet: bool,
 }
 
@@ -151,7 +152,7 @@ impl<'a> Session<'a> {
             nics: engine.nic_count(),
             provider: engine.provider().to_string(),
         })?;
-        Ok(Session { engine, ch, local_ip, client_engine, client_desc, region, raw, quiet })
+        Ok(Session { engine, ch, local_ip, client_engine, client_desc, region, raw, kv: None, quiet })
     }
 
     /// Waits for the next message, keeping the raw endpoints progressing
@@ -217,6 +218,27 @@ impl<'a> Session<'a> {
                 self.ch.send(&Msg::Echoed)?;
             }
             Msg::TcpListen { streams } => self.tcp(streams)?,
+            Msg::KvSetup { spec, senders } => match crate::kv::KvServer::setup(self.engine, spec, &senders) {
+                Ok((kv, reply)) => {
+                    self.kv = Some(kv);
+                    self.ch.send(&reply)?;
+                }
+                Err(message) => self.ch.send(&Msg::Error { message })?,
+            },
+            Msg::KvExpect => {
+                let reply = match self.kv.as_mut() {
+                    Some(kv) => kv.expect().unwrap_or_else(|message| Msg::Error { message }),
+                    None => Msg::Error { message: "no KV setup".into() },
+                };
+                self.ch.send(&reply)?;
+            }
+            Msg::KvWait => {
+                let reply = match self.kv.as_mut() {
+                    Some(kv) => kv.wait(),
+                    None => Msg::Error { message: "no KV setup".into() },
+                };
+                self.ch.send(&reply)?;
+            }
             Msg::Report { report } => {
                 if !self.quiet {
                     print!("{}", report.tables());
