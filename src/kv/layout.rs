@@ -295,7 +295,7 @@ impl KvLayout {
             if stride < inner {
                 return bad(format!("rows overlap: a stride of {stride} bytes inside a span of {inner}"));
             }
-            inner = stride * (n - 1) + inner;
+            inner += stride * (n - 1);
         }
         Ok(())
     }

@@ -162,6 +162,9 @@ pub struct KvRun {
     pub cpu_per_layer: f64,
 }
 
+/// One sender's share for one decoder: bytes per layer, and the layers.
+type Share<'a> = (&'a KvCache, &'a KvCacheDesc, u64, Vec<u32>);
+
 /// The client's side: the prefill ranks' caches.
 pub struct KvClient {
     pub spec: KvSpec,
@@ -199,7 +202,7 @@ impl KvClient {
 
     /// What each sender moves to each decoder per layer, and for which
     /// layers.
-    fn shares(&self) -> Result<Vec<(&KvCache, &KvCacheDesc, u64, Vec<u32>)>, String> {
+    fn shares(&self) -> Result<Vec<Share<'_>>, String> {
         let (src, dst) = self.spec.block_lists();
         let mut shares = Vec::new();
         for d in &self.decoders {
@@ -278,7 +281,7 @@ impl KvClient {
             .flat_map(|kv| src.iter().zip(&dst).map(move |(&s, &t)| (kv, s, t)))
             .map(|(kv, s, t)| (l.offset(0, kv, s, 0, 0), d.layout.offset(0, kv, t, 0, 0)))
             .collect();
-        let full = self.spec.tokens % l.block_tokens as u64 == 0;
+        let full = self.spec.tokens.is_multiple_of(l.block_tokens as u64);
         if !full {
             return Ok(None);
         }
