@@ -300,6 +300,13 @@ fn decoder_cancel_is_confirmed_by_the_sender() {
     assert!(matches!(r.wait_timeout(TIMEOUT), Err(Error::Cancelled)));
     assert!(matches!(x.wait_timeout(TIMEOUT), Err(Error::Cancelled)));
     assert!(x.send_layers(1..2).is_err(), "nothing is posted after the cancel");
+    // Once the cancel is confirmed the blocks stay as they are.
+    let l = *d.layout();
+    let snapshot = |layer| d.tensors()[layer as usize].to_vec(0, l.layer_bytes()).unwrap();
+    let before: Vec<Vec<u8>> = (0..l.layers).map(snapshot).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let after: Vec<Vec<u8>> = (0..l.layers).map(snapshot).collect();
+    assert!(before == after, "a byte landed after the cancel was confirmed");
 }
 
 #[test]

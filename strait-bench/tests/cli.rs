@@ -154,3 +154,32 @@ fn bad_arguments_are_reported() {
         assert!(err.starts_with("strait-bench: "), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn kv_workload_with_its_baselines() {
+    for extra in
+        [&["--layout", "nhd"][..], &["--tp", "2:1", "--kv-whole"], &["--kv-preset", "deepseek-v3", "--tp", "1:2"]]
+    {
+        let json = temp("kv.json");
+        let mut args = vec!["loopback", "--provider", "tcp", "--workloads", "kv", "--prompt-tokens", "256"];
+        args.extend(["--baseline", "none", "--json", json.to_str().unwrap()]);
+        args.extend(QUICK);
+        args.extend(extra);
+        let out = run(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("== kv") && stdout.contains("contiguous"), "{stdout}");
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let rows = v["rows"].as_array().unwrap();
+        let drivers: Vec<&str> = rows.iter().filter_map(|r| r["driver"].as_str()).collect();
+        assert!(drivers.contains(&"strait") && drivers.contains(&"contiguous"), "{drivers:?}");
+        // The per-block baseline runs where a block's K or V is contiguous (same TP).
+        assert_eq!(drivers.contains(&"per-block"), extra == ["--layout", "nhd"], "{drivers:?}");
+        for r in rows {
+            assert!(r["bytes"].as_u64().unwrap() > 0 && r["seconds"].as_f64().unwrap() > 0.0, "{r}");
+            assert!(r["cpu_us_per_layer"].as_f64().is_some() && r["label"].as_str().is_some(), "{r}");
+        }
+        let _ = std::fs::remove_file(&json);
+    }
+    let out = Command::new(BIN).args(["loopback", "--workloads", "kv", "--kv-preset", "gpt-9"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown KV preset"));
+}
