@@ -5,7 +5,11 @@
 //! posted while another operation of the same request is still in flight.
 //!
 //! Writes loop back: a completed write with an immediate delivers it to the
-//! same NIC's `poll`, as the peer's engine would see it.
+//! same NIC's `poll`, as the peer's engine would see it. A write to a region
+//! registered on the same NIC copies its bytes when it completes (not when
+//! it is posted: its bytes land late, as on a network), and a send lands in
+//! a receive buffer posted on the same NIC, so protocols built on the
+//! engine (the KV primitive's control messages) run on the double too.
 
 use std::ffi::c_void;
 use std::os::fd::RawFd;
@@ -27,12 +31,21 @@ pub(crate) struct Faults {
     /// Immediates posted while their request still had operations in
     /// flight: must stay 0.
     pub violations: AtomicU64,
+    /// Writes whose bytes have landed (copied at completion).
+    pub landed: AtomicU64,
+    /// Writes posted and not yet completed.
+    pub in_flight: AtomicU64,
 }
 
 struct Pending {
     token: u64,
     imm: Option<u32>,
     fail: bool,
+    /// A write: (source, destination, bytes), copied when it completes.
+    copy: Option<(usize, usize, usize)>,
+    /// A send: its bytes, delivered into a posted receive buffer.
+    message: Option<Vec<u8>>,
+    write: bool,
 }
 
 pub(crate) struct FaultNic {
@@ -42,11 +55,23 @@ pub(crate) struct FaultNic {
     faults: Arc<Faults>,
     pending: Vec<Pending>,
     in_flight: std::collections::HashMap<u64, u32>,
+    /// Registered regions by key: (address, length).
+    regions: std::collections::HashMap<u64, (usize, u64)>,
+    /// Posted receive buffers: (address, length, token).
+    receives: std::collections::VecDeque<(usize, usize, u64)>,
 }
 
 impl FaultNic {
     pub(crate) fn new(seed: u64, faults: Arc<Faults>) -> Self {
-        FaultNic { base: NullNic::new(), rng: seed | 1, faults, pending: Vec::new(), in_flight: Default::default() }
+        FaultNic {
+            base: NullNic::new(),
+            rng: seed | 1,
+            faults,
+            pending: Vec::new(),
+            in_flight: Default::default(),
+            regions: Default::default(),
+            receives: Default::default(),
+        }
     }
 
     /// xorshift64: deterministic per seed.
@@ -70,10 +95,13 @@ impl Nic for FaultNic {
     unsafe fn register(&mut self, addr: *mut u8, len: u64, access: Access) -> Result<NicRegion> {
         // SAFETY: forwarded with the caller's guarantees; the null NIC
         // touches no memory.
-        unsafe { self.base.register(addr, len, access) }
+        let region = unsafe { self.base.register(addr, len, access) }?;
+        self.regions.insert(region.key, (addr as usize, len));
+        Ok(region)
     }
 
     fn deregister(&mut self, region: NicRegion) {
+        self.regions.remove(&region.key);
         self.base.deregister(region)
     }
 
@@ -92,11 +120,30 @@ impl Nic for FaultNic {
         }
         *outstanding += 1;
         let fail = self.faults.killed.load(Ordering::Relaxed) || self.next() % 1000 < self.faults.fail_per_mille;
-        self.pending.push(Pending { token: op.token, imm, fail });
+        let len = op.len as usize;
+        let copy = match self.regions.get(&op.key) {
+            Some(&(base, region_len))
+                if op.kind == OpKind::Write && len > 0 && op.remote_addr + op.len <= region_len =>
+            {
+                Some((op.local as usize, base + op.remote_addr as usize, len))
+            }
+            _ => None,
+        };
+        let message = (op.kind == OpKind::Send).then(|| {
+            // SAFETY: the engine keeps the source of a posted send valid
+            // until its completion, and it is `len` bytes long.
+            unsafe { std::slice::from_raw_parts(op.local, len) }.to_vec()
+        });
+        let write = op.kind == OpKind::Write;
+        if write {
+            self.faults.in_flight.fetch_add(1, Ordering::SeqCst);
+        }
+        self.pending.push(Pending { token: op.token, imm, fail, copy, message, write });
         Ok(Posted::Accepted)
     }
 
-    unsafe fn post_recv(&mut self, _buf: *mut u8, _len: usize, _desc: *mut c_void, _token: u64) -> Result<Posted> {
+    unsafe fn post_recv(&mut self, buf: *mut u8, len: usize, _desc: *mut c_void, token: u64) -> Result<Posted> {
+        self.receives.push_back((buf as usize, len, token));
         Ok(Posted::Accepted)
     }
 
@@ -108,6 +155,9 @@ impl Nic for FaultNic {
         for _ in 0..release {
             let i = self.next() as usize % self.pending.len();
             let p = self.pending.swap_remove(i);
+            if p.write {
+                self.faults.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
             if let Some(n) = self.in_flight.get_mut(&p.token) {
                 *n -= 1;
                 if *n == 0 {
@@ -118,6 +168,23 @@ impl Nic for FaultNic {
                 let error = Error::Transport { op: "write", code: 5, prov_errno: 0, message: "injected fault".into() };
                 events.push(Event::Failed { token: p.token, error });
             } else {
+                if let Some((src, dst, len)) = p.copy {
+                    // SAFETY: the engine keeps both ranges valid until this
+                    // completion (the source is held by the request, the
+                    // destination is a region registered on this NIC and
+                    // checked against its length at post time).
+                    unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, len) };
+                    self.faults.landed.fetch_add(1, Ordering::SeqCst);
+                }
+                if let Some(bytes) = p.message {
+                    if let Some((buf, cap, token)) = self.receives.pop_front() {
+                        let n = bytes.len().min(cap);
+                        // SAFETY: a posted receive buffer of `cap` bytes,
+                        // the NIC's until it reports it.
+                        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf as *mut u8, n) };
+                        events.push(Event::Received { token, len: n, message: true, imm: None });
+                    }
+                }
                 events.push(Event::Done { token: p.token });
                 if let Some(value) = p.imm {
                     events.push(Event::Imm { value });

@@ -110,3 +110,54 @@ fn a_killed_nic_fails_every_later_request_once_and_nothing_hangs() {
     }
     assert_eq!(faults.violations.load(Ordering::SeqCst), 0);
 }
+
+/// KV cancellation on the double, whose writes land (their bytes are
+/// copied) only when they complete, late and in random order: once the
+/// decoder's cancel outcome is reported, no byte of the request lands in
+/// its blocks any more.
+#[test]
+fn no_kv_byte_lands_after_a_confirmed_cancel() {
+    use crate::kv::{KvCache, KvConfig, KvExpect, KvLayout, KvShape, Tp};
+    let shape =
+        KvShape { layers: 6, blocks: 32, block_tokens: 4, heads: 2, total_heads: 2, head_dim: 16, elem_bytes: 2 };
+    let layout = KvLayout::flashinfer_nhd(shape);
+    let (mut cancelled, mut some_landed) = (0, 0);
+    for seed in 0..24u64 {
+        let faults = Arc::new(Faults::default());
+        let e = engine(1 + (seed % 2) as usize, seed, &faults);
+        let config = KvConfig { heartbeat: Duration::from_millis(50), ..KvConfig::default() };
+        let decoder = KvCache::alloc(&e, layout, Tp::SINGLE, config).unwrap();
+        let sender = KvCache::alloc(&e, layout, Tp::SINGLE, config).unwrap();
+        for t in sender.tensors() {
+            t.write_at(0, &vec![0xAB; layout.layer_bytes() as usize]).unwrap();
+        }
+        let blocks: Vec<u32> = (0..16).map(|i| i * 2).collect();
+        let recv = decoder.expect(&KvExpect::push(&[sender.descriptor().clone()], &blocks)).unwrap();
+        let send = sender.push(recv.request(), decoder.descriptor(), &blocks).unwrap();
+        send.send_layers(0..(seed % 6) as u32 + 1).unwrap();
+        recv.cancel();
+        let outcome = recv.wait_timeout(Duration::from_secs(20));
+        let snapshot = || -> Vec<Vec<u8>> {
+            decoder.tensors().iter().map(|t| t.to_vec(0, layout.layer_bytes()).unwrap()).collect()
+        };
+        let (landed, at_outcome) = (faults.landed.load(Ordering::SeqCst), snapshot());
+        if at_outcome.iter().any(|t| t.contains(&0xAB)) {
+            some_landed += 1;
+        }
+        match outcome {
+            Err(Error::Cancelled) => cancelled += 1,
+            other => panic!("seed {seed}: the cancel ended {other:?}"),
+        }
+        assert!(matches!(send.wait_timeout(Duration::from_secs(20)), Err(Error::Cancelled)));
+        // Let the double release everything it may still hold.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(snapshot(), at_outcome, "seed {seed}: bytes landed after the confirmed cancel");
+        let later = faults.landed.load(Ordering::SeqCst);
+        // Only pings (zero-length, no bytes) may complete meanwhile.
+        assert!(later >= landed, "seed {seed}");
+        assert_eq!(faults.violations.load(Ordering::Relaxed), 0);
+    }
+    assert_eq!(cancelled, 24);
+    assert!(some_landed > 0, "no run had writes land before its cancel: the test exercised nothing");
+    eprintln!("{some_landed} of 24 cancels came after some layers had landed");
+}
