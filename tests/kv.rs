@@ -25,51 +25,38 @@ fn config() -> KvConfig {
     KvConfig { heartbeat: Duration::from_millis(100), ..KvConfig::default() }
 }
 
-/// Fills a sender's blocks with the reference bytes of `tokens` tokens.
-fn fill(cache: &KvCache, blocks: &[u32], tokens: u64) {
+/// Calls `row(tensor, offset, reference bytes)` for every row (layer, K/V,
+/// token, head) of `tokens` tokens in `blocks` of `cache`.
+fn rows(cache: &KvCache, blocks: &[u32], tokens: u64, mut row: impl FnMut(usize, u64, Vec<u8>)) {
     let l = *cache.layout();
-    let tp = cache.descriptor().tp;
-    let (first, _) = strait::kv::heads_of(tp, l.total_heads).unwrap();
+    let (first, _) = strait::kv::heads_of(cache.descriptor().tp, l.total_heads).unwrap();
+    let bt = l.block_tokens as u64;
     for layer in 0..l.layers {
         let (t, _) = l.layer_base(layer);
         for kv in 0..l.kv_count() as u32 {
             for pos in 0..tokens {
-                let (block, tok) =
-                    (blocks[(pos / l.block_tokens as u64) as usize], (pos % l.block_tokens as u64) as u32);
+                let (block, tok) = (blocks[(pos / bt) as usize], (pos % bt) as u32);
                 for h in 0..l.heads {
-                    let row: Vec<u8> = (0..l.head_bytes()).map(|b| byte(layer, kv, pos, first + h, b)).collect();
-                    cache.tensors()[t].write_at(l.offset(layer, kv, block, tok, h), &row).unwrap();
+                    let want = (0..l.head_bytes()).map(|b| byte(layer, kv, pos, first + h, b)).collect();
+                    row(t, l.offset(layer, kv, block, tok, h), want);
                 }
             }
         }
     }
 }
 
-/// Checks a decoder's blocks hold the reference bytes, layer by layer.
-fn check(cache: &KvCache, blocks: &[u32], tokens: u64, layers: impl Iterator<Item = u32>) {
-    let l = *cache.layout();
-    let tp = cache.descriptor().tp;
-    let (first, _) = strait::kv::heads_of(tp, l.total_heads).unwrap();
-    for layer in layers {
-        let (t, _) = l.layer_base(layer);
-        for kv in 0..l.kv_count() as u32 {
-            for pos in 0..tokens {
-                let (block, tok) =
-                    (blocks[(pos / l.block_tokens as u64) as usize], (pos % l.block_tokens as u64) as u32);
-                for h in 0..l.heads {
-                    let got = cache.tensors()[t].to_vec(l.offset(layer, kv, block, tok, h), l.head_bytes()).unwrap();
-                    let want: Vec<u8> = (0..l.head_bytes()).map(|b| byte(layer, kv, pos, first + h, b)).collect();
-                    assert_eq!(
-                        got,
-                        want,
-                        "layer {layer} kv {kv} token {pos} head {} of decoder rank {}",
-                        first + h,
-                        tp.rank
-                    );
-                }
-            }
-        }
-    }
+/// Fills a sender's blocks with the reference bytes of `tokens` tokens.
+fn fill(cache: &KvCache, blocks: &[u32], tokens: u64) {
+    rows(cache, blocks, tokens, |t, offset, bytes| cache.tensors()[t].write_at(offset, &bytes).unwrap());
+}
+
+/// Checks a decoder's blocks hold the reference bytes.
+fn check(cache: &KvCache, blocks: &[u32], tokens: u64) {
+    let rank = cache.descriptor().tp.rank;
+    rows(cache, blocks, tokens, |t, offset, want| {
+        let got = cache.tensors()[t].to_vec(offset, want.len() as u64).unwrap();
+        assert_eq!(got, want, "tensor {t} offset {offset} of decoder rank {rank}");
+    });
 }
 
 type Ctor = fn(KvShape) -> KvLayout;
@@ -150,7 +137,7 @@ fn run(provider: Provider, p: u32, d: u32, sl: Ctor, dl: Ctor, bs: u32, bd: u32,
     for (j, r) in recvs.iter().enumerate() {
         r.wait_timeout(TIMEOUT).unwrap_or_else(|e| panic!("decoder {j}: {e}"));
         assert_eq!(r.landed_layers(), (0..layers).collect::<Vec<_>>());
-        check(&decoders.caches[j], &dst_blocks, tokens, 0..layers);
+        check(&decoders.caches[j], &dst_blocks, tokens);
     }
     for s in &sends {
         s.wait_timeout(TIMEOUT).unwrap();
@@ -227,7 +214,7 @@ fn mla_one_sender_per_layer() {
             s.send_all().unwrap();
         }
         r.wait_timeout(TIMEOUT).unwrap();
-        check(d, &dst, tokens, 0..4);
+        check(d, &dst, tokens);
         for s in &sends {
             s.wait_timeout(TIMEOUT).unwrap();
         }
@@ -273,7 +260,7 @@ fn concurrent_requests_and_layer_progress() {
     }
     for (r, b) in recvs.iter().zip(&blocks) {
         r.wait_timeout(TIMEOUT).unwrap();
-        check(&d, b, 16, 0..4);
+        check(&d, b, 16);
     }
 }
 
@@ -358,7 +345,9 @@ fn mismatched_and_corrupt_descriptors_are_rejected() {
     for i in [0, 5, 40, bytes.len() - 1] {
         let keep = bytes[i];
         bytes[i] ^= 0xA5;
-        let _ = KvCacheDesc::from_bytes(&bytes);
+        // Refused, or (a flipped stride, say) another, valid descriptor:
+        // never the same one.
+        assert!(KvCacheDesc::from_bytes(&bytes).map_or(true, |x| &x != d.descriptor()), "byte {i}");
         bytes[i] = keep;
     }
     assert!(KvCacheDesc::from_bytes(&bytes[..bytes.len() - 3]).is_err());
@@ -375,25 +364,17 @@ fn kv_sender_process() {
     let Ok(provider) = std::env::var("STRAIT_KV_SENDER") else { return };
     let provider = if provider == "shm" { Provider::Shm } else { Provider::Tcp };
     let (s, _) = pair(provider);
-    println!("KVDESC {}", hex(&s.descriptor().to_bytes()));
+    println!("KVDESC {}", s.descriptor());
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).unwrap();
-    let decoder = KvCacheDesc::from_bytes(&unhex(line.trim())).unwrap();
+    let decoder: KvCacheDesc = line.trim().parse().unwrap();
     line.clear();
     std::io::stdin().read_line(&mut line).unwrap();
-    let request = KvRequest::from_bytes(&unhex(line.trim())).unwrap();
+    let request: KvRequest = line.trim().parse().unwrap();
     let x = s.push(&request, &decoder, &[0, 1]).unwrap();
     x.send_layers(0..1).unwrap();
     println!("KVSENT sent");
     std::thread::sleep(Duration::from_secs(60));
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
 
 fn killed_sender(provider: Provider, name: &str) {
@@ -412,7 +393,7 @@ fn killed_sender(provider: Provider, name: &str) {
         out.read_line(&mut line).unwrap();
         assert!(!line.is_empty(), "the sender process exited early");
         if let Some(at) = line.find("KVDESC ") {
-            break KvCacheDesc::from_bytes(&unhex(line[at + 7..].trim())).unwrap();
+            break line[at + 7..].trim().parse::<KvCacheDesc>().unwrap();
         }
     };
     // The bound on a dead sender is the heartbeat plus the engine's request
@@ -429,8 +410,8 @@ fn killed_sender(provider: Provider, name: &str) {
     let r = d.expect(&KvExpect::push(&[sender], &[0, 1])).unwrap();
     let other = d.expect(&KvExpect::push(&[healthy.descriptor().clone()], &[2, 3])).unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    writeln!(stdin, "{}", hex(&d.descriptor().to_bytes())).unwrap();
-    writeln!(stdin, "{}", hex(&r.request().to_bytes())).unwrap();
+    writeln!(stdin, "{}", d.descriptor()).unwrap();
+    writeln!(stdin, "{}", r.request()).unwrap();
     loop {
         line.clear();
         out.read_line(&mut line).unwrap();

@@ -33,8 +33,6 @@ pub(crate) struct Faults {
     pub violations: AtomicU64,
     /// Writes whose bytes have landed (copied at completion).
     pub landed: AtomicU64,
-    /// Writes posted and not yet completed.
-    pub in_flight: AtomicU64,
 }
 
 struct Pending {
@@ -45,7 +43,6 @@ struct Pending {
     copy: Option<(usize, usize, usize)>,
     /// A send: its bytes, delivered into a posted receive buffer.
     message: Option<Vec<u8>>,
-    write: bool,
 }
 
 pub(crate) struct FaultNic {
@@ -134,11 +131,7 @@ impl Nic for FaultNic {
             // until its completion, and it is `len` bytes long.
             unsafe { std::slice::from_raw_parts(op.local, len) }.to_vec()
         });
-        let write = op.kind == OpKind::Write;
-        if write {
-            self.faults.in_flight.fetch_add(1, Ordering::SeqCst);
-        }
-        self.pending.push(Pending { token: op.token, imm, fail, copy, message, write });
+        self.pending.push(Pending { token: op.token, imm, fail, copy, message });
         Ok(Posted::Accepted)
     }
 
@@ -155,9 +148,6 @@ impl Nic for FaultNic {
         for _ in 0..release {
             let i = self.next() as usize % self.pending.len();
             let p = self.pending.swap_remove(i);
-            if p.write {
-                self.faults.in_flight.fetch_sub(1, Ordering::SeqCst);
-            }
             if let Some(n) = self.in_flight.get_mut(&p.token) {
                 *n -= 1;
                 if *n == 0 {

@@ -653,6 +653,15 @@ impl TransferEngine {
         Ok(())
     }
 
+    /// The checks of a read that depend on its source only.
+    fn check_read_source(&self, src: &MrDesc) -> Result<()> {
+        self.check_peer(src.owner())?;
+        if !src.access().remote_read {
+            return Err(Error::RemoteAccess("the source region does not allow remote reads".into()));
+        }
+        Ok(())
+    }
+
     /// A write whose destination (`check_write_target`) and source region
     /// (`check_local`) were checked: checks the ranges and plans it.
     fn checked_write_op(
@@ -733,10 +742,7 @@ impl TransferEngine {
         imm: Option<u32>,
     ) -> Result<RequestOp> {
         self.check_local(src)?;
-        self.check_peer(dst.owner())?;
-        if !dst.access().remote_write {
-            return Err(Error::RemoteAccess("the destination region does not allow remote writes".into()));
-        }
+        self.check_write_target(dst)?;
         let plan = PagedPlan::new(
             layout,
             src_pages,
@@ -801,13 +807,10 @@ impl TransferEngine {
         read: bool,
     ) -> Result<RequestOp> {
         self.check_local(local)?;
-        self.check_peer(remote.owner())?;
         let (nics, remote_nics) = (self.shared.nic_count, remote.owner().nic_count());
         let max_piece = self.shared.shard.max_piece;
         let plan = if read {
-            if !remote.access().remote_read {
-                return Err(Error::RemoteAccess("the source region does not allow remote reads".into()));
-            }
+            self.check_read_source(remote)?;
             let (src_len, dst_len) = (remote.len(), local.len());
             StridedPlan::new(
                 list,
@@ -895,10 +898,7 @@ impl TransferEngine {
         len: u64,
     ) -> Result<Transfer> {
         self.check_local(dst)?;
-        self.check_peer(src.owner())?;
-        if !src.access().remote_read {
-            return Err(Error::RemoteAccess("the source region does not allow remote reads".into()));
-        }
+        self.check_read_source(src)?;
         if len == 0 {
             return Err(Error::InvalidRequest("zero-length read".into()));
         }

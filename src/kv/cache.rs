@@ -11,10 +11,8 @@ use super::layout::{KvLayout, Tp};
 use super::recv::RecvState;
 use super::send::SendState;
 use super::wire::{Control, ControlKind, KvCacheDesc};
-use crate::address::EngineAddress;
-use crate::descriptor::Access;
-use crate::engine::{MemoryRegion, MessagePool, Service, TransferEngine};
 use crate::error::{Error, Result};
+use crate::{Access, EngineAddress, MemoryRegion, MessagePool, Service, TransferEngine};
 
 /// Settings of a [`KvCache`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +57,8 @@ pub(crate) struct CacheInner {
     pub messages: MessagePool,
     _service: Service,
     pub desc: KvCacheDesc,
+    /// `desc.fingerprint()`, computed once.
+    pub fingerprint: u64,
     pub config: KvConfig,
     /// Live requests by (id, true for the decoder's side).
     requests: Mutex<HashMap<(u64, bool), Entry>>,
@@ -237,6 +237,7 @@ impl KvCache {
             control: control.descriptor().clone(),
             tensors: tensors.iter().map(|t| t.descriptor().clone()).collect(),
         };
+        let fingerprint = desc.fingerprint();
         let inner = Arc::new(CacheInner {
             engine: engine.clone(),
             layout,
@@ -246,6 +247,7 @@ impl KvCache {
             messages,
             _service: service,
             desc,
+            fingerprint,
             config,
             requests: Mutex::new(HashMap::new()),
             early_cancels: Mutex::new(VecDeque::new()),

@@ -110,8 +110,19 @@ pub struct KvShape {
 
 impl KvLayout {
     fn mha(s: KvShape, kv_stride: u64, block_stride: u64, token_stride: u64, head_stride: u64) -> Self {
+        Self::strided(KvKind::Mha, s, kv_stride, block_stride, token_stride, head_stride)
+    }
+
+    fn strided(
+        kind: KvKind,
+        s: KvShape,
+        kv_stride: u64,
+        block_stride: u64,
+        token_stride: u64,
+        head_stride: u64,
+    ) -> Self {
         KvLayout {
-            kind: KvKind::Mha,
+            kind,
             layers: s.layers,
             blocks: s.blocks,
             block_tokens: s.block_tokens,
@@ -158,21 +169,8 @@ impl KvLayout {
     /// block_tokens, latent_dim]` (DeepSeek-V2/V3: latent 576 = 512 + 64).
     pub fn mla(layers: u32, blocks: u32, block_tokens: u32, latent_dim: u32, elem_bytes: u32) -> Self {
         let token = latent_dim as u64 * elem_bytes as u64;
-        KvLayout {
-            kind: KvKind::Mla,
-            layers,
-            blocks,
-            block_tokens,
-            heads: 1,
-            total_heads: 1,
-            head_dim: latent_dim,
-            elem_bytes,
-            tensors: KvTensors::PerLayer,
-            kv_stride: 0,
-            block_stride: token * block_tokens as u64,
-            token_stride: token,
-            head_stride: token,
-        }
+        let s = KvShape { layers, blocks, block_tokens, heads: 1, total_heads: 1, head_dim: latent_dim, elem_bytes };
+        Self::strided(KvKind::Mla, s, 0, token * block_tokens as u64, token, token)
     }
 
     /// The same layout with every layer's tensor laid back to back in one

@@ -70,8 +70,12 @@ pub struct PairPlan {
     pub heads: (u32, u32),
 }
 
-/// Block lists of a request, checked against a layout.
-fn check_blocks(side: &str, layout: &KvLayout, blocks: &[u32], tokens: u64) -> Result<()> {
+/// Block lists of a request, checked against a layout: as many blocks as
+/// `tokens` need (at least one token), each inside the cache.
+pub fn check_blocks(side: &str, layout: &KvLayout, blocks: &[u32], tokens: u64) -> Result<()> {
+    if tokens == 0 {
+        return Err(Error::InvalidRequest("a KV request of 0 tokens".into()));
+    }
     let want = tokens.div_ceil(layout.block_tokens as u64);
     if blocks.len() as u64 != want {
         return Err(Error::InvalidRequest(format!(
@@ -101,9 +105,6 @@ pub fn pair_plan(
     check_compatible(sender, decoder)?;
     sender.validate(stp)?;
     decoder.validate(dtp)?;
-    if tokens == 0 {
-        return Err(Error::InvalidRequest("a KV request of 0 tokens".into()));
-    }
     check_blocks("source", sender, src_blocks, tokens)?;
     check_blocks("destination", decoder, dst_blocks, tokens)?;
     let total = sender.total_heads;

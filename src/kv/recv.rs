@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use super::cache::{CacheInner, Entry, KvCache};
 use super::layout::MAX_LAYERS;
 use super::outcome::Outcome;
-use super::plan::{check_compatible, pair_plan, senders_for, PairPlan};
+use super::plan::{check_blocks, check_compatible, pair_plan, senders_for, PairPlan};
 use super::wire::{Control, ControlKind, KvCacheDesc, KvMode, KvRequest};
-use crate::engine::{ImmCounter, ImmSlot, ImmSpace};
 use crate::error::{Error, Result};
+use crate::{ImmCounter, ImmSlot, ImmSpace};
 
 /// What a decoder expects: from which sender ranks, into which blocks.
 #[derive(Clone, Debug)]
@@ -127,29 +127,24 @@ impl KvCache {
         if (e.mode == KvMode::Pull) == e.src_blocks.is_empty() {
             return Err(Error::InvalidRequest("source blocks come with pull requests, and only with them".into()));
         }
-        let mut pull = Vec::new();
-        for s in e.senders {
-            let src_blocks: Vec<u32>;
-            let src = if e.mode == KvMode::Pull {
-                e.src_blocks
-            } else {
-                // Push: the senders name their blocks; check ours against
-                // any valid source list of the right length.
-                src_blocks = vec![0; tokens.div_ceil(s.layout.block_tokens as u64) as usize];
-                &src_blocks
-            };
-            let plan = pair_plan(&s.layout, s.tp, src, layout, cache.tp, e.dst_blocks, tokens)?;
-            if e.mode == KvMode::Pull {
-                pull.push(plan);
-            }
-        }
+        // Push: only this side's blocks are known here (each sender names
+        // its own and plans its copies); pull: this rank reads, so it plans.
+        check_blocks("destination", layout, e.dst_blocks, tokens)?;
+        let pull = match e.mode {
+            KvMode::Push => Vec::new(),
+            KvMode::Pull => e
+                .senders
+                .iter()
+                .map(|s| pair_plan(&s.layout, s.tp, e.src_blocks, layout, cache.tp, e.dst_blocks, tokens))
+                .collect::<Result<_>>()?,
+        };
         let per_layer =
             (0..layout.layers).map(|l| senders_for(l, cache.tp, p, layout.total_heads)).collect::<Result<Vec<_>>>()?;
         let slot = cache.engine.imm_slot(ImmSpace::Kv)?;
         let request = KvRequest {
             id: cache.new_id(),
             slot: slot.slot(),
-            decoder: cache.desc.fingerprint(),
+            decoder: cache.fingerprint,
             decoder_tp: cache.tp,
             sender_tp_size: p,
             tokens,

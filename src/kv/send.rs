@@ -8,8 +8,8 @@ use super::cache::{CacheInner, Entry, KvCache};
 use super::outcome::Outcome;
 use super::plan::{pair_plan, sends_layer, PairPlan};
 use super::wire::{Control, ControlKind, KvCacheDesc, KvMode, KvRequest};
-use crate::engine::{reserved_imm, ImmSpace, Transfer};
 use crate::error::{Error, Result};
+use crate::{reserved_imm, ImmSpace, Transfer};
 
 enum Phase {
     Running,
@@ -203,7 +203,8 @@ impl SendState {
         let push_done = self.request.mode == KvMode::Push && g.completed == self.to_send;
         drop(g);
         if push_done {
-            self.finish_if(|p| matches!(p, Phase::Running), Ok(()), None);
+            // Every layer landed: nothing to tell the decoder, which counted them.
+            self.stop(Ok(()), None);
         }
         self.maybe_finish();
     }
@@ -234,22 +235,6 @@ impl SendState {
                 }
             }
         };
-        self.conclude(result, tell);
-    }
-
-    fn finish_if(
-        self: &Arc<Self>,
-        when: impl Fn(&Phase) -> bool,
-        result: Result<()>,
-        tell: Option<(ControlKind, String)>,
-    ) {
-        {
-            let mut g = lock(&self.inner);
-            if !when(&g.phase) || g.in_flight > 0 {
-                return;
-            }
-            g.phase = Phase::Done;
-        }
         self.conclude(result, tell);
     }
 

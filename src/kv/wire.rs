@@ -3,10 +3,9 @@
 //! validating readers that never panic (fuzzed under `fuzz/`).
 
 use super::layout::{KvKind, KvLayout, KvTensors, Tp};
-use crate::address::EngineAddress;
-use crate::descriptor::MrDesc;
-use crate::error::Result;
-use crate::wire::{put_bytes, put_u32s, Reader};
+use crate::error::{Error, Result};
+use crate::wire::{from_hex, put_bytes, put_u32s, to_hex, Reader};
+use crate::{EngineAddress, MrDesc};
 
 const DESC_MAGIC: &[u8; 3] = b"SKC";
 const REQUEST_MAGIC: &[u8; 3] = b"SKR";
@@ -104,6 +103,31 @@ impl KvCacheDesc {
         fnv1a(&self.to_bytes())
     }
 }
+
+/// Hex text of `to_bytes`, and its parse (as [`MrDesc`]'s), for carrying
+/// descriptors and requests in text (JSON, environment variables, logs).
+macro_rules! hex_text {
+    ($ty:ty, $what:literal) => {
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&to_hex(&self.to_bytes()))
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = Error;
+
+            fn from_str(s: &str) -> Result<Self> {
+                let bytes = from_hex(s)
+                    .ok_or_else(|| Error::InvalidDescriptor { what: $what, reason: "not a hex string".into() })?;
+                Self::from_bytes(&bytes)
+            }
+        }
+    };
+}
+
+hex_text!(KvCacheDesc, "KV cache descriptor");
+hex_text!(KvRequest, "KV request");
 
 pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
@@ -354,6 +378,8 @@ mod tests {
         assert!(KvRequest::from_bytes(&bytes).is_err());
         bytes.truncate(10);
         assert!(KvRequest::from_bytes(&bytes).is_err());
+        assert_eq!(r.to_string().parse::<KvRequest>().unwrap(), r);
+        assert!("zz".parse::<KvRequest>().is_err());
     }
 
     proptest! {

@@ -125,9 +125,9 @@ impl KvServer {
         let caches = spec.caches(engine, spec.decode_tp)?;
         let senders = senders
             .iter()
-            .map(|h| KvCacheDesc::from_bytes(&unhex(h)?).map_err(|e| e.to_string()))
+            .map(|h| h.parse::<KvCacheDesc>().map_err(|e| e.to_string()))
             .collect::<Result<Vec<_>, _>>()?;
-        let descs = caches.iter().map(|c| hex(&c.descriptor().to_bytes())).collect();
+        let descs = caches.iter().map(|c| c.descriptor().to_string()).collect();
         Ok((KvServer { caches, senders, recvs: Vec::new(), spec }, Msg::KvReady { decoders: descs }))
     }
 
@@ -140,7 +140,7 @@ impl KvServer {
             .map(|c| c.expect(&KvExpect::push(&self.senders, &dst).tokens(self.spec.tokens)))
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
-        Ok(Msg::KvRequests { requests: self.recvs.iter().map(|r| hex(&r.request().to_bytes())).collect() })
+        Ok(Msg::KvRequests { requests: self.recvs.iter().map(|r| r.request().to_string()).collect() })
     }
 
     /// Waits for every decode rank's outcome.
@@ -183,15 +183,13 @@ fn thread_cpu() -> f64 {
 impl KvClient {
     pub fn new(engine: &TransferEngine, spec: KvSpec) -> Result<(Self, Vec<String>), String> {
         let caches = spec.caches(engine, spec.prefill_tp)?;
-        let descs = caches.iter().map(|c| hex(&c.descriptor().to_bytes())).collect();
+        let descs = caches.iter().map(|c| c.descriptor().to_string()).collect();
         Ok((KvClient { spec, engine: engine.clone(), caches, decoders: Vec::new() }, descs))
     }
 
     pub fn set_decoders(&mut self, decoders: &[String]) -> Result<(), String> {
-        self.decoders = decoders
-            .iter()
-            .map(|h| KvCacheDesc::from_bytes(&unhex(h)?).map_err(|e| e.to_string()))
-            .collect::<Result<_, _>>()?;
+        self.decoders =
+            decoders.iter().map(|h| h.parse::<KvCacheDesc>().map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
         Ok(())
     }
 
@@ -225,7 +223,7 @@ impl KvClient {
         let (src, _) = self.spec.block_lists();
         let mut sends = Vec::new();
         for (j, r) in requests.iter().enumerate() {
-            let request = KvRequest::from_bytes(&unhex(r)?).map_err(|e| e.to_string())?;
+            let request: KvRequest = r.parse().map_err(|e: strait::Error| e.to_string())?;
             for c in &self.caches {
                 sends.push(c.push(&request, &self.decoders[j], &src).map_err(|e| e.to_string())?);
             }
@@ -295,7 +293,7 @@ impl KvClient {
     }
 
     fn timed(&self, mut layer: impl FnMut(u32) -> Vec<strait::Result<Transfer>>) -> Result<KvRun, String> {
-        let (start, cpu) = (Instant::now(), thread_cpu());
+        let start = Instant::now();
         let mut all = Vec::new();
         let mut cpu_total = 0.0;
         for l in 0..self.spec.layers {
@@ -306,7 +304,6 @@ impl KvClient {
                 all.push(t.map_err(|e| e.to_string())?);
             }
         }
-        let _ = cpu;
         let requests = all.len() as u64;
         for t in &all {
             t.wait_timeout(Duration::from_secs(60)).map_err(|e| e.to_string())?;
@@ -317,15 +314,4 @@ impl KvClient {
             cpu_per_layer: cpu_total / self.spec.layers as f64,
         })
     }
-}
-
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-pub fn unhex(s: &str) -> Result<Vec<u8>, String> {
-    if !s.len().is_multiple_of(2) {
-        return Err("odd hex".into());
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| e.to_string())).collect()
 }
