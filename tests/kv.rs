@@ -307,6 +307,24 @@ fn cancel_before_the_request_reaches_the_sender() {
 }
 
 #[test]
+fn a_request_times_out_on_its_own_deadline() {
+    let (s, d) = pair(Provider::Tcp);
+    let senders = [s.descriptor().clone()];
+    let start = Instant::now();
+    // The sender never hears of it: the decoder's abort is confirmed by a
+    // sender that has no such request.
+    let r = d.expect(&KvExpect::push(&senders, &[0]).timeout(Duration::from_millis(200))).unwrap();
+    assert!(matches!(r.wait_timeout(TIMEOUT), Err(Error::Timeout(t)) if t == Duration::from_millis(200)));
+    // And one the sender is serving, having sent part of it.
+    let r = d.expect(&KvExpect::push(&senders, &[1, 2]).timeout(Duration::from_millis(200))).unwrap();
+    let x = s.push(r.request(), d.descriptor(), &[1, 2]).unwrap();
+    x.send_layers(0..1).unwrap();
+    assert!(matches!(r.wait_timeout(TIMEOUT), Err(Error::Timeout(_))));
+    assert!(x.wait_timeout(TIMEOUT).is_err());
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+}
+
+#[test]
 fn sender_cancel_and_sender_failure_reach_the_decoder() {
     let (s, d) = pair(Provider::Tcp);
     let senders = [s.descriptor().clone()];

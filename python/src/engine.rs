@@ -170,7 +170,7 @@ pub struct Region {
 }
 
 impl Region {
-    fn region(&self, py: Python<'_>) -> PyResult<strait::MemoryRegion> {
+    pub(crate) fn region(&self, py: Python<'_>) -> PyResult<strait::MemoryRegion> {
         self.inner
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -393,7 +393,7 @@ pub fn _shutdown_all(py: Python<'_>) {
 }
 
 impl TransferEngine {
-    fn engine(&self, py: Python<'_>) -> PyResult<strait::TransferEngine> {
+    pub(crate) fn engine(&self, py: Python<'_>) -> PyResult<strait::TransferEngine> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| to_py(py, strait::Error::Shutdown))
     }
 

@@ -40,6 +40,8 @@ pub fn to_py(py: Python<'_>, error: strait::Error) -> PyErr {
         E::Shutdown => "ShutdownError",
         E::Cancelled => "CancelledError",
         E::WouldDeadlock(_) => "WouldDeadlockError",
+        E::LayoutMismatch { .. } => "LayoutMismatchError",
+        E::Aborted { .. } => "AbortedError",
         _ => "Error",
     };
     raise(py, name, error.to_string())

@@ -289,36 +289,80 @@ fn from_data_ptr(obj: &Bound<'_, PyAny>) -> PyResult<Exported> {
     Ok(Exported { ptr, len, writable: true, keepalive: obj.clone().unbind(), via: "data_ptr" })
 }
 
-/// A sequence of offsets or lengths as `u64`s: a C-contiguous buffer of
-/// 8-byte integers (a numpy `uint64`/`int64` array: copied in one go, no
-/// Python object per element), else any sequence of Python ints. Negative
-/// values are refused.
+/// A sequence of offsets or lengths as `u64`s (see [`ints`]).
 pub fn u64s(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
+    ints(obj, what)
+}
+
+/// Block ids and other small integers as `u32`s (see [`ints`]); values
+/// above `u32::MAX` are refused.
+pub fn u32s(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u32>> {
+    let values = ints(obj, what)?;
+    if values.iter().any(|&v| v > u64::from(u32::MAX)) {
+        return Err(raise(obj.py(), "InvalidRequestError", format!("{what}: values above 2^32 - 1")));
+    }
+    Ok(values.into_iter().map(|v| v as u32).collect())
+}
+
+/// A one-dimensional sequence of non-negative integers: a contiguous
+/// buffer of integers of any width and signedness (numpy arrays,
+/// `array.array`), a CPU tensor through `__dlpack__` (PyTorch), each read
+/// in one pass with no Python object per element; else any sequence of
+/// Python ints. Negative values are refused.
+pub fn ints(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
     let py = obj.py();
-    if let Some(values) = u64s_from_buffer(obj, what)? {
-        return Ok(values);
+    // Lists and tuples go the sequence way.
+    if !obj.is_instance_of::<pyo3::types::PyList>() && !obj.is_instance_of::<pyo3::types::PyTuple>() {
+        if let Some(values) = ints_from_buffer(obj, what)? {
+            return Ok(values);
+        }
+        if let Some(values) = ints_from_dlpack(obj, what)? {
+            return Ok(values);
+        }
     }
     obj.extract::<Vec<u64>>().map_err(|e| {
-        raise(
-            py,
-            "InvalidRequestError",
-            format!("{what}: expected an array of uint64/int64 or a sequence of ints ({e})"),
-        )
+        raise(py, "InvalidRequestError", format!("{what}: expected an array of integers or a sequence of ints ({e})"))
     })
 }
 
-fn u64s_from_buffer(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Option<Vec<u64>>> {
-    let py = obj.py();
-    // Only objects that export a buffer themselves (numpy arrays,
-    // array.array, memoryview); lists and tuples go the sequence way.
-    if obj.is_instance_of::<pyo3::types::PyList>() || obj.is_instance_of::<pyo3::types::PyTuple>() {
-        return Ok(None);
+/// Reads `n` integers of `width` bytes at `ptr`, widening to `u64`;
+/// negative values of a signed type are an error.
+///
+/// # Safety
+/// `ptr` must point to `n * width` readable bytes.
+unsafe fn widen(ptr: *const u8, n: usize, width: usize, signed: bool) -> Result<Vec<u64>, &'static str> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut raw = [0u8; 8];
+        // SAFETY: the caller's bytes hold item i; unaligned reads are fine.
+        unsafe { std::ptr::copy_nonoverlapping(ptr.add(i * width), raw.as_mut_ptr(), width) };
+        // strait runs on little-endian hosts (x86-64, aarch64): the item's
+        // bytes are the low bytes of the u64, its last one holds the sign.
+        let v = u64::from_le_bytes(raw);
+        if signed && raw[width - 1] & 0x80 != 0 {
+            return Err("negative values");
+        }
+        out.push(v);
     }
+    Ok(out)
+}
+
+/// Width and signedness of a struct-module integer format code.
+fn int_format(format: &str) -> Option<bool> {
+    match format.trim_start_matches(['@', '=', '<']) {
+        "b" | "h" | "i" | "l" | "q" | "n" => Some(true),
+        "B" | "H" | "I" | "L" | "Q" | "N" => Some(false),
+        _ => None,
+    }
+}
+
+fn ints_from_buffer(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Option<Vec<u64>>> {
+    let py = obj.py();
     // SAFETY: an all-zero Py_buffer is a valid "empty" value to fill.
     let mut b: PyBufferView = unsafe { std::mem::zeroed() };
     // SAFETY: `obj` is a live object and `b` a Py_buffer to fill.
     if unsafe { get_buffer(obj.as_ptr(), &mut b, PYBUF_FULL_RO) } != 0 {
-        // Not a buffer exporter: clear the error and try the sequence way.
+        // Not a buffer exporter: clear the error and try the other ways.
         let _ = PyErr::take(py);
         return Ok(None);
     }
@@ -330,32 +374,76 @@ fn u64s_from_buffer(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Option<Vec<u
         // lives until the buffer is released, below.
         unsafe { std::ffi::CStr::from_ptr(b.format) }.to_string_lossy().into_owned()
     };
-    let code = format.trim_start_matches(['@', '=', '<']);
     // SAFETY: as above.
     let contiguous = unsafe { buffer_is_contiguous(&b, b'C' as c_char) } != 0;
-    let signed = matches!(code, "q" | "l");
-    let result = if b.itemsize != 8 || !(signed || matches!(code, "Q" | "L")) || !contiguous || b.ndim > 1 {
-        Err(raise(
+    let width = b.itemsize as usize;
+    let result = match int_format(&format) {
+        Some(signed) if contiguous && b.ndim <= 1 && matches!(width, 1 | 2 | 4 | 8) => {
+            // SAFETY: the buffer holds `len` contiguous bytes at `buf`.
+            unsafe { widen(b.buf.cast::<u8>(), b.len as usize / width, width, signed) }
+                .map(Some)
+                .map_err(|why| raise(py, "InvalidRequestError", format!("{what}: {why}")))
+        }
+        _ => Err(raise(
             py,
             "InvalidRequestError",
             format!(
-                "{what}: expected a contiguous 1-d array of uint64 or int64 (got format {format:?}, {} bytes per item)",
+                "{what}: expected a contiguous 1-d array of integers (got format {format:?}, {} bytes per item)",
                 b.itemsize
             ),
-        ))
-    } else {
-        let n = b.len as usize / 8;
-        let mut values = vec![0u64; n];
-        // SAFETY: the buffer holds `len` bytes, contiguous, at `buf`; the
-        // destination has room for them; they do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(b.buf.cast::<u8>(), values.as_mut_ptr().cast::<u8>(), n * 8) };
-        if signed && values.iter().any(|&v| (v as i64) < 0) {
-            Err(raise(py, "InvalidRequestError", format!("{what}: negative values")))
-        } else {
-            Ok(Some(values))
-        }
+        )),
     };
     // SAFETY: released once, after its last use.
     unsafe { release_buffer(&mut b) };
     result
+}
+
+fn ints_from_dlpack(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Option<Vec<u64>>> {
+    let py = obj.py();
+    if !obj.hasattr("__dlpack__")? {
+        return Ok(None);
+    }
+    let bad = |why: String| raise(py, "InvalidRequestError", format!("{what}: {why}"));
+    let capsule = obj.call_method0("__dlpack__")?;
+    let capsule = capsule.cast_into::<PyCapsule>().map_err(|_| bad("__dlpack__() did not give a capsule".into()))?;
+    let name = c"dltensor";
+    // SAFETY: a live capsule; IsValid only reads its name and pointer.
+    if unsafe { ffi::PyCapsule_IsValid(capsule.as_ptr(), name.as_ptr()) } == 0 {
+        return Err(bad("__dlpack__() gave a capsule that is not a \"dltensor\"".into()));
+    }
+    // SAFETY: valid with this name (above): the producer's DLManagedTensor,
+    // alive while we hold the unconsumed capsule.
+    let managed = unsafe { ffi::PyCapsule_GetPointer(capsule.as_ptr(), name.as_ptr()) } as *const DlManagedTensor;
+    if managed.is_null() {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: non-null pointer to the DLManagedTensor (see above).
+    let t = unsafe { &(*managed).dl_tensor };
+    if !matches!(t.device.device_type, DL_CPU | DL_CUDA_HOST | DL_ROCM_HOST) {
+        return Err(bad(format!("a {} tensor: pass a CPU tensor (.cpu())", device_name(t.device.device_type))));
+    }
+    let signed = match t.dtype.code {
+        0 => true,
+        1 => false,
+        code => return Err(bad(format!("a tensor of dtype code {code}: expected integers"))),
+    };
+    let width = usize::from(t.dtype.bits) / 8;
+    if !matches!(width, 1 | 2 | 4 | 8) || t.dtype.lanes != 1 || t.ndim > 1 {
+        return Err(bad(format!("expected a 1-d tensor of integers ({} dims, {} bits)", t.ndim, t.dtype.bits)));
+    }
+    let n = if t.ndim == 0 {
+        1
+    } else {
+        // SAFETY: DLPack: shape points to ndim dimensions.
+        usize::try_from(unsafe { *t.shape }).unwrap_or(0)
+    };
+    // SAFETY: DLPack: non-null strides point to ndim strides (elements).
+    let stride = if t.strides.is_null() || t.ndim == 0 { 1 } else { unsafe { *t.strides } };
+    if n > 1 && stride != 1 {
+        return Err(bad("the tensor is not contiguous: pass .contiguous()".into()));
+    }
+    let ptr = (t.data as *const u8).wrapping_add(t.byte_offset as usize);
+    // SAFETY: a contiguous CPU tensor of n items of `width` bytes at ptr,
+    // kept alive by the capsule we hold.
+    unsafe { widen(ptr, n, width, signed) }.map(Some).map_err(|why| bad(why.into()))
 }

@@ -31,6 +31,21 @@ pub fn blocking<T>(
 where
     T: Send,
 {
+    blocking_until(py, timeout, wait_for, || false)
+}
+
+/// [`blocking`] for a handle whose own outcome may be a timeout (a
+/// request's deadline): a [`strait::Error::Timeout`] from `wait_for` is the
+/// slice running out only while `finished()` is false.
+pub fn blocking_until<T>(
+    py: Python<'_>,
+    timeout: Option<f64>,
+    wait_for: impl Fn(Duration) -> strait::Result<T> + Send + Sync,
+    finished: impl Fn() -> bool + Send + Sync,
+) -> PyResult<T>
+where
+    T: Send,
+{
     let limit = parse_timeout(py, timeout)?;
     let deadline = limit.map(|t| Instant::now() + t);
     loop {
@@ -39,7 +54,7 @@ where
             Some(at) => at.saturating_duration_since(Instant::now()).min(SIGNAL_CHECK),
         };
         match py.detach(|| wait_for(slice)) {
-            Err(strait::Error::Timeout(_)) => {
+            Err(strait::Error::Timeout(_)) if !finished() => {
                 if let (Some(at), Some(limit)) = (deadline, limit) {
                     if Instant::now() >= at {
                         return Err(to_py(py, strait::Error::Timeout(limit)));
@@ -97,7 +112,9 @@ impl Transfer {
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
         let inner = self.inner.clone();
-        blocking(py, timeout, move |slice| inner.wait_timeout(slice))
+        // The request's own outcome may be a timeout (the engine's request
+        // timeout): that is its result, not the wait running out.
+        blocking_until(py, timeout, |slice| inner.wait_timeout(slice), || inner.is_done())
     }
 
     /// True once the request has ended (successfully or not).

@@ -16,6 +16,7 @@ mod engine;
 mod errors;
 mod export;
 mod handles;
+mod kv;
 
 /// The providers strait can open here, and why the others cannot be: a list
 /// of `(name, available, detail)`.
@@ -42,6 +43,11 @@ fn _strait(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::ScatterTarget>()?;
     m.add_class::<handles::Transfer>()?;
     m.add_class::<handles::ImmCounter>()?;
+    m.add_class::<kv::KvLayout>()?;
+    m.add_class::<kv::KvCacheDesc>()?;
+    m.add_class::<kv::KvCache>()?;
+    m.add_class::<kv::KvRecv>()?;
+    m.add_class::<kv::KvSend>()?;
     m.add_function(wrap_pyfunction!(probe, m)?)?;
     m.add_function(wrap_pyfunction!(engine::_shutdown_all, m)?)?;
     m.add("PAGE_SIZE", strait::PAGE_SIZE)?;

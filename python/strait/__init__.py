@@ -23,7 +23,8 @@ the immediate::
 Every request returns a ``Transfer`` (``wait``, ``done``, callbacks,
 ``await``). Errors are the classes of ``strait.errors``, all derived from
 ``strait.Error``. Helpers for ``torch.distributed`` are in
-``strait.distributed`` (torch is imported only when they are used).
+``strait.distributed`` (torch is imported only when they are used); KV-cache
+transfer for disaggregated prefill/decode is ``strait.kv``.
 """
 
 import atexit as _atexit
@@ -41,11 +42,13 @@ from ._strait import (
     probe,
 )
 from .errors import (
+    AbortedError,
     BackendUnavailableError,
     CancelledError,
     Error,
     InvalidDescriptorError,
     InvalidRequestError,
+    LayoutMismatchError,
     OutOfBoundsError,
     PeerUnreachableError,
     RegisterMemoryError,
@@ -76,8 +79,8 @@ _atexit.register(_strait._shutdown_all)
 
 
 def __getattr__(name):
-    if name == "distributed":
+    if name in ("distributed", "kv"):
         import importlib
 
-        return importlib.import_module(".distributed", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'strait' has no attribute {name!r}")

@@ -24,6 +24,8 @@ __all__ = [
     "ShutdownError",
     "CancelledError",
     "WouldDeadlockError",
+    "LayoutMismatchError",
+    "AbortedError",
 ]
 
 
@@ -94,3 +96,14 @@ class CancelledError(Error):
 class WouldDeadlockError(Error, RuntimeError):
     """The call would block the engine's worker thread on itself (for
     example registering memory from a completion callback)."""
+
+
+class LayoutMismatchError(InvalidRequestError):
+    """The two sides of a KV transfer have incompatible caches (element
+    size, head dim, layer count, tensor-parallel split): the message names
+    the field and both values. Nothing was posted."""
+
+
+class AbortedError(Error):
+    """A request was given up with a reason: the peer (a KV sender that
+    failed, naming itself and why) or this side."""

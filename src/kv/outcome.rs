@@ -13,10 +13,14 @@ pub(crate) struct Outcome {
     cv: Condvar,
 }
 
+/// A callback run once with the outcome.
+pub(crate) type OnDone = Box<dyn FnOnce(&Result<()>) + Send>;
+
 #[derive(Default)]
 struct Slot {
     result: Option<Result<()>>,
     wakers: Vec<Waker>,
+    callbacks: Vec<OnDone>,
 }
 
 impl Outcome {
@@ -31,14 +35,31 @@ impl Outcome {
         if s.result.is_some() {
             return false;
         }
-        s.result = Some(result);
+        s.result = Some(result.clone());
         let wakers = std::mem::take(&mut s.wakers);
+        let callbacks = std::mem::take(&mut s.callbacks);
         drop(s);
         self.cv.notify_all();
         for w in wakers {
             w.wake();
         }
+        for f in callbacks {
+            f(&result);
+        }
         true
+    }
+
+    /// Runs `f` with the outcome once it is set: on the thread that sets
+    /// it, or here if it is set already. No lock is held while it runs.
+    pub(crate) fn on_done(&self, f: OnDone) {
+        let mut s = self.lock();
+        match s.result.clone() {
+            Some(r) => {
+                drop(s);
+                f(&r);
+            }
+            None => s.callbacks.push(f),
+        }
     }
 
     pub(crate) fn get(&self) -> Option<Result<()>> {

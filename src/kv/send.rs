@@ -377,6 +377,13 @@ impl KvSend {
         self.state.outcome.get()
     }
 
+    /// Runs `f` with the outcome once it is known: on the thread that
+    /// sets it (the engine's worker or the cache's monitor; keep it short
+    /// and do not block there), or at once if it is known already.
+    pub fn on_done(&self, f: impl FnOnce(&Result<()>) + Send + 'static) {
+        self.state.outcome.on_done(Box::new(f));
+    }
+
     /// Blocks until the outcome.
     pub fn wait(&self) -> Result<()> {
         self.state.outcome.wait(None)
