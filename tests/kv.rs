@@ -466,3 +466,86 @@ fn killed_sender_fails_its_request_only_tcp() {
 fn killed_sender_fails_its_request_only_shm() {
     killed_sender(Provider::Shm, "shm");
 }
+
+// ---- two processes, byte-exact ----
+
+const TWO_PROCESS_BLOCKS: [u32; 3] = [7, 2, 10];
+
+/// The child: two NHD sender ranks (TP 2, 8 tokens per block) in one
+/// process. Prints their descriptors, reads the decoder's descriptor and a
+/// request from stdin, pushes every layer in a shuffled order, and exits
+/// once its sends have completed.
+#[test]
+fn kv_tp_senders_process() {
+    let Ok(provider) = std::env::var("STRAIT_KV_TP_SENDERS") else { return };
+    let provider = if provider == "shm" { Provider::Shm } else { Provider::Tcp };
+    let senders = side(provider, 2, 3, 12, 8, NHD, 4);
+    let tokens = 8 * TWO_PROCESS_BLOCKS.len() as u64 - 3;
+    for c in &senders.caches {
+        fill(c, &TWO_PROCESS_BLOCKS, tokens);
+        println!("KVDESC {}", c.descriptor());
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    let decoder: KvCacheDesc = line.trim().parse().unwrap();
+    line.clear();
+    std::io::stdin().read_line(&mut line).unwrap();
+    let request: KvRequest = line.trim().parse().unwrap();
+    let sends: Vec<KvSend> =
+        senders.caches.iter().map(|c| c.push(&request, &decoder, &TWO_PROCESS_BLOCKS).unwrap()).collect();
+    for l in shuffled(3, 11) {
+        for s in &sends {
+            s.send_layers(l..l + 1).unwrap();
+        }
+    }
+    for s in &sends {
+        s.wait_timeout(TIMEOUT).unwrap();
+    }
+    println!("KVSENT done");
+}
+
+/// Prefill TP 2 (NHD, 8-token blocks) in a child process to a decode rank
+/// (HND, 4-token blocks) here: every byte checked against the reference.
+fn two_processes(provider: Provider, name: &str) {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "kv_tp_senders_process", "--nocapture", "--test-threads=1"])
+        .env("STRAIT_KV_TP_SENDERS", name)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let mut senders = Vec::new();
+    while senders.len() < 2 {
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "the sender process exited early");
+        if let Some(at) = line.find("KVDESC ") {
+            senders.push(line[at + 7..].trim().parse::<KvCacheDesc>().unwrap());
+        }
+    }
+    let decoder = side(provider, 1, 3, 12, 4, HND, 4);
+    let d = &decoder.caches[0];
+    let tokens = 8 * TWO_PROCESS_BLOCKS.len() as u64 - 3;
+    let dst_blocks: Vec<u32> = (0..tokens.div_ceil(4) as u32).map(|i| 11 - i).collect();
+    let r = d.expect(&KvExpect::push(&senders, &dst_blocks).tokens(tokens).timeout(TIMEOUT)).unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{}", d.descriptor()).unwrap();
+    writeln!(stdin, "{}", r.request()).unwrap();
+    r.wait_timeout(TIMEOUT).unwrap();
+    check(d, &dst_blocks, tokens);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the sender process: {status}");
+}
+
+#[test]
+fn two_processes_byte_exact_tcp() {
+    two_processes(Provider::Tcp, "tcp");
+}
+
+#[test]
+fn two_processes_byte_exact_shm() {
+    two_processes(Provider::Shm, "shm");
+}
