@@ -146,6 +146,45 @@ fn paged_writes_land_page_by_page() {
     }
 }
 
+/// A request of many small pieces and no immediate: every byte is visible
+/// at the target the moment its `Transfer` succeeds. (On shm only the last
+/// piece asks for delivery completion, on an in-order path; its completion
+/// must cover the pieces before it.) Repeated, to give a race room.
+#[test]
+fn a_request_of_small_pieces_has_landed_when_it_completes() {
+    const PAGE: u64 = 1024;
+    const PAGES: u32 = 200;
+    for provider in providers() {
+        for (wn, tn) in NIC_PAIRS {
+            let writer = engine(provider, wn);
+            let target = engine(provider, tn);
+            let outbox = writer.alloc(u64::from(PAGES) * PAGE, Access::LOCAL).unwrap();
+            let inbox = target.alloc(u64::from(PAGES) * PAGE, Access::REMOTE_WRITE).unwrap();
+            let dst = over_the_wire(inbox.descriptor());
+            // Reversed on the target: no two pages coalesce.
+            let src_pages: Vec<u32> = (0..PAGES).collect();
+            let dst_pages: Vec<u32> = (0..PAGES).rev().collect();
+            for round in 0..20u64 {
+                let data = pattern((u64::from(PAGES) * PAGE) as usize, round);
+                outbox.write_at(0, &data).unwrap();
+                writer
+                    .write_paged(&outbox, &dst, PagedLayout::contiguous(PAGE), src_pages.clone(), dst_pages.clone(), None)
+                    .unwrap()
+                    .wait_timeout(TIMEOUT)
+                    .unwrap();
+                let got = inbox.to_vec(0, u64::from(PAGES) * PAGE).unwrap();
+                for (s, d) in src_pages.iter().zip(&dst_pages) {
+                    let (from, to) = ((*s as u64 * PAGE) as usize, (*d as u64 * PAGE) as usize);
+                    assert!(
+                        got[to..to + PAGE as usize] == data[from..from + PAGE as usize],
+                        "{provider:?} {wn}->{tn} round {round}: page {s} not there when the request completed"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn scatter_and_barrier_reach_every_peer() {
     for provider in providers() {

@@ -162,6 +162,20 @@ pub(crate) trait Nic: Send {
     fn reports_rejected_keys(&self) -> bool {
         true
     }
+    /// Whether operations this NIC posts to one peer are applied at the
+    /// target in posting order (and a delivery-complete one completes only
+    /// once those before it have been applied). When true, and a request
+    /// moves over one path (one NIC on each side), the engine asks for
+    /// `delivery_complete` on its last data piece only: the request still
+    /// completes only once all its bytes are visible, and the pieces before
+    /// it go by the transport's cheaper protocol. libfabric shm: one
+    /// command queue per target endpoint, read in order, and a
+    /// delivery-complete write of at most 4 KiB takes the segmented
+    /// protocol, which admits one such write per peer at a time. The
+    /// default is false (delivery-complete on every piece).
+    fn in_order_delivery(&self) -> bool {
+        false
+    }
     /// The engine gave up on operations to `peer` (an [`Op::peer`] value):
     /// its requests expired without progress. A NIC whose transport can
     /// leave later operations queued behind ones that will never complete

@@ -706,7 +706,12 @@ impl<N: Nic> Worker<N> {
                 busy = true;
                 break;
             }
-            let op = build_op(&a.op, &piece, fi_addr, if last { imm } else { None }, index as u64);
+            // Delivery-complete on every data piece, or, where the path
+            // applies operations in order, on the last one only (see
+            // `Nic::in_order_delivery`).
+            let in_order = local_nics == 1 && peer.remote_nics == 1 && self.nics[0].in_order_delivery();
+            let delivery = !in_order || i + 1 >= a.data_pieces;
+            let op = build_op(&a.op, &piece, fi_addr, if last { imm } else { None }, index as u64, delivery);
             // SAFETY: the op's local buffer lies in a region held by
             // `a.op` (an Arc of its registration) until the request ends,
             // which is after this op's completion.
@@ -1124,8 +1129,11 @@ fn recv_slot(token: u64) -> (usize, usize) {
 /// the target (delivery complete), like RC writes on verbs: a write's
 /// `Transfer` succeeding means the data has landed, with or without an
 /// immediate, and the pieces of a request ahead of its immediate are known
-/// to have landed before the immediate goes.
-fn build_op(op: &RequestOp, piece: &Piece, peer: u64, imm: Option<u32>, token: u64) -> Op {
+/// to have landed before the immediate goes. `delivery` false (a piece
+/// before the last, on an in-order path) lets the transport complete the
+/// piece once it has taken the bytes; the last piece's delivery completion
+/// then covers it.
+fn build_op(op: &RequestOp, piece: &Piece, peer: u64, imm: Option<u32>, token: u64, delivery: bool) -> Op {
     let (kind, local, remote): (OpKind, Option<&MrInner>, Option<&MrDesc>) = match op {
         RequestOp::Write { src, dst, .. } => (OpKind::Write, src.as_deref(), Some(dst)),
         RequestOp::Paged { src, dst, .. } => (OpKind::Write, Some(src), Some(dst)),
@@ -1149,7 +1157,7 @@ fn build_op(op: &RequestOp, piece: &Piece, peer: u64, imm: Option<u32>, token: u
         remote_addr: remote.map_or(0, |d| d.remote_addr(piece.dst_offset)),
         key: remote.map_or(0, |d| d.key(piece.remote_nic)),
         imm: if kind == OpKind::Write { imm } else { None },
-        delivery_complete: kind == OpKind::Write,
+        delivery_complete: kind == OpKind::Write && delivery,
         token,
     }
 }

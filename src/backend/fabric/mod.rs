@@ -225,6 +225,8 @@ pub(crate) struct NicObjects {
     next_key: u64,
     wait_fd: Option<RawFd>,
     delivery_complete: bool,
+    /// See [`Nic::in_order_delivery`]: shm.
+    in_order: bool,
     slots: Slots,
     entries: Box<[sys::fi_cq_data_entry; CQ_BATCH]>,
 }
@@ -339,6 +341,7 @@ impl NicObjects {
                 next_key: 1,
                 wait_fd,
                 delivery_complete: true,
+                in_order: info::provider_name(info) == "shm",
                 slots: Slots::new(tx_depth, options.rx_slots),
                 entries: Box::new(
                     [sys::fi_cq_data_entry {
@@ -674,6 +677,18 @@ impl Nic for FabricNic {
     /// never answers the operation.
     fn reports_rejected_keys(&self) -> bool {
         false
+    }
+
+    /// shm: every operation to a peer goes through that peer's own transmit
+    /// endpoint, and is either done at once by the initiator (a write of
+    /// one range without remote CQ data, by `process_vm_writev`) or queued
+    /// in the target endpoint's command queue, which the target reads in
+    /// order. tcp would qualify too (one connection per path, applied in
+    /// stream order) but gains nothing measurable: its cost is per
+    /// operation, with or without the acknowledgement. EFA (SRD) delivers
+    /// out of order.
+    fn in_order_delivery(&self) -> bool {
+        self.objects.in_order
     }
 
     /// shm: libfabric 1.17's shm completes a transmit endpoint's operations
