@@ -291,6 +291,7 @@ impl RawGroup {
             key: 0,
             imm: None,
             delivery_complete: false,
+            rows: crate::plan::Rows::ONE,
             token,
         })
     }

@@ -180,6 +180,7 @@ fn pull_mode_over_tcp() {
 fn over_shm() {
     run(Provider::Shm, 2, 1, NHD, NHD, 4, 4, 16, false);
     run(Provider::Shm, 1, 1, VLLM, VLLM, 4, 8, 16, true);
+    run(Provider::Shm, 2, 1, NHD, HND, 4, 4, 11, true);
 }
 
 fn mla_side(provider: Provider, tp: u32, blocks: u32, block_tokens: u32) -> Side {

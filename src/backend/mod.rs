@@ -80,7 +80,13 @@ pub(crate) enum OpKind {
 pub(crate) struct Op {
     pub kind: OpKind,
     pub local: *mut u8,
+    /// Bytes (of each run, when `rows.count > 1`).
     pub len: u64,
+    /// Several runs (writes and reads only, at most
+    /// [`Nic::max_rows`]): run `r` is `len` bytes at `local + r *
+    /// rows.src_stride` and `remote_addr + r * rows.dst_stride` (`src` is
+    /// the local side here, for reads too).
+    pub rows: crate::plan::Rows,
     pub local_desc: *mut c_void,
     pub peer: u64,
     pub remote_addr: u64,
@@ -175,6 +181,12 @@ pub(crate) trait Nic: Send {
     /// default is false (delivery-complete on every piece).
     fn in_order_delivery(&self) -> bool {
         false
+    }
+    /// Most runs one write or read may carry ([`Op::rows`]): several
+    /// remote ranges in one operation. 1 (the default) where an operation
+    /// has one remote range (RDMA verbs, EFA).
+    fn max_rows(&self) -> u32 {
+        1
     }
     /// The engine gave up on operations to `peer` (an [`Op::peer`] value):
     /// its requests expired without progress. A NIC whose transport can

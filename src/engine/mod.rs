@@ -287,6 +287,7 @@ impl EngineBuilder {
     fn start<N: Nic + 'static>(self, kind: ProviderKind, nics: Vec<N>) -> Result<TransferEngine> {
         let address = EngineAddress::new(kind, nics.iter().map(|n| n.address().into()).collect());
         let virtual_addresses = nics[0].virtual_addresses();
+        let max_rows = nics.iter().map(|n| n.max_rows()).min().unwrap_or(1).max(1);
         let nic_count = nics.len();
         let (link, commands) = Link::new()?;
         let link = Arc::new(link);
@@ -331,6 +332,7 @@ impl EngineBuilder {
                 kind,
                 nic_count,
                 virtual_addresses,
+                max_rows,
                 imm,
                 shard: self.shard,
                 rotation: AtomicUsize::new(0),
@@ -433,6 +435,8 @@ struct Shared {
     kind: ProviderKind,
     nic_count: usize,
     virtual_addresses: bool,
+    /// Runs one work item may carry (the NICs' `max_rows`).
+    max_rows: u32,
     imm: Arc<ImmTable>,
     shard: ShardConfig,
     rotation: AtomicUsize,
@@ -822,6 +826,7 @@ impl TransferEngine {
                 nics,
                 remote_nics,
                 max_piece,
+                self.shared.max_rows,
             )?
         } else {
             self.check_write_target(remote)?;
@@ -836,6 +841,7 @@ impl TransferEngine {
                 nics,
                 remote_nics,
                 max_piece,
+                self.shared.max_rows,
             )?
         };
         Ok(RequestOp::Strided { local: local.inner.clone(), remote: remote.clone(), plan: Box::new(plan), imm, read })

@@ -19,7 +19,7 @@ use crate::address::EngineAddress;
 use crate::backend::{Event, Nic, NicRegion, Op, OpKind, Posted};
 use crate::descriptor::{Access, MrDesc};
 use crate::error::{Error, Result};
-use crate::plan::{PagedPlan, Piece, Sequencer, ShardPlan, StridedPlan};
+use crate::plan::{PagedPlan, Piece, Rows, Sequencer, ShardPlan, StridedPlan};
 
 /// How the worker waits for work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,14 +140,15 @@ impl RequestOp {
                 let p = plan.next_piece().expect("sequencer asks for counted pieces only");
                 // A piece's `src_offset` is always local, `dst_offset` remote.
                 if *read {
-                    Piece { src_offset: p.dst_offset, dst_offset: p.src_offset, ..p }
+                    let rows = Rows { src_stride: p.rows.dst_stride, dst_stride: p.rows.src_stride, ..p.rows };
+                    Piece { src_offset: p.dst_offset, dst_offset: p.src_offset, rows, ..p }
                 } else {
                     p
                 }
             }
             RequestOp::Send { offset, len, rotation, .. } => {
                 let (local_nic, remote_nic) = crate::plan::nic_pair(0, *rotation, local_nics, remote_nics);
-                Piece { local_nic, remote_nic, src_offset: *offset, dst_offset: 0, len: *len }
+                Piece { local_nic, remote_nic, src_offset: *offset, dst_offset: 0, len: *len, rows: Rows::ONE }
             }
         }
     }
@@ -692,7 +693,7 @@ impl<N: Nic> Worker<N> {
                 Some(p) => p,
                 None if i == a.data_pieces => {
                     let (local_nic, remote_nic) = crate::plan::nic_pair(i, index, local_nics, peer.remote_nics);
-                    Piece { local_nic, remote_nic, src_offset: 0, dst_offset: 0, len: 0 }
+                    Piece { local_nic, remote_nic, src_offset: 0, dst_offset: 0, len: 0, rows: Rows::ONE }
                 }
                 None => a.op.piece(i, local_nics, peer.remote_nics),
             };
@@ -1005,6 +1006,7 @@ impl<N: Nic> Worker<N> {
             key: 0,
             imm: Some(CONTROL_IMM),
             delivery_complete: false,
+            rows: Rows::ONE,
             token,
         };
         // SAFETY: the buffer is registered and stays valid until shutdown.
@@ -1158,6 +1160,7 @@ fn build_op(op: &RequestOp, piece: &Piece, peer: u64, imm: Option<u32>, token: u
         key: remote.map_or(0, |d| d.key(piece.remote_nic)),
         imm: if kind == OpKind::Write { imm } else { None },
         delivery_complete: kind == OpKind::Write && delivery,
+        rows: piece.rows,
         token,
     }
 }

@@ -30,9 +30,29 @@ pub use sequencer::Sequencer;
 pub use shard::{ShardConfig, ShardPlan};
 pub use strided::{CopyList, Strided, StridedPlan};
 
-/// One work item: a contiguous range written (or read) through one local NIC
-/// to one remote NIC. Offsets are relative to the start of the source and
-/// destination regions.
+/// The rows of a work item: `count` runs of the piece's `len` bytes, the
+/// first at the piece's offsets and each next one `src_stride` /
+/// `dst_stride` further. One row for every plan but strided copies, and for
+/// those only on transports that take several remote ranges per operation
+/// (libfabric tcp: four).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rows {
+    /// Runs (at least 1).
+    pub count: u32,
+    /// Distance between runs in the source.
+    pub src_stride: u64,
+    /// Distance between runs in the destination.
+    pub dst_stride: u64,
+}
+
+impl Rows {
+    /// A single run.
+    pub const ONE: Rows = Rows { count: 1, src_stride: 0, dst_stride: 0 };
+}
+
+/// One work item: a contiguous range (or a few runs, see [`Rows`]) written
+/// (or read) through one local NIC to one remote NIC. Offsets are relative
+/// to the start of the source and destination regions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Piece {
     /// Index of the local NIC in the group.
@@ -43,8 +63,10 @@ pub struct Piece {
     pub src_offset: u64,
     /// Offset in the remote region.
     pub dst_offset: u64,
-    /// Bytes.
+    /// Bytes (of each run).
     pub len: u64,
+    /// The runs; [`Rows::ONE`] for a contiguous range.
+    pub rows: Rows,
 }
 
 /// NIC pair used by the `index`-th piece of a request whose first piece goes

@@ -149,6 +149,7 @@ impl PagedPlan {
             src_offset: l.src_offset + self.src_pages[start] as u64 * l.src_stride,
             dst_offset: l.dst_offset + self.dst_pages[start] as u64 * l.dst_stride,
             len: run as u64 * l.page_len,
+            rows: super::Rows::ONE,
         };
         self.next_page += run;
         self.next_piece += 1;

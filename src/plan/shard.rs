@@ -79,7 +79,14 @@ impl ShardPlan {
         let start = index * self.piece_len;
         let len = if index + 1 == self.count { self.len - start } else { self.piece_len };
         let (local_nic, remote_nic) = nic_pair(index, self.rotation, self.local_nics, self.remote_nics);
-        Piece { local_nic, remote_nic, src_offset: self.src_offset + start, dst_offset: self.dst_offset + start, len }
+        Piece {
+            local_nic,
+            remote_nic,
+            src_offset: self.src_offset + start,
+            dst_offset: self.dst_offset + start,
+            len,
+            rows: super::Rows::ONE,
+        }
     }
 }
 
@@ -109,7 +116,17 @@ mod tests {
         let c = ShardConfig::default();
         let plan = ShardPlan::new(0, 0, 4096, 0, 4, 4, &c);
         assert_eq!(plan.count(), 1);
-        assert_eq!(plan.piece(0), Piece { local_nic: 0, remote_nic: 0, src_offset: 0, dst_offset: 0, len: 4096 });
+        assert_eq!(
+            plan.piece(0),
+            Piece {
+                local_nic: 0,
+                remote_nic: 0,
+                src_offset: 0,
+                dst_offset: 0,
+                len: 4096,
+                rows: super::super::Rows::ONE
+            }
+        );
     }
 
     #[test]

@@ -8,13 +8,15 @@
 //! offsets: the KV cache sends the same list for every layer, with only
 //! the layer's base changing, so a layer's submit costs no work per block.
 //!
-//! Each row is at least one work item (RDMA writes have one remote range);
-//! rows longer than the engine's largest piece are cut, and successive work
-//! items walk the NIC pairs round robin.
+//! Each row is one work item where an operation has one remote range
+//! (RDMA verbs, EFA); where it may have several (libfabric tcp and shm:
+//! four), consecutive rows of a copy share a work item (see
+//! [`Rows`](super::Rows)). Rows longer than the engine's largest piece are
+//! cut, and successive work items walk the NIC pairs round robin.
 
 use std::sync::Arc;
 
-use super::{nic_pair, Piece};
+use super::{nic_pair, Piece, Rows};
 use crate::descriptor::check_range;
 use crate::error::{Error, Result};
 
@@ -199,6 +201,15 @@ fn check_disjoint_rows(copies: &[Strided]) -> Result<()> {
     Ok(())
 }
 
+/// Rows of copy `c` one work item carries: up to `max_rows`, as long as
+/// they fit `max_piece` together; 1 when a row alone is longer.
+fn rows_per_item(c: &Strided, max_piece: u64, max_rows: u32) -> u64 {
+    if c.rows == 1 || c.row_len > max_piece {
+        return 1;
+    }
+    (max_piece / c.row_len).clamp(1, u64::from(max_rows))
+}
+
 /// The work items of one replay of a [`CopyList`], produced one at a time.
 #[derive(Clone, Debug)]
 pub struct StridedPlan {
@@ -206,6 +217,7 @@ pub struct StridedPlan {
     src_base: u64,
     dst_base: u64,
     max_piece: u64,
+    max_rows: u32,
     count: u64,
     rotation: usize,
     local_nics: usize,
@@ -220,7 +232,9 @@ pub struct StridedPlan {
 impl StridedPlan {
     /// Replays `list` from `src_base` in a source region of `src_len` bytes
     /// to `dst_base` in a destination of `dst_len`: two range checks, and a
-    /// count over the copies (no work per row).
+    /// count over the copies (no work per row). A work item carries up to
+    /// `max_rows` rows of a copy (rows no longer than `max_piece` bytes
+    /// together).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         list: &CopyList,
@@ -232,17 +246,27 @@ impl StridedPlan {
         local_nics: usize,
         remote_nics: usize,
         max_piece: u64,
+        max_rows: u32,
     ) -> Result<Self> {
         assert!(local_nics > 0 && remote_nics > 0, "a group has at least one NIC");
         check_range("source", src_base, list.src_extent, src_len)?;
         check_range("destination", dst_base, list.dst_extent, dst_len)?;
         let max_piece = max_piece.max(1);
-        let count = list.copies.iter().map(|c| c.rows * c.row_len.div_ceil(max_piece)).sum();
+        let max_rows = max_rows.max(1);
+        let count = list
+            .copies
+            .iter()
+            .map(|c| match rows_per_item(c, max_piece, max_rows) {
+                1 => c.rows * c.row_len.div_ceil(max_piece),
+                k => c.rows.div_ceil(k),
+            })
+            .sum();
         Ok(StridedPlan {
             list: list.clone(),
             src_base,
             dst_base,
             max_piece,
+            max_rows,
             count,
             rotation,
             local_nics,
@@ -264,17 +288,27 @@ impl StridedPlan {
         let c = *self.list.copies.get(self.copy)?;
         let len = (c.row_len - self.within).min(self.max_piece);
         let (local_nic, remote_nic) = nic_pair(self.next_piece, self.rotation, self.local_nics, self.remote_nics);
+        let count = match rows_per_item(&c, self.max_piece, self.max_rows) {
+            1 => 1,
+            k => k.min(c.rows - self.row),
+        };
+        let rows = if count > 1 {
+            Rows { count: count as u32, src_stride: c.src_stride, dst_stride: c.dst_stride }
+        } else {
+            Rows::ONE
+        };
         let piece = Piece {
             local_nic,
             remote_nic,
             src_offset: self.src_base + c.src_offset + self.row * c.src_stride + self.within,
             dst_offset: self.dst_base + c.dst_offset + self.row * c.dst_stride + self.within,
             len,
+            rows,
         };
         self.within += len;
         if self.within == c.row_len {
             self.within = 0;
-            self.row += 1;
+            self.row += count;
             if self.row == c.rows {
                 self.row = 0;
                 self.copy += 1;
@@ -298,7 +332,22 @@ mod tests {
     }
 
     fn plan(list: &CopyList, max_piece: u64) -> StridedPlan {
-        StridedPlan::new(list, 0, 0, u64::MAX, u64::MAX, 0, 2, 3, max_piece).unwrap()
+        StridedPlan::new(list, 0, 0, u64::MAX, u64::MAX, 0, 2, 3, max_piece, 1).unwrap()
+    }
+
+    #[test]
+    fn rows_share_work_items_up_to_max_rows() {
+        // NHD, one of two senders: 1 KiB head slices, packed at the source,
+        // every other KiB at the destination.
+        let c = Strided { src_offset: 0, dst_offset: 0, rows: 10, row_len: 1024, src_stride: 1024, dst_stride: 2048 };
+        let list = CopyList::new([c]).unwrap();
+        let p = StridedPlan::new(&list, 0, 0, 1 << 20, 1 << 20, 0, 1, 1, 1 << 20, 4).unwrap();
+        assert_eq!(p.count(), 3);
+        let rows: Vec<_> = all(p).iter().map(|p| (p.src_offset, p.dst_offset, p.rows.count)).collect();
+        assert_eq!(rows, [(0, 0, 4), (4096, 8192, 4), (8192, 16384, 2)]);
+        // Rows are cut, not shared, when two do not fit a piece.
+        let p = StridedPlan::new(&list, 0, 0, 1 << 20, 1 << 20, 0, 1, 1, 1500, 4).unwrap();
+        assert_eq!(p.count(), 10);
     }
 
     #[test]
@@ -352,13 +401,13 @@ mod tests {
     #[test]
     fn bases_are_checked_against_the_regions() {
         let list = CopyList::new([Strided::contiguous(0, 8, 8)]).unwrap();
-        assert!(StridedPlan::new(&list, 8, 0, 16, 16, 0, 1, 1, 64).is_ok());
+        assert!(StridedPlan::new(&list, 8, 0, 16, 16, 0, 1, 1, 64, 1).is_ok());
         assert!(matches!(
-            StridedPlan::new(&list, 9, 0, 16, 16, 0, 1, 1, 64),
+            StridedPlan::new(&list, 9, 0, 16, 16, 0, 1, 1, 64, 1),
             Err(Error::OutOfBounds { side: "source", .. })
         ));
         assert!(matches!(
-            StridedPlan::new(&list, 0, 1, 16, 16, 0, 1, 1, 64),
+            StridedPlan::new(&list, 0, 1, 16, 16, 0, 1, 1, 64, 1),
             Err(Error::OutOfBounds { side: "destination", .. })
         ));
     }
@@ -374,7 +423,7 @@ mod tests {
         /// original copies does, whatever merging and cutting happened.
         #[test]
         fn replay_matches_a_byte_loop(copies in proptest::collection::vec(copy(), 1..6), max_piece in 1u64..40,
-                                      src_base in 0u64..50, dst_base in 0u64..50) {
+                                      src_base in 0u64..50, dst_base in 0u64..50, max_rows in 1u32..5) {
             let Ok(list) = CopyList::new(copies.clone()) else { return Ok(()) };
             let src: Vec<u8> = (0..2000u32).map(|i| (i * 7 + 3) as u8).collect();
             let mut want = vec![0u8; 2000];
@@ -387,13 +436,19 @@ mod tests {
                 }
             }
             let mut got = vec![0u8; 2000];
-            let p = StridedPlan::new(&list, src_base, dst_base, 2000, 2000, 1, 2, 2, max_piece).unwrap();
+            let p = StridedPlan::new(&list, src_base, dst_base, 2000, 2000, 1, 2, 2, max_piece, max_rows).unwrap();
             let mut total = 0;
             for piece in all(p) {
-                prop_assert!(piece.len <= max_piece && piece.len > 0);
-                let (s, d, n) = (piece.src_offset as usize, piece.dst_offset as usize, piece.len as usize);
-                got[d..d + n].copy_from_slice(&src[s..s + n]);
-                total += piece.len;
+                let rows = piece.rows.count as u64;
+                prop_assert!(rows >= 1 && rows <= u64::from(max_rows));
+                prop_assert!(piece.len * rows <= max_piece && piece.len > 0);
+                for r in 0..rows {
+                    let s = (piece.src_offset + r * piece.rows.src_stride) as usize;
+                    let d = (piece.dst_offset + r * piece.rows.dst_stride) as usize;
+                    let n = piece.len as usize;
+                    got[d..d + n].copy_from_slice(&src[s..s + n]);
+                }
+                total += piece.len * rows;
             }
             prop_assert_eq!(total, list.bytes());
             prop_assert_eq!(got, want);

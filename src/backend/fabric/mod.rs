@@ -151,6 +151,9 @@ impl Slots {
 }
 
 const CQ_BATCH: usize = 64;
+/// Most runs one operation carries (`Op::rows`), whatever the provider
+/// allows beyond it.
+const MAX_ROWS: usize = 4;
 
 /// Most shm transmit endpoints one NIC retires (see [`Nic::reset_peer`]).
 /// Each keeps its shm region (and a peer entry at its target) until the NIC
@@ -227,6 +230,8 @@ pub(crate) struct NicObjects {
     delivery_complete: bool,
     /// See [`Nic::in_order_delivery`]: shm.
     in_order: bool,
+    /// See [`Nic::max_rows`].
+    max_rows: u32,
     slots: Slots,
     entries: Box<[sys::fi_cq_data_entry; CQ_BATCH]>,
 }
@@ -342,6 +347,10 @@ impl NicObjects {
                 wait_fd,
                 delivery_complete: true,
                 in_order: info::provider_name(info) == "shm",
+                max_rows: {
+                    let tx = &*(*info).tx_attr;
+                    tx.iov_limit.min(tx.rma_iov_limit).clamp(1, MAX_ROWS) as u32
+                },
                 slots: Slots::new(tx_depth, options.rx_slots),
                 entries: Box::new(
                     [sys::fi_cq_data_entry {
@@ -583,14 +592,39 @@ impl Nic for FabricNic {
         let iov_count = usize::from(op.len > 0);
         let rc = match op.kind {
             OpKind::Write | OpKind::Read => {
-                let rma = sys::fi_rma_iov { addr: op.remote_addr, len: op.len as usize, key: op.key };
+                // Runs (`Op::rows`, at most MAX_ROWS: the engine keeps to
+                // max_rows): one remote range each; locally one iovec when
+                // they lie back to back, else one each.
+                let rows = (op.rows.count.max(1) as usize).min(MAX_ROWS);
+                let packed = rows == 1 || op.rows.src_stride == op.len;
+                let mut iovs = [sys::iovec { iov_base: ptr::null_mut(), iov_len: 0 }; MAX_ROWS];
+                let mut descs = [desc; MAX_ROWS];
+                let mut rmas = [sys::fi_rma_iov { addr: 0, len: 0, key: 0 }; MAX_ROWS];
+                for r in 0..rows {
+                    let step = r as u64;
+                    rmas[r] = sys::fi_rma_iov {
+                        addr: op.remote_addr + step * op.rows.dst_stride,
+                        len: op.len as usize,
+                        key: op.key,
+                    };
+                    // Pointer arithmetic only: the runs lie in the op's
+                    // registered range (the engine's plan checked them).
+                    let base = op.local.wrapping_add((step * op.rows.src_stride) as usize);
+                    iovs[r] = sys::iovec { iov_base: base.cast(), iov_len: op.len as usize };
+                }
+                let local_count = if packed {
+                    iovs[0].iov_len = op.len as usize * rows;
+                    iov_count
+                } else {
+                    rows
+                };
                 let msg = sys::fi_msg_rma {
-                    msg_iov: &iov,
-                    desc: &mut desc,
-                    iov_count,
+                    msg_iov: iovs.as_ptr(),
+                    desc: descs.as_mut_ptr(),
+                    iov_count: local_count,
                     addr: op.peer,
-                    rma_iov: &rma,
-                    rma_iov_count: 1,
+                    rma_iov: rmas.as_ptr(),
+                    rma_iov_count: rows,
                     context,
                     data: op.imm.unwrap_or(0) as u64,
                 };
@@ -689,6 +723,12 @@ impl Nic for FabricNic {
     /// out of order.
     fn in_order_delivery(&self) -> bool {
         self.objects.in_order
+    }
+
+    /// The provider's remote and local iovec limits (tcp and shm: 4; EFA:
+    /// 1), at most [`MAX_ROWS`].
+    fn max_rows(&self) -> u32 {
+        self.objects.max_rows
     }
 
     /// shm: libfabric 1.17's shm completes a transmit endpoint's operations

@@ -258,6 +258,7 @@ mod tests {
             key,
             imm,
             delivery_complete: kind == OpKind::Write,
+            rows: crate::plan::Rows::ONE,
             token: 7,
         }
     }
