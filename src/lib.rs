@@ -135,6 +135,7 @@ mod descriptor;
 mod engine;
 mod error;
 pub mod kv;
+pub mod moe;
 pub mod plan;
 pub mod probe;
 mod provider;
