@@ -42,10 +42,10 @@ pub struct MoeConfig {
     pub hidden: u32,
     /// Their element type.
     pub dtype: MoeDtype,
-    /// Copies a rank's receive pool holds. A rank that receives more takes
-    /// them in rounds of this many (exact, slower); the default
-    /// (`None`) is `2 * max_tokens * top_k`, twice a rank's share under
-    /// even routing.
+    /// Items (a token's trip to a rank) a rank's receive pool holds. A rank
+    /// that receives more takes them in rounds of this many (exact,
+    /// slower); the default (`None`) is `2 * max_tokens * top_k`, at least
+    /// twice a rank's share under even routing.
     pub capacity: Option<u32>,
     /// A call fails, naming the rank it waited for, when a phase has not
     /// completed this long after it started (default 10 s).
@@ -55,17 +55,18 @@ pub struct MoeConfig {
 /// Bytes of a group's regions, per rank.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MoeMemory {
-    /// Every rank's per-expert counts (`ranks * experts * 4`).
+    /// Every rank's per-expert and per-rank counts (`ranks * (experts +
+    /// ranks) * 4`).
     pub counts: u64,
-    /// The receive pool: `capacity` copies of `token_bytes`, and a 8-byte
-    /// source record each.
+    /// The receive pool: `capacity` items (a token sent to a rank once) of
+    /// `token_bytes` and an `8 + 4 * top_k`-byte record each.
     pub pool: u64,
     /// The expert outputs of this rank's tokens: `max_tokens * top_k` rows
     /// of `hidden * dtype` bytes.
     pub combine: u64,
-    /// Send staging (local only): this rank's dispatched copies
-    /// (`max_tokens * top_k` of `token_bytes + 8`) and `capacity` rows of
-    /// expert outputs.
+    /// Send staging (local only): this rank's items (`max_tokens *
+    /// min(ranks, top_k)` of `token_bytes` and a record) and `capacity`
+    /// rows of expert outputs.
     pub staging: u64,
 }
 
@@ -81,9 +82,11 @@ impl MoeMemory {
     }
 }
 
-/// Bytes of a copy's source record in the pool: token (u32), k (u16),
-/// source rank (u16).
-pub(crate) const RECORD: u64 = 8;
+/// Bytes of an item's record in the pool: token (u32), source rank (u16),
+/// pairs (u16), then `top_k` (k, local expert) pairs of two u16s.
+pub(crate) fn record_bytes(top_k: u32) -> u64 {
+    8 + 4 * u64::from(top_k)
+}
 
 impl MoeConfig {
     /// A configuration with the defaults (`capacity: None`, 10 s timeout).
@@ -108,6 +111,11 @@ impl MoeConfig {
     /// Copies the receive pool holds.
     pub fn capacity(&self) -> u64 {
         self.capacity.map_or(2 * u64::from(self.max_tokens) * u64::from(self.top_k), u64::from).max(1)
+    }
+
+    /// Most items one rank sends in a call.
+    pub(crate) fn max_items(&self) -> u64 {
+        u64::from(self.max_tokens) * u64::from(self.ranks.min(self.top_k))
     }
 
     /// Bytes of one expert-output row.
@@ -136,12 +144,12 @@ impl MoeConfig {
     /// The memory of one rank.
     pub fn memory(&self) -> MoeMemory {
         let copies = u64::from(self.max_tokens) * u64::from(self.top_k);
-        let token = u64::from(self.token_bytes);
+        let token = u64::from(self.token_bytes) + record_bytes(self.top_k);
         MoeMemory {
-            counts: u64::from(self.ranks) * u64::from(self.experts) * 4,
-            pool: self.capacity() * (token + RECORD),
+            counts: u64::from(self.ranks) * u64::from(self.experts + self.ranks) * 4,
+            pool: self.capacity() * token,
             combine: copies * self.row_bytes(),
-            staging: copies * (token + RECORD) + self.capacity() * self.row_bytes(),
+            staging: self.max_items() * token + self.capacity() * self.row_bytes(),
         }
     }
 

@@ -2,8 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::config::{MoeConfig, MoeDtype, RECORD};
-use super::plan::{expert_counts, in_round, send_order, Placement};
+use super::config::{record_bytes, MoeConfig, MoeDtype};
+use super::plan::{expert_counts, in_round, send_plan, Placement, SendPlan};
 use super::wire::MoeRankDesc;
 use crate::error::{Error, Result};
 use crate::{Access, CopyList, ImmCounter, ImmSlot, ImmSpace, MemoryRegion, Strided, Transfer, TransferEngine};
@@ -50,12 +50,12 @@ impl MoeRank {
             return Err(Error::InvalidRequest(format!("MoE rank {rank} of {}", config.ranks)));
         }
         let m = config.memory();
-        let copies = u64::from(config.max_tokens) * u64::from(config.top_k);
         let counts = engine.alloc(m.counts.max(1), Access::REMOTE_WRITE)?;
         let pool = engine.alloc(m.pool.max(1), Access::REMOTE_WRITE)?;
         let combine = engine.alloc(m.combine.max(1), Access::REMOTE_WRITE)?;
-        let counts_out = engine.alloc(u64::from(config.experts) * 4, Access::LOCAL)?;
-        let dispatch_out = engine.alloc((copies * (u64::from(config.token_bytes) + RECORD)).max(1), Access::LOCAL)?;
+        let counts_out = engine.alloc(u64::from(config.experts + config.ranks) * 4, Access::LOCAL)?;
+        let item = u64::from(config.token_bytes) + record_bytes(config.top_k);
+        let dispatch_out = engine.alloc((config.max_items() * item).max(1), Access::LOCAL)?;
         let combine_out = engine.alloc((config.capacity() * config.row_bytes()).max(1), Access::LOCAL)?;
         let slots = [
             engine.imm_slot(ImmSpace::Moe)?,
@@ -167,6 +167,13 @@ pub struct MoeHandle {
     counts: Vec<u32>,
     /// `(source rank, token, k)` of expert `e`'s row `i` at `e * capacity + i`.
     sources: Vec<(u16, u32, u16)>,
+    /// Where rank `s`'s rows from this rank's experts start in `s`'s
+    /// combine region (rows): its pairs for the experts of lower ranks.
+    combine_base: Vec<u64>,
+    /// Row of this rank's pair `t * top_k + k` in its own combine region:
+    /// its pairs in global expert order, each expert's in (t, k) order (the
+    /// order the experts' ranks send them in). `u32::MAX` for no expert.
+    combine_pos: Vec<u32>,
 }
 
 impl MoeHandle {
@@ -193,8 +200,8 @@ pub struct DispatchInFlight {
     topk_idx: Vec<i32>,
     topk_weights: Vec<f32>,
     placement: Placement,
-    /// Where expert `e`'s copies start in this rank's send order.
-    starts: Vec<u64>,
+    plan: SendPlan,
+    combine_pos: Vec<u32>,
     posted: Vec<(u32, Transfer)>,
     next_round: Vec<u64>,
     /// Where the copies' records start in the send staging.
@@ -259,17 +266,20 @@ impl MoeGroup {
         }
         let shape = c.shape();
         let mine = expert_counts(shape, topk_idx)?;
-        let (order, starts) = send_order(shape, topk_idx);
+        let plan = send_plan(shape, topk_idx)?;
         let started = Instant::now();
 
-        // Counts first: every rank learns every rank's counts.
+        // Counts first: every rank learns every rank's per-expert and
+        // per-rank counts.
         let me = self.local.rank;
-        let bytes: Vec<u8> = mine.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> = mine.iter().chain(&plan.dest_counts()).flat_map(|v| v.to_le_bytes()).collect();
         self.local.counts_out.write_at(0, &bytes)?;
-        let at = u64::from(me) * u64::from(c.experts) * 4;
+        let stride = u64::from(c.experts + c.ranks) * 4;
+        let at = u64::from(me) * stride;
         self.local.counts.write_at(at, &bytes)?;
+        let others = self.others();
         let mut posted = Vec::new();
-        for d in self.others() {
+        for &d in &others {
             let t = self.local.engine.write(
                 &self.local.counts_out,
                 0,
@@ -281,45 +291,78 @@ impl MoeGroup {
             posted.push((d, t.map_err(|e| self.fail(named(d, "sending counts", e)))?));
         }
 
-        // Pack the copies and their records meanwhile.
-        let records = order.len() as u64 * tb;
-        let mut record = [0u8; RECORD as usize];
-        for (j, &(t, kk, _)) in order.iter().enumerate() {
-            let row = &x[(u64::from(t) * tb) as usize..((u64::from(t) + 1) * tb) as usize];
-            self.local.dispatch_out.write_at(j as u64 * tb, row)?;
-            record[..4].copy_from_slice(&t.to_le_bytes());
-            record[4..6].copy_from_slice(&(kk as u16).to_le_bytes());
-            record[6..8].copy_from_slice(&(me as u16).to_le_bytes());
-            self.local.dispatch_out.write_at(records + j as u64 * RECORD, &record)?;
+        // Pack the items and their records meanwhile.
+        let rb = record_bytes(c.top_k);
+        let records = plan.items.len() as u64 * tb;
+        let mut record = vec![0u8; rb as usize];
+        {
+            // SAFETY: the staging region takes no remote access, and this
+            // rank's earlier requests from it have all completed (each call
+            // waits for its own before returning).
+            let out = unsafe { self.local.dispatch_out.as_mut_slice() };
+            for (j, it) in plan.items.iter().enumerate() {
+                let (from, to) = ((u64::from(it.token) * tb) as usize, (j as u64 * tb) as usize);
+                out[to..to + tb as usize].copy_from_slice(&x[from..from + tb as usize]);
+                record.iter_mut().for_each(|b| *b = 0);
+                record[..4].copy_from_slice(&it.token.to_le_bytes());
+                record[4..6].copy_from_slice(&(me as u16).to_le_bytes());
+                record[6..8].copy_from_slice(&(it.n as u16).to_le_bytes());
+                for (p, &(kk, le)) in plan.pairs[it.first as usize..(it.first + it.n) as usize].iter().enumerate() {
+                    record[8 + 4 * p..10 + 4 * p].copy_from_slice(&kk.to_le_bytes());
+                    record[10 + 4 * p..12 + 4 * p].copy_from_slice(&le.to_le_bytes());
+                }
+                let at = (records + j as u64 * rb) as usize;
+                out[at..at + rb as usize].copy_from_slice(&record);
+            }
         }
 
-        let others = self.others();
         self.wait_events(COUNTS, &others, started)?;
-        let mut all = Vec::with_capacity(c.ranks as usize);
-        let raw = self.local.counts.to_vec(0, u64::from(c.ranks) * u64::from(c.experts) * 4)?;
-        for r in 0..c.ranks as usize {
-            let row = &raw[r * c.experts as usize * 4..(r + 1) * c.experts as usize * 4];
-            all.push(row.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect());
+        let raw = self.local.counts.to_vec(0, u64::from(c.ranks) * stride)?;
+        let words: Vec<u32> = raw.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+        let (mut experts, mut items) = (Vec::new(), Vec::new());
+        for row in words.chunks_exact((c.experts + c.ranks) as usize) {
+            experts.push(row[..c.experts as usize].to_vec());
+            items.push(row[c.experts as usize..].to_vec());
         }
-        let placement = Placement::new(shape, &all).map_err(|e| self.fail(e))?;
+        let placement = Placement::new(shape, &experts, &items).map_err(|e| self.fail(e))?;
         for (d, t) in posted.drain(..) {
             self.wait_transfer(d, "sending counts", &t, started)?;
         }
 
+        // Where each of this rank's pairs comes back in combine.
+        let mut next_pos: Vec<u32> = mine
+            .iter()
+            .scan(0u32, |acc, &n| {
+                let at = *acc;
+                *acc += n;
+                Some(at)
+            })
+            .collect();
+        let combine_pos = topk_idx
+            .iter()
+            .map(|&e| {
+                if e < 0 {
+                    return u32::MAX;
+                }
+                let at = next_pos[e as usize];
+                next_pos[e as usize] += 1;
+                at
+            })
+            .collect();
         let mut inflight = DispatchInFlight {
             tokens: tokens as u32,
             topk_idx: topk_idx.to_vec(),
             topk_weights: topk_weights.to_vec(),
             placement,
-            starts,
+            plan,
+            combine_pos,
             posted,
             next_round: vec![1; c.ranks as usize],
             records,
             started,
         };
-        inflight.posted.reserve(c.ranks as usize);
         for d in others {
-            self.post_round(&mut inflight, d, 0, records)?;
+            self.post_round(&mut inflight, d, 0)?;
         }
         Ok(inflight)
     }
@@ -330,28 +373,28 @@ impl MoeGroup {
         (0..self.local.config.ranks).filter(|&r| r != me).collect()
     }
 
-    /// The copy list of this rank's copies for rank `d` that fall in
-    /// `round` of its pool; `records` is where the records start in the
-    /// send staging.
-    fn round_copies(&self, f: &DispatchInFlight, d: u32, round: u64, records: u64) -> Vec<Strided> {
+    /// The copies of this rank's items for rank `d` that fall in `round`
+    /// of its pool: the rows, and their records.
+    fn round_copies(&self, f: &DispatchInFlight, d: u32, round: u64) -> Vec<Strided> {
         let c = &self.local.config;
-        let (tb, cap) = (u64::from(c.token_bytes), c.capacity());
-        let le = c.experts / c.ranks;
-        let mut copies = Vec::new();
-        for e in d * le..(d + 1) * le {
-            let n = u64::from(f.placement.count(self.local.rank, e));
-            let start = f.placement.block_start(self.local.rank, e);
-            if let Some((off, at, len)) = in_round(start, n, round, cap) {
-                let j = f.starts[e as usize] + off;
-                copies.push(Strided::contiguous(j * tb, at * tb, len * tb));
-                copies.push(Strided::contiguous(records + j * RECORD, cap * tb + at * RECORD, len * RECORD));
+        let (tb, cap, rb) = (u64::from(c.token_bytes), c.capacity(), record_bytes(c.top_k));
+        let first = f.plan.dest_start[d as usize];
+        let n = f.plan.dest_start[d as usize + 1] - first;
+        let start = f.placement.item_start(self.local.rank, d);
+        match in_round(start, n, round, cap) {
+            Some((off, at, len)) => {
+                let j = first + off;
+                vec![
+                    Strided::contiguous(j * tb, at * tb, len * tb),
+                    Strided::contiguous(f.records + j * rb, cap * tb + at * rb, len * rb),
+                ]
             }
+            None => Vec::new(),
         }
-        copies
     }
 
-    fn post_round(&mut self, f: &mut DispatchInFlight, d: u32, round: u64, records: u64) -> Result<()> {
-        let copies = self.round_copies(f, d, round, records);
+    fn post_round(&mut self, f: &mut DispatchInFlight, d: u32, round: u64) -> Result<()> {
+        let copies = self.round_copies(f, d, round);
         let imm = self.imm_to[DATA][d as usize];
         let pool = &self.peers[d as usize].pool;
         let e = &self.local.engine;
@@ -373,41 +416,51 @@ impl MoeGroup {
     pub fn dispatch_recv(&mut self, mut f: DispatchInFlight) -> Result<Dispatched> {
         self.check()?;
         let c = self.local.config;
-        let (tb, cap) = (u64::from(c.token_bytes), c.capacity());
+        let (tb, cap, rb) = (u64::from(c.token_bytes), c.capacity(), record_bytes(c.top_k));
         let me = self.local.rank;
         let le = c.experts / c.ranks;
-        let records = f.records;
         let rounds: Vec<u64> = (0..c.ranks).map(|d| f.placement.rounds(d, cap)).collect();
         let totals: Vec<u64> = (0..le).map(|i| f.placement.expert_total(me, i)).collect();
         let width = totals.iter().copied().max().unwrap_or(0);
         let mut expert_x = vec![0u8; (u64::from(le) * width * tb) as usize];
         let mut sources = vec![(0u16, 0u32, 0u16); (u64::from(le) * width) as usize];
+        // Rows placed so far per local expert: expanding the pool in slot
+        // order puts each expert's rows in (source, token, k) order.
+        let mut next = vec![0u64; le as usize];
         let others = self.others();
-        let mut row = vec![0u8; tb as usize];
-        let mut rec = [0u8; RECORD as usize];
+        let total = f.placement.total(me);
         for round in 0..rounds[me as usize] {
-            // This rank's own copies of the round go straight into the pool.
-            for (src, dst, len) in
-                self.round_copies(&f, me, round, records).iter().map(|s| (s.src_offset, s.dst_offset, s.row_len))
-            {
-                let bytes = self.local.dispatch_out.to_vec(src, len)?;
-                self.local.pool.write_at(dst, &bytes)?;
+            // This rank's own items of the round go straight into the pool.
+            for s in self.round_copies(&f, me, round) {
+                let bytes = self.local.dispatch_out.to_vec(s.src_offset, s.row_len)?;
+                self.local.pool.write_at(s.dst_offset, &bytes)?;
             }
-            self.wait_round(&mut f, &others, &rounds, records)?;
-            // Out of the pool, expert by expert.
-            for i in 0..le {
-                let e = me * le + i;
-                let (start, n) = (f.placement.expert_start(e), totals[i as usize]);
-                if let Some((off, at, len)) = in_round(start, n, round, cap) {
-                    for r in 0..len {
-                        let slot = (u64::from(i) * width + off + r) as usize;
-                        self.local.pool.read_at((at + r) * tb, &mut row)?;
-                        expert_x[slot * tb as usize..(slot + 1) * tb as usize].copy_from_slice(&row);
-                        self.local.pool.read_at(cap * tb + (at + r) * RECORD, &mut rec)?;
-                        let t = u32::from_le_bytes(rec[..4].try_into().expect("4 bytes"));
-                        let k = u16::from_le_bytes(rec[4..6].try_into().expect("2 bytes"));
-                        let s = u16::from_le_bytes(rec[6..8].try_into().expect("2 bytes"));
-                        sources[slot] = (s, t, k);
+            self.wait_round(&mut f, &others, &rounds)?;
+            let slots = (total - round * cap).min(cap);
+            {
+                // SAFETY: every rank's items of this round have landed (their
+                // immediates came after their bytes), and no rank writes the
+                // pool again before this rank releases it (FREED, below) or
+                // starts its next call.
+                let pool = unsafe { self.local.pool.as_slice() };
+                for slot in 0..slots {
+                    let rec = &pool[(cap * tb + slot * rb) as usize..(cap * tb + (slot + 1) * rb) as usize];
+                    let token = u32::from_le_bytes(rec[..4].try_into().expect("4 bytes"));
+                    let src = u16::from_le_bytes(rec[4..6].try_into().expect("2 bytes"));
+                    let n = u16::from_le_bytes(rec[6..8].try_into().expect("2 bytes")) as usize;
+                    let row = &pool[(slot * tb) as usize..((slot + 1) * tb) as usize];
+                    for p in 0..n.min(c.top_k as usize) {
+                        let kk = u16::from_le_bytes(rec[8 + 4 * p..10 + 4 * p].try_into().expect("2 bytes"));
+                        let l = u16::from_le_bytes(rec[10 + 4 * p..12 + 4 * p].try_into().expect("2 bytes")) as usize;
+                        if l >= le as usize || next[l] >= width {
+                            return Err(self.fail(Error::InvalidRequest(format!(
+                                "MoE: rank {src} sent a record for local expert {l} beyond the counts"
+                            ))));
+                        }
+                        let at = l * width as usize + next[l] as usize;
+                        next[l] += 1;
+                        expert_x[at * tb as usize..(at + 1) * tb as usize].copy_from_slice(row);
+                        sources[at] = (src, token, kk);
                     }
                 }
             }
@@ -419,9 +472,12 @@ impl MoeGroup {
                 }
             }
         }
+        if next != totals {
+            return Err(self.fail(Error::InvalidRequest("MoE: the received items do not match the counts".into())));
+        }
         // Later rounds this rank still owes others.
         while others.iter().any(|&d| f.next_round[d as usize] < rounds[d as usize]) {
-            self.post_freed_rounds(&mut f, &others, &rounds, records, true)?;
+            self.post_freed_rounds(&mut f, &others, &rounds, true)?;
         }
         for (d, t) in std::mem::take(&mut f.posted) {
             self.wait_transfer(d, "dispatch", &t, f.started)?;
@@ -437,6 +493,10 @@ impl MoeGroup {
                 capacity: width as u32,
                 counts: totals.iter().map(|&n| n as u32).collect(),
                 sources,
+                combine_base: (0..c.ranks)
+                    .map(|src| (0..me * le).map(|e| u64::from(f.placement.count(src, e))).sum())
+                    .collect(),
+                combine_pos: f.combine_pos,
             },
         })
     }
@@ -448,7 +508,6 @@ impl MoeGroup {
         f: &mut DispatchInFlight,
         others: &[u32],
         rounds: &[u64],
-        records: u64,
         block: bool,
     ) -> Result<()> {
         let owed: Vec<u32> =
@@ -459,7 +518,7 @@ impl MoeGroup {
             if counter.is_reached() {
                 counter.rearm(1)?;
                 let round = f.next_round[d as usize];
-                self.post_round(f, d, round, records)?;
+                self.post_round(f, d, round)?;
                 f.next_round[d as usize] += 1;
                 any = true;
             }
@@ -472,7 +531,7 @@ impl MoeGroup {
 
     /// Waits for one dispatch-data event from every other rank, posting
     /// this rank's later rounds meanwhile.
-    fn wait_round(&mut self, f: &mut DispatchInFlight, others: &[u32], rounds: &[u64], records: u64) -> Result<()> {
+    fn wait_round(&mut self, f: &mut DispatchInFlight, others: &[u32], rounds: &[u64]) -> Result<()> {
         let mut pending: Vec<u32> = others.to_vec();
         loop {
             pending.retain(|&s| {
@@ -489,7 +548,7 @@ impl MoeGroup {
             }
             let owes = others.iter().any(|&d| f.next_round[d as usize] < rounds[d as usize]);
             if owes {
-                self.post_freed_rounds(f, others, rounds, records, false)?;
+                self.post_freed_rounds(f, others, rounds, false)?;
             }
             let slice = if owes { Duration::from_millis(1) } else { Duration::from_millis(50) };
             self.wait_slice(DATA, &pending, f.started, slice)?;
@@ -584,7 +643,6 @@ impl MoeGroup {
         let c = self.local.config;
         let rb = c.row_bytes();
         let le = c.experts / c.ranks;
-        let k = u64::from(c.top_k);
         if expert_y.len() as u64 != u64::from(le) * u64::from(handle.capacity) * rb {
             return Err(Error::InvalidRequest(format!(
                 "expert_y has {} bytes; the dispatch's layout has {le} x {} rows of {rb}",
@@ -594,13 +652,17 @@ impl MoeGroup {
         }
         let started = Instant::now();
         let me = self.local.rank;
-        // Rows by destination rank, in expert order.
+        // Rows by destination rank, in expert order: consecutive in the
+        // destination's combine region (see `MoeHandle::combine_pos`), so a
+        // rank's rows coalesce into a few ranges.
         let mut by_rank: Vec<Vec<(u64, u64)>> = vec![Vec::new(); c.ranks as usize];
+        let mut placed = handle.combine_base.clone();
         for e in 0..le {
             for i in 0..handle.counts[e as usize] {
-                let (s, t, kk) = handle.sources[(e * handle.capacity + i) as usize];
+                let (s, _, _) = handle.sources[(e * handle.capacity + i) as usize];
                 let from = (u64::from(e) * u64::from(handle.capacity) + u64::from(i)) * rb;
-                by_rank[s as usize].push((from, (u64::from(t) * k + u64::from(kk)) * rb));
+                by_rank[s as usize].push((from, placed[s as usize] * rb));
+                placed[s as usize] += 1;
             }
         }
         for &(from, to) in &by_rank[me as usize] {
@@ -626,7 +688,11 @@ impl MoeGroup {
                 let mut copies = Vec::new();
                 while i < chunk.len() && chunk[i].0 == s {
                     let (_, from, to) = chunk[i];
-                    self.local.combine_out.write_at(i as u64 * rb, &expert_y[from as usize..(from + rb) as usize])?;
+                    // SAFETY: local staging, no remote access; the previous
+                    // chunk's requests from it have completed.
+                    let out = unsafe { self.local.combine_out.as_mut_slice() };
+                    out[i * rb as usize..(i + 1) * rb as usize]
+                        .copy_from_slice(&expert_y[from as usize..(from + rb) as usize]);
                     copies.push(Strided::contiguous(i as u64 * rb, to, rb));
                     i += 1;
                 }
@@ -658,7 +724,10 @@ impl MoeGroup {
         let tokens = handle.tokens as usize;
         let mut out = vec![0u8; tokens * rb];
         let mut acc = vec![0f32; hidden];
-        let mut row = vec![0u8; rb];
+        // SAFETY: every rank's rows for this call have landed (their
+        // immediates came after their bytes), and none writes this region
+        // again before this rank's next dispatch has exchanged counts.
+        let rows = unsafe { self.local.combine.as_slice() };
         for t in 0..tokens {
             acc.iter_mut().for_each(|a| *a = 0.0);
             for kk in 0..k {
@@ -666,16 +735,17 @@ impl MoeGroup {
                     continue;
                 }
                 let w = handle.topk_weights[t * k + kk];
-                self.local.combine.read_at(((t * k + kk) * rb) as u64, &mut row)?;
+                let at = handle.combine_pos[t * k + kk] as usize;
+                let row = &rows[at * rb..(at + 1) * rb];
                 match c.dtype {
                     MoeDtype::F32 => {
                         for (a, b) in acc.iter_mut().zip(row.chunks_exact(4)) {
-                            *a += w * f32::from_le_bytes(b.try_into().expect("4 bytes"));
+                            *a += w * f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                         }
                     }
                     MoeDtype::Bf16 => {
                         for (a, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
-                            *a += w * bf16_to_f32(u16::from_le_bytes(b.try_into().expect("2 bytes")));
+                            *a += w * bf16_to_f32(u16::from_le_bytes([b[0], b[1]]));
                         }
                     }
                 }

@@ -1,14 +1,17 @@
 //! Where every (token, expert) copy goes: pure functions of the routing and
 //! the exchanged counts (no FFI, no threads, no clock).
 //!
-//! A rank's receive pool holds the copies it receives, packed: expert by
-//! expert (its local experts in order), within an expert source rank by
-//! source rank, within a source in the source's (token, k) order. Every
-//! rank knows every rank's per-expert counts (they are all-gathered before
-//! any data moves), so each sender computes where its copies land without
-//! asking, and every rank computes the same layout: the placement, and so
-//! the expert outputs, are deterministic. A pool holds `capacity` copies;
-//! a rank that receives more takes them in rounds of `capacity`.
+//! A token goes to a rank once, however many of its top-k experts the rank
+//! holds (an *item*: the token's bytes and the (k, local expert) pairs it
+//! has there); the receiver expands items into its experts' rows. A rank's
+//! receive pool holds the items it receives, packed by source rank, each
+//! source's in token order. Every rank knows every rank's per-destination
+//! item counts and per-expert counts (all-gathered before any data moves),
+//! so each sender computes where its items land without asking, every
+//! rank computes the same layout, and expanding the pool in order puts
+//! each expert's rows in (source rank, token, k) order: the outputs are
+//! deterministic. A pool holds `capacity` items; a rank that receives more
+//! takes them in rounds of `capacity`.
 
 use crate::error::{Error, Result};
 
@@ -56,71 +59,127 @@ pub fn expert_counts(shape: Shape, topk_idx: &[i32]) -> Result<Vec<u32>> {
     Ok(counts)
 }
 
-/// The layout of every rank's pool, from all ranks' counts (`counts[s]` is
-/// rank `s`'s [`expert_counts`]).
+/// One token's trip to one rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Item {
+    /// The token (row of `x`).
+    pub token: u32,
+    /// The rank it goes to.
+    pub dest: u32,
+    /// Its (k, local expert) pairs at `dest`: `pairs[first..first + n]`.
+    pub first: u32,
+    /// How many.
+    pub n: u32,
+}
+
+/// This rank's items, grouped by destination rank, each group in token
+/// order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendPlan {
+    /// The items.
+    pub items: Vec<Item>,
+    /// `(k, local expert)` pairs of the items.
+    pub pairs: Vec<(u16, u16)>,
+    /// Items for rank `d` are `items[dest_start[d]..dest_start[d + 1]]`.
+    pub dest_start: Vec<u64>,
+}
+
+impl SendPlan {
+    /// Items for each rank.
+    pub fn dest_counts(&self) -> Vec<u32> {
+        self.dest_start.windows(2).map(|w| (w[1] - w[0]) as u32).collect()
+    }
+}
+
+/// Groups this rank's (token, expert) pairs into items (checks the
+/// indices as [`expert_counts`] does).
+pub fn send_plan(shape: Shape, topk_idx: &[i32]) -> Result<SendPlan> {
+    expert_counts(shape, topk_idx)?;
+    let k = shape.top_k as usize;
+    let le = shape.local_experts();
+    // Per destination: (token, its (k, local expert) pairs there).
+    type Trips = Vec<(u32, Vec<(u16, u16)>)>;
+    let mut per_dest: Vec<Trips> = vec![Vec::new(); shape.ranks as usize];
+    for (t, row) in topk_idx.chunks(k).enumerate() {
+        for d in 0..shape.ranks {
+            let here: Vec<(u16, u16)> = row
+                .iter()
+                .enumerate()
+                .filter(|(_, &e)| e >= 0 && e as u32 / le == d)
+                .map(|(kk, &e)| (kk as u16, (e as u32 % le) as u16))
+                .collect();
+            if !here.is_empty() {
+                per_dest[d as usize].push((t as u32, here));
+            }
+        }
+    }
+    let mut plan = SendPlan { items: Vec::new(), pairs: Vec::new(), dest_start: vec![0] };
+    for (d, list) in per_dest.into_iter().enumerate() {
+        for (token, here) in list {
+            plan.items.push(Item { token, dest: d as u32, first: plan.pairs.len() as u32, n: here.len() as u32 });
+            plan.pairs.extend(here);
+        }
+        plan.dest_start.push(plan.items.len() as u64);
+    }
+    Ok(plan)
+}
+
+/// The layout of every rank's pool and experts, from all ranks' counts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
     shape: Shape,
-    /// `counts[s * experts + e]`.
-    counts: Vec<u32>,
-    /// First slot of global expert `e` in its owner's pool (prefix over the
-    /// owner's lower experts).
-    expert_base: Vec<u64>,
-    /// Copies each rank receives.
-    totals: Vec<u64>,
+    /// `experts[s * experts + e]`: rank `s`'s pairs for global expert `e`.
+    experts: Vec<u32>,
+    /// `items[s * ranks + d]`: rank `s`'s items for rank `d`.
+    items: Vec<u32>,
 }
 
 impl Placement {
-    /// Checks the counts (one vector of `experts` per rank) and lays out
-    /// the pools.
-    pub fn new(shape: Shape, counts: &[Vec<u32>]) -> Result<Self> {
-        if counts.len() != shape.ranks as usize || counts.iter().any(|c| c.len() != shape.experts as usize) {
+    /// Checks the counts (`experts[s]`: rank `s`'s [`expert_counts`];
+    /// `items[s]`: its [`SendPlan::dest_counts`]) and lays out the pools.
+    pub fn new(shape: Shape, experts: &[Vec<u32>], items: &[Vec<u32>]) -> Result<Self> {
+        let r = shape.ranks as usize;
+        if experts.len() != r || experts.iter().any(|c| c.len() != shape.experts as usize) {
             return Err(Error::InvalidRequest("MoE counts: one vector of `experts` counts per rank".into()));
         }
-        let flat: Vec<u32> = counts.iter().flatten().copied().collect();
-        let le = shape.local_experts();
-        let mut expert_base = vec![0u64; shape.experts as usize];
-        let mut totals = vec![0u64; shape.ranks as usize];
-        for d in 0..shape.ranks {
-            let mut base = 0u64;
-            for e in d * le..(d + 1) * le {
-                expert_base[e as usize] = base;
-                base += (0..shape.ranks).map(|s| u64::from(flat[(s * shape.experts + e) as usize])).sum::<u64>();
-            }
-            totals[d as usize] = base;
+        if items.len() != r || items.iter().any(|c| c.len() != r) {
+            return Err(Error::InvalidRequest("MoE counts: one vector of `ranks` item counts per rank".into()));
         }
-        Ok(Placement { shape, counts: flat, expert_base, totals })
+        Ok(Placement {
+            shape,
+            experts: experts.iter().flatten().copied().collect(),
+            items: items.iter().flatten().copied().collect(),
+        })
     }
 
-    /// Rank `s`'s copies for global expert `e`.
+    /// Rank `s`'s pairs for global expert `e`.
     pub fn count(&self, s: u32, e: u32) -> u32 {
-        self.counts[(s * self.shape.experts + e) as usize]
+        self.experts[(s * self.shape.experts + e) as usize]
     }
 
-    /// Copies rank `d` receives.
-    pub fn total(&self, d: u32) -> u64 {
-        self.totals[d as usize]
-    }
-
-    /// Copies local expert `local` of rank `d` receives.
+    /// Rows local expert `local` of rank `d` receives.
     pub fn expert_total(&self, d: u32, local: u32) -> u64 {
         let e = d * self.shape.local_experts() + local;
         (0..self.shape.ranks).map(|s| u64::from(self.count(s, e))).sum()
     }
 
-    /// First slot, in its owner's pool, of rank `s`'s copies for global
-    /// expert `e`.
-    pub fn block_start(&self, s: u32, e: u32) -> u64 {
-        self.expert_base[e as usize] + (0..s).map(|s2| u64::from(self.count(s2, e))).sum::<u64>()
+    /// Rank `s`'s items for rank `d`.
+    pub fn items(&self, s: u32, d: u32) -> u64 {
+        u64::from(self.items[(s * self.shape.ranks + d) as usize])
     }
 
-    /// First slot of global expert `e` in its owner's pool.
-    pub fn expert_start(&self, e: u32) -> u64 {
-        self.expert_base[e as usize]
+    /// Items rank `d` receives.
+    pub fn total(&self, d: u32) -> u64 {
+        (0..self.shape.ranks).map(|s| self.items(s, d)).sum()
     }
 
-    /// Rounds rank `d` takes its copies in, with a pool of `capacity`
-    /// copies (at least one, even with nothing to receive).
+    /// First slot of rank `s`'s items in rank `d`'s pool.
+    pub fn item_start(&self, s: u32, d: u32) -> u64 {
+        (0..s).map(|s2| self.items(s2, d)).sum()
+    }
+
+    /// Rounds rank `d` takes its items in, with a pool of `capacity` items
+    /// (at least one, even with nothing to receive).
     pub fn rounds(&self, d: u32, capacity: u64) -> u64 {
         self.total(d).div_ceil(capacity.max(1)).max(1)
     }
@@ -132,31 +191,6 @@ pub fn in_round(start: u64, len: u64, round: u64, capacity: u64) -> Option<(u64,
     let (lo, hi) = (round * capacity, (round + 1) * capacity);
     let (a, b) = (start.max(lo), (start + len).min(hi));
     (a < b).then(|| (a - start, a - lo, b - a))
-}
-
-/// This rank's copies in send order: grouped by destination rank, then by
-/// global expert, then in (token, k) order. Each entry is `(token, k,
-/// expert)`. `order[e]` lists where expert `e`'s copies start in it.
-pub fn send_order(shape: Shape, topk_idx: &[i32]) -> (Vec<(u32, u32, u32)>, Vec<u64>) {
-    let counts = expert_counts(shape, topk_idx).unwrap_or_default();
-    // Experts of one destination are consecutive numbers, so expert order is
-    // destination order.
-    let mut start = vec![0u64; shape.experts as usize + 1];
-    for e in 0..shape.experts as usize {
-        start[e + 1] = start[e] + u64::from(counts.get(e).copied().unwrap_or(0));
-    }
-    let mut next = start.clone();
-    let mut out = vec![(0u32, 0u32, 0u32); start[shape.experts as usize] as usize];
-    for (i, &e) in topk_idx.iter().enumerate() {
-        if e < 0 || e as u32 >= shape.experts {
-            continue;
-        }
-        let at = &mut next[e as usize];
-        out[*at as usize] = ((i / shape.top_k as usize) as u32, (i % shape.top_k as usize) as u32, e as u32);
-        *at += 1;
-    }
-    start.truncate(shape.experts as usize);
-    (out, start)
 }
 
 #[cfg(test)]
@@ -184,35 +218,52 @@ mod tests {
     }
 
     proptest! {
-        /// Every copy of every rank gets its own slot; the slots of a
-        /// rank's pool are exactly 0..total, expert-major, sources in rank
-        /// order; the send order lists each copy once, grouped by expert.
+        /// Every item gets its own slot; expanding each pool in slot order
+        /// gives every (source, token, k) pair routed to the rank exactly
+        /// once, and each expert's rows in (source, token, k) order.
         #[test]
         fn placement_is_a_bijection(routes in proptest::collection::vec(
             proptest::collection::vec(-1i32..6, 0..12), 3)) {
-            let s = shape();
+            let sh = shape();
             let routes: Vec<Vec<i32>> = routes.into_iter().map(|mut r| { r.truncate(r.len() / 2 * 2); r }).collect();
-            let counts: Vec<Vec<u32>> = routes.iter().map(|r| expert_counts(s, r).unwrap()).collect();
-            let p = Placement::new(s, &counts).unwrap();
-            let mut seen: Vec<Vec<Option<(u32, u32, u32)>>> =
-                (0..3).map(|d| vec![None; p.total(d) as usize]).collect();
-            for (src, r) in routes.iter().enumerate() {
-                let (order, starts) = send_order(s, r);
-                prop_assert_eq!(order.len(), r.iter().filter(|&&e| e >= 0).count());
-                for (j, &(t, k, e)) in order.iter().enumerate() {
-                    prop_assert_eq!(r[(t * 2 + k) as usize], e as i32);
-                    let within = j as u64 - starts[e as usize];
-                    let slot = p.block_start(src as u32, e) + within;
-                    let d = s.owner(e);
-                    prop_assert!(seen[d as usize][slot as usize].is_none());
-                    seen[d as usize][slot as usize] = Some((src as u32, t, e));
-                }
-            }
+            let plans: Vec<SendPlan> = routes.iter().map(|r| send_plan(sh, r).unwrap()).collect();
+            let experts: Vec<Vec<u32>> = routes.iter().map(|r| expert_counts(sh, r).unwrap()).collect();
+            let items: Vec<Vec<u32>> = plans.iter().map(|p| p.dest_counts()).collect();
+            let p = Placement::new(sh, &experts, &items).unwrap();
             for d in 0..3u32 {
-                let got: Vec<(u32, u32, u32)> = seen[d as usize].iter().map(|x| x.unwrap()).collect();
-                let mut sorted = got.clone();
-                sorted.sort_by_key(|&(src, t, e)| (e, src, t));
-                prop_assert_eq!(got, sorted);
+                // Fill the pool.
+                type Slot = Option<(u32, Item, Vec<(u16, u16)>)>;
+                let mut pool: Vec<Slot> = vec![None; p.total(d) as usize];
+                for (s, plan) in plans.iter().enumerate() {
+                    let group = &plan.items[plan.dest_start[d as usize] as usize..plan.dest_start[d as usize + 1] as usize];
+                    prop_assert_eq!(group.len() as u64, p.items(s as u32, d));
+                    for (j, it) in group.iter().enumerate() {
+                        let slot = (p.item_start(s as u32, d) + j as u64) as usize;
+                        prop_assert!(pool[slot].is_none());
+                        let pairs = plan.pairs[it.first as usize..(it.first + it.n) as usize].to_vec();
+                        pool[slot] = Some((s as u32, *it, pairs));
+                    }
+                }
+                // Expand.
+                let mut rows: Vec<Vec<(u32, u32, u16)>> = vec![Vec::new(); 2];
+                for entry in pool {
+                    let (s, it, pairs) = entry.unwrap();
+                    for (k, le) in pairs {
+                        prop_assert_eq!(routes[s as usize][(it.token * 2 + u32::from(k)) as usize], (d * 2 + u32::from(le)) as i32);
+                        rows[le as usize].push((s, it.token, k));
+                    }
+                }
+                for le in 0..2u32 {
+                    let e = (d * 2 + le) as i32;
+                    let mut want = Vec::new();
+                    for (s, r) in routes.iter().enumerate() {
+                        for (i, &x) in r.iter().enumerate() {
+                            if x == e { want.push((s as u32, (i / 2) as u32, (i % 2) as u16)); }
+                        }
+                    }
+                    prop_assert_eq!(rows[le as usize].len() as u64, p.expert_total(d, le));
+                    prop_assert_eq!(&rows[le as usize], &want);
+                }
             }
         }
     }

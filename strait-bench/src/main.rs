@@ -5,6 +5,7 @@
 
 mod client;
 mod kv;
+mod moe;
 mod proto;
 mod raw;
 mod report;
@@ -77,6 +78,25 @@ enum Cmd {
     /// What this machine offers: providers, NICs, GPUs, and why a backend
     /// is unavailable.
     Info,
+    /// MoE dispatch and combine between --ranks processes on this machine
+    /// (tcp on the loopback interface unless --provider says otherwise),
+    /// against a naive all-to-all of one message per copy, same run.
+    Moe {
+        #[command(flatten)]
+        engine: EngineArgs,
+        #[command(flatten)]
+        moe: moe::MoeArgs,
+    },
+    /// One rank of `moe` (started by it).
+    #[command(hide = true)]
+    MoeRank {
+        #[command(flatten)]
+        engine: EngineArgs,
+        #[command(flatten)]
+        moe: moe::MoeArgs,
+        #[arg(long)]
+        rank: u32,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -320,11 +340,17 @@ fn connect(server: &str, engine: &EngineArgs, run: &RunArgs) -> Result<(), Strin
 
 /// Starts `serve` as a child process on 127.0.0.1, reads its address line,
 /// and runs the client against it.
-fn loopback(engine: &EngineArgs, server_nics: Option<usize>, run: &RunArgs) -> Result<(), String> {
+/// Engine options for processes on this machine: tcp stays on `lo`.
+fn loopback_options(engine: &EngineArgs) -> EngineOptions {
     let mut options = EngineOptions::from_args(engine);
     if options.interface.is_none() && matches!(options.provider, Provider::Auto | Provider::Tcp) {
         options.interface = Some("lo".into());
     }
+    options
+}
+
+fn loopback(engine: &EngineArgs, server_nics: Option<usize>, run: &RunArgs) -> Result<(), String> {
+    let options = loopback_options(engine);
     let plan = run.plan(options.nics)?;
     let server_options = EngineOptions { nics: server_nics.unwrap_or(options.nics), ..options.clone() };
     let exe = std::env::current_exe().map_err(|e| format!("finding strait-bench itself: {e}"))?;
@@ -413,6 +439,8 @@ fn main() -> ExitCode {
             info();
             Ok(())
         }
+        Cmd::Moe { engine, moe } => moe::run(&loopback_options(engine), moe),
+        Cmd::MoeRank { engine, moe, rank } => moe::rank_main(&EngineOptions::from_args(engine), moe, *rank),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
