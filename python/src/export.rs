@@ -447,3 +447,34 @@ fn ints_from_dlpack(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Option<Vec<u
     // kept alive by the capsule we hold.
     unsafe { widen(ptr, n, width, signed) }.map(Some).map_err(|why| bad(why.into()))
 }
+
+/// The bytes of any C-contiguous buffer (numpy arrays, `bytes`,
+/// `bytearray`, `memoryview`), copied in one go.
+pub fn buffer_bytes(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u8>> {
+    let py = obj.py();
+    // SAFETY: an all-zero Py_buffer is a valid "empty" value to fill.
+    let mut b: PyBufferView = unsafe { std::mem::zeroed() };
+    // SAFETY: `obj` is a live object and `b` a Py_buffer to fill.
+    if unsafe { get_buffer(obj.as_ptr(), &mut b, PYBUF_FULL_RO) } != 0 {
+        let _ = PyErr::take(py);
+        let type_name = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+        return Err(raise(
+            py,
+            "UnsupportedObjectError",
+            format!("{what}: a {type_name} has no buffer (pass a numpy array)"),
+        ));
+    }
+    // SAFETY: `b` was filled by a successful PyObject_GetBuffer.
+    let contiguous = unsafe { buffer_is_contiguous(&b, b'C' as c_char) } != 0;
+    let result = if contiguous {
+        let mut out = vec![0u8; b.len as usize];
+        // SAFETY: the buffer holds `len` contiguous bytes at `buf`.
+        unsafe { std::ptr::copy_nonoverlapping(b.buf.cast::<u8>(), out.as_mut_ptr(), out.len()) };
+        Ok(out)
+    } else {
+        Err(raise(py, "UnsupportedObjectError", format!("{what}: not C-contiguous (pass a contiguous copy)")))
+    };
+    // SAFETY: released once, after its last use.
+    unsafe { release_buffer(&mut b) };
+    result
+}

@@ -17,6 +17,7 @@ mod errors;
 mod export;
 mod handles;
 mod kv;
+mod moe;
 
 /// The providers strait can open here, and why the others cannot be: a list
 /// of `(name, available, detail)`.
@@ -48,6 +49,9 @@ fn _strait(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<kv::KvCache>()?;
     m.add_class::<kv::KvRecv>()?;
     m.add_class::<kv::KvSend>()?;
+    m.add_class::<moe::MoeRank>()?;
+    m.add_class::<moe::MoeGroup>()?;
+    m.add_class::<moe::MoeHandle>()?;
     m.add_function(wrap_pyfunction!(probe, m)?)?;
     m.add_function(wrap_pyfunction!(engine::_shutdown_all, m)?)?;
     m.add("PAGE_SIZE", strait::PAGE_SIZE)?;

@@ -24,7 +24,8 @@ Every request returns a ``Transfer`` (``wait``, ``done``, callbacks,
 ``await``). Errors are the classes of ``strait.errors``, all derived from
 ``strait.Error``. Helpers for ``torch.distributed`` are in
 ``strait.distributed`` (torch is imported only when they are used); KV-cache
-transfer for disaggregated prefill/decode is ``strait.kv``.
+transfer for disaggregated prefill/decode is ``strait.kv``, expert-parallel
+dispatch and combine ``strait.moe``.
 """
 
 import atexit as _atexit
@@ -79,7 +80,7 @@ _atexit.register(_strait._shutdown_all)
 
 
 def __getattr__(name):
-    if name in ("distributed", "kv"):
+    if name in ("distributed", "kv", "moe"):
         import importlib
 
         return importlib.import_module("." + name, __name__)
