@@ -183,3 +183,47 @@ fn kv_workload_with_its_baselines() {
     let out = Command::new(BIN).args(["loopback", "--workloads", "kv", "--kv-preset", "gpt-9"]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown KV preset"));
 }
+
+#[test]
+fn moe_workload_with_its_baseline() {
+    let (json, svg) = (temp("moe.json"), temp("moe.svg"));
+    let args = [
+        "moe",
+        "--provider",
+        "tcp",
+        "--ranks",
+        "2",
+        "--tokens",
+        "16",
+        "--hidden",
+        "256",
+        "--experts",
+        "8",
+        "--top-k",
+        "2",
+        "--iters",
+        "3",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+    ];
+    let out = run(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("== moe") && stdout.contains("naive") && stdout.contains("DeepEP"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for r in rows {
+        assert!(
+            r["p50_us"].as_f64().unwrap() > 0.0 && r["p99_us"].as_f64().unwrap() >= r["p50_us"].as_f64().unwrap(),
+            "{r}"
+        );
+    }
+    assert!(v["receive_bytes"].as_u64().unwrap() > 0);
+    roxmltree::Document::parse(&std::fs::read_to_string(&svg).unwrap()).expect("well-formed SVG");
+    let _ = std::fs::remove_file(&json);
+    let _ = std::fs::remove_file(&svg);
+    let out = Command::new(BIN).args(["moe", "--provider", "tcp", "--ranks", "3", "--experts", "8"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("multiple"));
+}
