@@ -422,7 +422,10 @@ impl MoeGroup {
         let rounds: Vec<u64> = (0..c.ranks).map(|d| f.placement.rounds(d, cap)).collect();
         let totals: Vec<u64> = (0..le).map(|i| f.placement.expert_total(me, i)).collect();
         let width = totals.iter().copied().max().unwrap_or(0);
-        let mut expert_x = vec![0u8; (u64::from(le) * width * tb) as usize];
+        // Written once each: rows by the expansion below, padding rows
+        // (past an expert's count) zeroed at the end; not zeroed first.
+        let x_len = (u64::from(le) * width * tb) as usize;
+        let mut expert_x: Vec<u8> = Vec::with_capacity(x_len);
         let mut sources = vec![(0u16, 0u32, 0u16); (u64::from(le) * width) as usize];
         // Rows placed so far per local expert: expanding the pool in slot
         // order puts each expert's rows in (source, token, k) order.
@@ -432,8 +435,11 @@ impl MoeGroup {
         for round in 0..rounds[me as usize] {
             // This rank's own items of the round go straight into the pool.
             for s in self.round_copies(&f, me, round) {
-                let bytes = self.local.dispatch_out.to_vec(s.src_offset, s.row_len)?;
-                self.local.pool.write_at(s.dst_offset, &bytes)?;
+                // SAFETY: the staging region takes no remote access and no
+                // request writes into it.
+                let out = unsafe { self.local.dispatch_out.as_slice() };
+                let (from, len) = (s.src_offset as usize, s.row_len as usize);
+                self.local.pool.write_at(s.dst_offset, &out[from..from + len])?;
             }
             self.wait_round(&mut f, &others, &rounds)?;
             let slots = (total - round * cap).min(cap);
@@ -459,7 +465,15 @@ impl MoeGroup {
                         }
                         let at = l * width as usize + next[l] as usize;
                         next[l] += 1;
-                        expert_x[at * tb as usize..(at + 1) * tb as usize].copy_from_slice(row);
+                        // SAFETY: `at < le * width` (checked above), so the row
+                        // lies in the allocation; `row` is in the pool.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                row.as_ptr(),
+                                expert_x.as_mut_ptr().add(at * tb as usize),
+                                tb as usize,
+                            )
+                        };
                         sources[at] = (src, token, kk);
                     }
                 }
@@ -475,6 +489,15 @@ impl MoeGroup {
         if next != totals {
             return Err(self.fail(Error::InvalidRequest("MoE: the received items do not match the counts".into())));
         }
+        for (l, &n) in totals.iter().enumerate() {
+            let (from, to) = ((l as u64 * width + n) * tb, (l as u64 + 1) * width * tb);
+            // SAFETY: the padding rows of expert `l`, inside the allocation.
+            unsafe { std::ptr::write_bytes(expert_x.as_mut_ptr().add(from as usize), 0, (to - from) as usize) };
+        }
+        // SAFETY: every row below an expert's count was written by the
+        // expansion (`next == totals`: each slot exactly once, as `next[l]`
+        // only grows), and every row past it was just zeroed.
+        unsafe { expert_x.set_len(x_len) };
         // Later rounds this rank still owes others.
         while others.iter().any(|&d| f.next_round[d as usize] < rounds[d as usize]) {
             self.post_freed_rounds(&mut f, &others, &rounds, true)?;
@@ -729,7 +752,7 @@ impl MoeGroup {
         // again before this rank's next dispatch has exchanged counts.
         let rows = unsafe { self.local.combine.as_slice() };
         for t in 0..tokens {
-            acc.iter_mut().for_each(|a| *a = 0.0);
+            let mut first = true;
             for kk in 0..k {
                 if handle.topk_idx[t * k + kk] < 0 {
                     continue;
@@ -737,18 +760,12 @@ impl MoeGroup {
                 let w = handle.topk_weights[t * k + kk];
                 let at = handle.combine_pos[t * k + kk] as usize;
                 let row = &rows[at * rb..(at + 1) * rb];
-                match c.dtype {
-                    MoeDtype::F32 => {
-                        for (a, b) in acc.iter_mut().zip(row.chunks_exact(4)) {
-                            *a += w * f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                        }
-                    }
-                    MoeDtype::Bf16 => {
-                        for (a, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
-                            *a += w * bf16_to_f32(u16::from_le_bytes([b[0], b[1]]));
-                        }
-                    }
-                }
+                accumulate(&mut acc, row, c.dtype, w, first);
+                first = false;
+            }
+            if first {
+                // No expert: the output is zero.
+                acc.iter_mut().for_each(|a| *a = 0.0);
             }
             let dst = &mut out[t * rb..(t + 1) * rb];
             match c.dtype {
@@ -762,6 +779,47 @@ impl MoeGroup {
             }
         }
         Ok(out)
+    }
+}
+
+/// `acc = w * row` (first) or `acc += w * row`, `row` holding `acc.len()`
+/// little-endian elements of the dtype. Plain loops over aligned words,
+/// which the compiler vectorizes.
+fn accumulate(acc: &mut [f32], row: &[u8], dtype: MoeDtype, w: f32, first: bool) {
+    match dtype {
+        MoeDtype::Bf16 => {
+            // SAFETY: any bytes are valid u16s; the aligned middle is used
+            // only when it covers the whole row.
+            let (pre, words, post) = unsafe { row.align_to::<u16>() };
+            if pre.is_empty() && post.is_empty() && cfg!(target_endian = "little") {
+                if first {
+                    acc.iter_mut().zip(words).for_each(|(a, &b)| *a = w * f32::from_bits(u32::from(b) << 16));
+                } else {
+                    acc.iter_mut().zip(words).for_each(|(a, &b)| *a += w * f32::from_bits(u32::from(b) << 16));
+                }
+            } else {
+                for (a, b) in acc.iter_mut().zip(row.chunks_exact(2)) {
+                    let v = w * bf16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+                    *a = if first { v } else { *a + v };
+                }
+            }
+        }
+        MoeDtype::F32 => {
+            // SAFETY: as above, for f32 (any bits are a valid f32).
+            let (pre, words, post) = unsafe { row.align_to::<f32>() };
+            if pre.is_empty() && post.is_empty() && cfg!(target_endian = "little") {
+                if first {
+                    acc.iter_mut().zip(words).for_each(|(a, &b)| *a = w * b);
+                } else {
+                    acc.iter_mut().zip(words).for_each(|(a, &b)| *a += w * b);
+                }
+            } else {
+                for (a, b) in acc.iter_mut().zip(row.chunks_exact(4)) {
+                    let v = w * f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    *a = if first { v } else { *a + v };
+                }
+            }
+        }
     }
 }
 
