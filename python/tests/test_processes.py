@@ -75,6 +75,20 @@ def test_example_moves_an_array(provider):
     assert "matches" in out.stdout
 
 
+@pytest.mark.parametrize(
+    "script,args,says",
+    [
+        ("kv_prefill_decode.py", ["--layers", "8", "--tokens", "256"], "every byte checked"),
+        ("moe_dispatch_combine.py", ["--ranks", "2"], "combine = 2x"),
+    ],
+)
+def test_primitive_examples(script, args, says):
+    example = pathlib.Path(__file__).parent.parent / "examples" / script
+    out = subprocess.run([sys.executable, str(example), *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert says in out.stdout, out.stdout
+
+
 def test_import_and_docs(tmp_path):
     """The package imports without libfabric being touched, and the classes
     carry their docs (what help() shows)."""
