@@ -257,8 +257,24 @@ fn bad_arguments_and_descriptors_are_refused() {
     let r0 = MoeRank::new(&engine(Provider::Tcp, 1), c, 0).unwrap();
     let r1 = MoeRank::new(&engine(Provider::Tcp, 1), c, 1).unwrap();
     let bytes = r0.descriptor().to_bytes();
-    for cut in [0, 3, 10, bytes.len() - 1] {
-        assert!(MoeRankDesc::from_bytes(&bytes[..cut]).is_err());
+    assert_eq!(MoeRankDesc::from_bytes(&bytes).unwrap(), *r0.descriptor());
+    assert_eq!(r0.descriptor().to_string().parse::<MoeRankDesc>().unwrap(), *r0.descriptor());
+    for cut in 0..bytes.len() {
+        assert!(MoeRankDesc::from_bytes(&bytes[..cut]).is_err(), "truncated to {cut}");
+    }
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(MoeRankDesc::from_bytes(&longer).is_err());
+    // Any byte changed: refused, or decoded into something that encodes
+    // back to the same bytes (never a panic).
+    let mut next = rng(5);
+    for _ in 0..2000 {
+        let mut b = bytes.clone();
+        let i = (next() % b.len() as u64) as usize;
+        b[i] ^= 1 << (next() % 8);
+        if let Ok(d) = MoeRankDesc::from_bytes(&b) {
+            assert_eq!(d.to_bytes(), b);
+        }
     }
     let other = MoeRank::new(&engine(Provider::Tcp, 1), MoeConfig { top_k: 1, ..c }, 1).unwrap();
     let (d0, d1) = (r0.descriptor().clone(), r1.descriptor().clone());
