@@ -144,6 +144,7 @@ mod wire;
 pub use address::EngineAddress;
 pub use backend::verbs::VerbsConfig;
 pub use descriptor::{Access, MrDesc};
+pub use engine::stats;
 pub use engine::{
     reserved_imm, Batch, EngineBuilder, ImmCounter, ImmSlot, ImmSpace, MemoryRegion, MessagePool, PollMode,
     ScatterTarget, Service, Transfer, TransferEngine, DEFAULT_REQUEST_TIMEOUT, PAGE_SIZE, PING_IMM, RESERVED_IMM_BASE,

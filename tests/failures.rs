@@ -257,8 +257,18 @@ fn stalled_peer_expires_without_stalling_the_others() {
         let pending: Vec<_> =
             (0..64).map(|i| engine.write(&src, 0, &victim.inbox, (i % 16) << 20, 1 << 20, Some(5)).unwrap()).collect();
         let during = healthy_round(&engine, &src, &healthy);
+        // What is stuck, and for how long, is visible while it is.
+        let stats = engine.stats().unwrap();
+        let stuck = stats.peers.iter().find(|p| p.address == victim.address).expect("the victim in the stats");
+        assert!(stuck.in_flight > 0, "{stuck:?}");
+        assert!(stuck.oldest_in_flight.unwrap() >= stopped.elapsed().min(Duration::from_millis(50)) / 2, "{stuck:?}");
         let failed = drain(&pending, REQUEST_TIMEOUT + SLACK);
         eprintln!("{provider}: {failed}/64 writes to the stopped peer expired; healthy peer meanwhile: {during:?}");
+        let after = engine.stats().unwrap();
+        let stuck = after.peers.iter().find(|p| p.address == victim.address).unwrap();
+        assert_eq!(stuck.in_flight, 0, "{stuck:?}");
+        assert_eq!(stuck.requests_failed, failed as u64, "{stuck:?}");
+        assert!(stuck.expired >= 1 && stuck.resets >= 1, "{stuck:?}");
         assert!(failed > 0, "a stopped peer cannot have taken 64 MiB");
         assert!(stopped.elapsed() <= 2 * (REQUEST_TIMEOUT + SLACK));
         check_isolation(during);

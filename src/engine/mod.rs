@@ -10,8 +10,10 @@ mod mailbox;
 mod memory;
 mod progress;
 mod reserved;
+pub mod stats;
 mod worker;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -340,6 +342,7 @@ impl EngineBuilder {
                 imm_queue: self.imm_queue,
                 slots: Arc::new(reserved::SlotPool::default()),
                 services,
+                labels: Mutex::new(HashMap::new()),
                 thread: Mutex::new(Some(thread)),
             }),
         })
@@ -444,6 +447,8 @@ struct Shared {
     imm_queue: Option<Arc<Mailbox<u32>>>,
     slots: Arc<reserved::SlotPool>,
     services: Arc<reserved::Services>,
+    /// Peers' names in `stats()`.
+    labels: Mutex<HashMap<EngineAddress, String>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -980,6 +985,32 @@ impl TransferEngine {
     /// returned [`Service`] names its id and unregisters it when dropped.
     pub fn serve(&self, handler: impl Fn(&[u8]) + Send + Sync + 'static) -> Result<Service> {
         reserved::serve(self, handler)
+    }
+
+    /// A snapshot of what this engine has done and has in flight: per NIC
+    /// and per peer, operations and bytes posted, completions, errors by
+    /// kind, immediates and messages, requests in flight and the oldest's
+    /// age, expiries; request completion times by kind (see
+    /// [`stats::EngineStats`], and its `table` and `prometheus` renderings).
+    /// The counters cost the worker a few integer adds per operation; the
+    /// snapshot is a round trip to it.
+    pub fn stats(&self) -> Result<stats::EngineStats> {
+        if self.shared.link.on_worker() {
+            return Err(Error::WouldDeadlock("taking a stats snapshot"));
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.shared.link.send(Command::Stats { reply: tx })?;
+        let mut s = rx.recv().map_err(|_| Error::Shutdown)?;
+        let labels = self.shared.labels.lock().unwrap_or_else(|e| e.into_inner());
+        for p in &mut s.peers {
+            p.label = labels.get(&p.address).cloned();
+        }
+        Ok(s)
+    }
+
+    /// Names `peer` in [`stats`](Self::stats) (e.g. `"decode-3"`).
+    pub fn label_peer(&self, peer: &EngineAddress, label: impl Into<String>) {
+        self.shared.labels.lock().unwrap_or_else(|e| e.into_inner()).insert(peer.clone(), label.into());
     }
 
     /// A zero-length write of [`PING_IMM`](crate::PING_IMM) to the owner of

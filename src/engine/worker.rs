@@ -15,6 +15,7 @@ use super::completion::PartGuard;
 use super::imm::ImmTable;
 use super::link::Link;
 use super::memory::{AlignedBuf, MrInner, Owner};
+use super::stats::{error_kind, EngineStats, ErrorCounts, Latency, NicStats, OpCounts, PeerStats};
 use crate::address::EngineAddress;
 use crate::backend::{Event, Nic, NicRegion, Op, OpKind, Posted};
 use crate::descriptor::{Access, MrDesc};
@@ -79,6 +80,10 @@ pub(crate) enum Command {
         id: u64,
         memory: Option<Owner>,
         done: Option<Sender<()>>,
+    },
+    /// A snapshot of the counters (`TransferEngine::stats`).
+    Stats {
+        reply: Sender<EngineStats>,
     },
     Shutdown,
 }
@@ -172,6 +177,8 @@ struct Active {
     diagnosing: bool,
     /// The verdict came (or its window closed): do not ask again.
     diagnosed: bool,
+    /// Bytes posted so far (for the debug trace of its outcome).
+    bytes: u64,
 }
 
 /// One question to a region's owner, and the failed requests waiting on it.
@@ -221,6 +228,22 @@ struct Peer {
     remote_nics: usize,
     /// `fi_addr` of remote NIC `r` in local NIC `l`'s AV at `l * remote_nics + r`.
     addrs: Vec<u64>,
+    address: EngineAddress,
+    stats: PeerCounters,
+}
+
+/// A peer's counters (see `stats::PeerStats`), the worker's alone.
+#[derive(Default)]
+struct PeerCounters {
+    posted: OpCounts,
+    bytes_posted: u64,
+    imms_out: u64,
+    completed: u64,
+    errors: ErrorCounts,
+    requests_ok: u64,
+    requests_failed: u64,
+    expired: u64,
+    resets: u64,
 }
 
 struct RecvPool {
@@ -268,6 +291,9 @@ pub(crate) struct Worker<N: Nic> {
     ready: VecDeque<usize>,
     peers: Vec<Peer>,
     peer_index: HashMap<EngineAddress, usize>,
+    /// Per NIC, written by the worker alone (see `stats`).
+    nic_stats: Vec<NicStats>,
+    latency: Latency,
     regions: HashMap<u64, Vec<NicRegion>>,
     next_region: u64,
     /// Whether failed writes and reads ask the owner about their key (the
@@ -309,6 +335,7 @@ impl<N: Nic> Worker<N> {
         services: Arc<super::reserved::Services>,
         config: WorkerConfig,
     ) -> Self {
+        let nic_count = nics.len();
         let now = Instant::now();
         let diagnose = !nics.iter().all(|n| n.reports_rejected_keys());
         let control = nics.iter().map(|_| None).collect();
@@ -336,6 +363,8 @@ impl<N: Nic> Worker<N> {
             ready: VecDeque::new(),
             peers: Vec::new(),
             peer_index: HashMap::new(),
+            nic_stats: vec![NicStats::default(); nic_count],
+            latency: Latency::default(),
             regions: HashMap::new(),
             next_region: 1,
             pools: Vec::new(),
@@ -435,7 +464,29 @@ impl<N: Nic> Worker<N> {
         }
         busy |= self.pump();
         for nic in 0..self.nics.len() {
+            let before = self.events.len();
             self.nics[nic].poll(&mut self.events);
+            if self.events.len() > before {
+                let counters = &mut self.nic_stats[nic];
+                for event in &self.events[before..] {
+                    match event {
+                        Event::Done { .. } => counters.completed += 1,
+                        Event::Failed { error, .. } => {
+                            counters.completed += 1;
+                            counters.errors.0[error_kind(error)] += 1;
+                        }
+                        Event::Imm { .. } => counters.imms_in += 1,
+                        Event::Received { message, imm, .. } => {
+                            if *message {
+                                counters.messages_in += 1;
+                            } else if imm.is_some() {
+                                counters.imms_in += 1;
+                            }
+                        }
+                        Event::ReceiveFailed { error, .. } => counters.errors.0[error_kind(error)] += 1,
+                    }
+                }
+            }
         }
         if !self.events.is_empty() {
             busy = true;
@@ -487,6 +538,7 @@ impl<N: Nic> Worker<N> {
             }
             a.seq.abort();
             a.retry = None;
+            self.peers[a.peer].stats.expired += 1;
             expired.push(index);
             if !stuck.contains(&a.peer) {
                 stuck.push(a.peer);
@@ -494,6 +546,7 @@ impl<N: Nic> Worker<N> {
         }
         // Let the NICs route later requests around what is stuck (shm).
         for peer in stuck {
+            self.peers[peer].stats.resets += 1;
             let Peer { remote_nics, addrs, .. } = &self.peers[peer];
             for (l, nic) in self.nics.iter_mut().enumerate() {
                 for &addr in &addrs[l * remote_nics..(l + 1) * remote_nics] {
@@ -538,6 +591,55 @@ impl<N: Nic> Worker<N> {
         })
     }
 
+    /// The counters, and what is in flight now.
+    fn stats(&self) -> EngineStats {
+        let now = Instant::now();
+        let mut in_flight = vec![(0u64, None::<Duration>); self.peers.len()];
+        let (mut total, mut oldest) = (0u64, None::<Duration>);
+        for a in self.active.iter().flatten() {
+            if a.guard.is_none() {
+                continue;
+            }
+            let age = now.saturating_duration_since(a.since);
+            let slot = &mut in_flight[a.peer];
+            slot.0 += 1;
+            slot.1 = Some(slot.1.map_or(age, |o| o.max(age)));
+            total += 1;
+            oldest = Some(oldest.map_or(age, |o: Duration| o.max(age)));
+        }
+        let peers = self
+            .peers
+            .iter()
+            .zip(in_flight)
+            .map(|(p, (n, age))| {
+                let c = &p.stats;
+                PeerStats {
+                    address: p.address.clone(),
+                    label: None,
+                    posted: c.posted,
+                    bytes_posted: c.bytes_posted,
+                    imms_out: c.imms_out,
+                    completed: c.completed,
+                    errors: c.errors,
+                    requests_ok: c.requests_ok,
+                    requests_failed: c.requests_failed,
+                    in_flight: n,
+                    oldest_in_flight: age,
+                    expired: c.expired,
+                    resets: c.resets,
+                }
+            })
+            .collect();
+        EngineStats {
+            nics: self.nic_stats.clone(),
+            peers,
+            in_flight: total,
+            oldest_in_flight: oldest,
+            latency: self.latency.clone(),
+            receive_buffers: self.recv.count,
+        }
+    }
+
     fn handle(&mut self, command: Command) {
         match command {
             Command::Submit(s) => self.submit(s),
@@ -560,6 +662,9 @@ impl<N: Nic> Worker<N> {
                 if let Some(done) = done {
                     let _ = done.send(());
                 }
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(self.stats());
             }
             Command::Shutdown => self.stopping = true,
         }
@@ -609,7 +714,13 @@ impl<N: Nic> Worker<N> {
             }
         }
         tracing::debug!(peer = %address, remote_nics, "peer inserted");
-        self.peers.push(Peer { last_progress: self.now, remote_nics, addrs });
+        self.peers.push(Peer {
+            last_progress: self.now,
+            remote_nics,
+            addrs,
+            address: address.clone(),
+            stats: PeerCounters::default(),
+        });
         self.peer_index.insert(address.clone(), self.peers.len() - 1);
         Ok(self.peers.len() - 1)
     }
@@ -637,6 +748,7 @@ impl<N: Nic> Worker<N> {
             data_pieces,
             diagnosing: false,
             diagnosed: false,
+            bytes: 0,
         };
         let index = match self.free.pop() {
             Some(i) => {
@@ -685,21 +797,21 @@ impl<N: Nic> Worker<N> {
         let local_nics = self.nics.len();
         let Some(a) = self.active[index].as_mut() else { return (0, false) };
         a.queued = false;
-        let peer = &self.peers[a.peer];
+        let remote_nics = self.peers[a.peer].remote_nics;
         let mut posted = 0;
         let mut busy = false;
         while let Some(i) = a.seq.next_to_post() {
             let piece = match a.retry.take() {
                 Some(p) => p,
                 None if i == a.data_pieces => {
-                    let (local_nic, remote_nic) = crate::plan::nic_pair(i, index, local_nics, peer.remote_nics);
+                    let (local_nic, remote_nic) = crate::plan::nic_pair(i, index, local_nics, remote_nics);
                     Piece { local_nic, remote_nic, src_offset: 0, dst_offset: 0, len: 0, rows: Rows::ONE }
                 }
-                None => a.op.piece(i, local_nics, peer.remote_nics),
+                None => a.op.piece(i, local_nics, remote_nics),
             };
             let last = a.seq.is_last(i);
             let imm = a.op.imm();
-            let fi_addr = peer.addrs[piece.local_nic * peer.remote_nics + piece.remote_nic];
+            let fi_addr = self.peers[a.peer].addrs[piece.local_nic * remote_nics + piece.remote_nic];
             if self.busy_paths.contains(&(piece.local_nic, fi_addr)) {
                 // That path refused a post this round: retrying now would
                 // only take the provider's locks again (shm: the peer's).
@@ -710,7 +822,7 @@ impl<N: Nic> Worker<N> {
             // Delivery-complete on every data piece, or, where the path
             // applies operations in order, on the last one only (see
             // `Nic::in_order_delivery`).
-            let in_order = local_nics == 1 && peer.remote_nics == 1 && self.nics[0].in_order_delivery();
+            let in_order = local_nics == 1 && remote_nics == 1 && self.nics[0].in_order_delivery();
             let delivery = !in_order || i + 1 >= a.data_pieces;
             let op = build_op(&a.op, &piece, fi_addr, if last { imm } else { None }, index as u64, delivery);
             // SAFETY: the op's local buffer lies in a region held by
@@ -720,8 +832,25 @@ impl<N: Nic> Worker<N> {
                 Ok(Posted::Accepted) => {
                     a.seq.posted();
                     posted += 1;
+                    let bytes = op.len * u64::from(op.rows.count.max(1));
+                    a.bytes += bytes;
+                    let (n, p) = (&mut self.nic_stats[piece.local_nic], &mut self.peers[a.peer].stats);
+                    let (nk, pk) = match op.kind {
+                        OpKind::Write => (&mut n.posted.writes, &mut p.posted.writes),
+                        OpKind::Read => (&mut n.posted.reads, &mut p.posted.reads),
+                        OpKind::Send => (&mut n.posted.sends, &mut p.posted.sends),
+                    };
+                    *nk += 1;
+                    *pk += 1;
+                    n.bytes_posted += bytes;
+                    p.bytes_posted += bytes;
+                    if op.imm.is_some() {
+                        n.imms_out += 1;
+                        p.imms_out += 1;
+                    }
                 }
                 Ok(Posted::Busy) => {
+                    self.nic_stats[piece.local_nic].busy += 1;
                     a.retry = Some(piece);
                     busy = true;
                     self.busy_paths.push((piece.local_nic, fi_addr));
@@ -753,7 +882,11 @@ impl<N: Nic> Worker<N> {
         if a.seq.outcome().is_some() {
             self.finish(index);
         } else if let Some(guard) = a.guard.take() {
-            guard.finish(a.error.take().map_or(Ok(()), Err));
+            let result = a.error.take().map_or(Ok(()), Err);
+            let a = self.active[index].take().expect("looked at above");
+            self.record_outcome(index, &a, &result);
+            self.active[index] = Some(a);
+            guard.finish(result);
         }
     }
 
@@ -770,8 +903,35 @@ impl<N: Nic> Worker<N> {
             None => Ok(()),
         };
         if let Some(guard) = a.guard.take() {
+            self.record_outcome(index, &a, &result);
             guard.finish(result);
         }
+    }
+
+    /// Counts a request's outcome, the moment the user gets it, and traces
+    /// it at debug level.
+    fn record_outcome(&mut self, index: usize, a: &Active, result: &Result<()>) {
+        let peer = &mut self.peers[a.peer];
+        if result.is_ok() {
+            peer.stats.requests_ok += 1;
+        } else {
+            peer.stats.requests_failed += 1;
+        }
+        let took = Instant::now().saturating_duration_since(a.since);
+        match &a.op {
+            RequestOp::Read { .. } | RequestOp::Strided { read: true, .. } => self.latency.read.record(took),
+            RequestOp::Send { .. } => self.latency.send.record(took),
+            _ => self.latency.write.record(took),
+        }
+        tracing::debug!(
+            target: "strait::request",
+            slot = index,
+            peer = %peer.address,
+            bytes = a.bytes,
+            us = took.as_micros() as u64,
+            outcome = ?result,
+            "request ended"
+        );
     }
 
     fn on_event(&mut self, event: Event) {
@@ -1056,6 +1216,11 @@ impl<N: Nic> Worker<N> {
             return;
         };
         let ok = error.is_none();
+        let counters = &mut self.peers[a.peer].stats;
+        counters.completed += 1;
+        if let Some(e) = &error {
+            counters.errors.0[error_kind(e)] += 1;
+        }
         if let Some(e) = error {
             // The first error wins, except that a rejected key is the root
             // cause of the errors that follow it (the tcp provider drops the
