@@ -797,6 +797,46 @@ impl TransferEngine {
         Ok(ImmCounter::new(counter, count))
     }
 
+    /// A snapshot of what the engine has done and has in flight, as a dict:
+    /// `nics` (per NIC: `posted` {writes, reads, sends}, `bytes_posted`,
+    /// `busy`, `completed`, `errors` {kind: count}, `imms_out`, `imms_in`,
+    /// `messages_in`), `peers` (per peer: `address` (hex), `label`,
+    /// `posted`, `bytes_posted`, `imms_out`, `completed`, `errors`,
+    /// `requests_ok`, `requests_failed`, `in_flight`, `oldest_in_flight`
+    /// (seconds or None), `expired`, `resets`), `in_flight`,
+    /// `oldest_in_flight`, `latency` (per kind write/read/send: `count`,
+    /// `mean`, `p50`, `p90`, `p99`, `max`, in seconds), `receive_buffers`.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let engine = self.engine(py)?;
+        let s = py.detach(|| engine.stats()).py(py)?;
+        crate::stats::to_dict(py, &s)
+    }
+
+    /// The snapshot as text: `"table"` (one line per NIC and peer, and the
+    /// latency percentiles) or `"prometheus"` (the text exposition format,
+    /// metric names prefixed with `prefix`).
+    #[pyo3(signature = (format="table", prefix="strait"))]
+    fn stats_text(&self, py: Python<'_>, format: &str, prefix: &str) -> PyResult<String> {
+        let engine = self.engine(py)?;
+        let s = py.detach(|| engine.stats()).py(py)?;
+        match format {
+            "table" => Ok(s.table()),
+            "prometheus" => Ok(s.prometheus(prefix)),
+            other => Err(raise(
+                py,
+                "InvalidRequestError",
+                format!("format must be \"table\" or \"prometheus\", not {other:?}"),
+            )),
+        }
+    }
+
+    /// Names the engine at `peer` (an address) in `stats()`.
+    fn label_peer(&self, py: Python<'_>, peer: &Bound<'_, PyAny>, label: &str) -> PyResult<()> {
+        let peer = address(peer)?;
+        self.engine(py)?.label_peer(&peer, label);
+        Ok(())
+    }
+
     /// Stops the engine: requests in flight end with `strait.ShutdownError`,
     /// and later calls raise it. Idempotent; returns once the worker has
     /// stopped.

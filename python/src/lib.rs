@@ -18,6 +18,7 @@ mod export;
 mod handles;
 mod kv;
 mod moe;
+mod stats;
 
 /// The providers strait can open here, and why the others cannot be: a list
 /// of `(name, available, detail)`.

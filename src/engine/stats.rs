@@ -91,7 +91,9 @@ pub struct PeerStats {
     pub address: EngineAddress,
     /// The user's name for it.
     pub label: Option<String>,
-    /// Operations posted to it.
+    /// Operations posted to it (counted when their request ends, like the
+    /// bytes and immediates: the per-operation path touches only the NIC's
+    /// counters).
     pub posted: OpCounts,
     /// Bytes posted to it.
     pub bytes_posted: u64,

@@ -177,8 +177,10 @@ struct Active {
     diagnosing: bool,
     /// The verdict came (or its window closed): do not ask again.
     diagnosed: bool,
-    /// Bytes posted so far (for the debug trace of its outcome).
+    /// Bytes and operations posted so far (counted per peer at the end).
     bytes: u64,
+    ops: u32,
+    imm_posted: bool,
 }
 
 /// One question to a region's owner, and the failed requests waiting on it.
@@ -749,6 +751,8 @@ impl<N: Nic> Worker<N> {
             diagnosing: false,
             diagnosed: false,
             bytes: 0,
+            ops: 0,
+            imm_posted: false,
         };
         let index = match self.free.pop() {
             Some(i) => {
@@ -832,22 +836,19 @@ impl<N: Nic> Worker<N> {
                 Ok(Posted::Accepted) => {
                     a.seq.posted();
                     posted += 1;
+                    // Per NIC here; per peer once, when the request ends.
                     let bytes = op.len * u64::from(op.rows.count.max(1));
                     a.bytes += bytes;
-                    let (n, p) = (&mut self.nic_stats[piece.local_nic], &mut self.peers[a.peer].stats);
-                    let (nk, pk) = match op.kind {
-                        OpKind::Write => (&mut n.posted.writes, &mut p.posted.writes),
-                        OpKind::Read => (&mut n.posted.reads, &mut p.posted.reads),
-                        OpKind::Send => (&mut n.posted.sends, &mut p.posted.sends),
-                    };
-                    *nk += 1;
-                    *pk += 1;
-                    n.bytes_posted += bytes;
-                    p.bytes_posted += bytes;
-                    if op.imm.is_some() {
-                        n.imms_out += 1;
-                        p.imms_out += 1;
+                    a.ops += 1;
+                    let n = &mut self.nic_stats[piece.local_nic];
+                    match op.kind {
+                        OpKind::Write => n.posted.writes += 1,
+                        OpKind::Read => n.posted.reads += 1,
+                        OpKind::Send => n.posted.sends += 1,
                     }
+                    n.bytes_posted += bytes;
+                    n.imms_out += u64::from(op.imm.is_some());
+                    a.imm_posted |= op.imm.is_some();
                 }
                 Ok(Posted::Busy) => {
                     self.nic_stats[piece.local_nic].busy += 1;
@@ -912,26 +913,30 @@ impl<N: Nic> Worker<N> {
     /// it at debug level.
     fn record_outcome(&mut self, index: usize, a: &Active, result: &Result<()>) {
         let peer = &mut self.peers[a.peer];
+        let c = &mut peer.stats;
         if result.is_ok() {
-            peer.stats.requests_ok += 1;
+            c.requests_ok += 1;
         } else {
-            peer.stats.requests_failed += 1;
+            c.requests_failed += 1;
         }
-        let took = Instant::now().saturating_duration_since(a.since);
+        let ops = u64::from(a.ops);
+        match &a.op {
+            RequestOp::Read { .. } | RequestOp::Strided { read: true, .. } => c.posted.reads += ops,
+            RequestOp::Send { .. } => c.posted.sends += ops,
+            _ => c.posted.writes += ops,
+        }
+        c.bytes_posted += a.bytes;
+        // Every request with an immediate delivers it once, if it posted.
+        c.imms_out += u64::from(a.imm_posted);
+        let took = self.now.saturating_duration_since(a.since);
         match &a.op {
             RequestOp::Read { .. } | RequestOp::Strided { read: true, .. } => self.latency.read.record(took),
             RequestOp::Send { .. } => self.latency.send.record(took),
             _ => self.latency.write.record(took),
         }
-        tracing::debug!(
-            target: "strait::request",
-            slot = index,
-            peer = %peer.address,
-            bytes = a.bytes,
-            us = took.as_micros() as u64,
-            outcome = ?result,
-            "request ended"
-        );
+        if tracing::enabled!(target: "strait::request", tracing::Level::DEBUG) {
+            trace_outcome(index, &peer.address, a.bytes, took, result);
+        }
     }
 
     fn on_event(&mut self, event: Event) {
@@ -1286,6 +1291,21 @@ impl<N: Nic> Worker<N> {
             }
         }
     }
+}
+
+/// The debug trace of one request's outcome, out of the hot path.
+#[cold]
+#[inline(never)]
+fn trace_outcome(slot: usize, peer: &EngineAddress, bytes: u64, took: Duration, result: &Result<()>) {
+    tracing::debug!(
+        target: "strait::request",
+        slot,
+        peer = %peer,
+        bytes,
+        us = took.as_micros() as u64,
+        outcome = ?result,
+        "request ended"
+    );
 }
 
 fn recv_slot(token: u64) -> (usize, usize) {

@@ -84,6 +84,8 @@ pub struct Plan {
     pub progress: bool,
     /// The `kv` workload's request.
     pub kv: crate::kv::KvSpec,
+    /// Take the engine's stats after the run.
+    pub stats: bool,
 }
 
 impl Plan {
@@ -270,7 +272,15 @@ impl Client {
             repeat: self.plan.repeat,
             poll: self.poll.clone(),
             rows: self.rows,
+            stats: None,
+            stats_table: None,
         };
+        let mut report = report;
+        if self.plan.stats {
+            let s = self.engine.stats().map_err(|e| format!("engine stats: {e}"))?;
+            report.stats = Some(crate::report::stats_json(&s));
+            report.stats_table = Some(s.table());
+        }
         self.ch.send(&Msg::Report { report: Box::new(report.clone()) })?;
         self.ch.send(&Msg::Bye)?;
         Ok(report)

@@ -196,6 +196,10 @@ struct RunArgs {
     /// kv: submit all layers at once instead of layer by layer.
     #[arg(long)]
     kv_whole: bool,
+    /// Print the client engine's stats (per NIC and peer counters,
+    /// request latency percentiles) after the run, and put them in the JSON.
+    #[arg(long)]
+    stats: bool,
 }
 
 /// How to open an engine (and the raw baseline's endpoints).
@@ -274,6 +278,7 @@ impl RunArgs {
             tcp: has("tcp"),
             tcp_streams: self.tcp_streams.unwrap_or(nics.max(2)),
             progress: !self.no_progress,
+            stats: self.stats,
             kv: {
                 let (p, d) = self.tp.split_once(':').ok_or("--tp is P:D, e.g. 2:1")?;
                 let parse = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("bad --tp {:?}", self.tp));
@@ -291,6 +296,9 @@ impl RunArgs {
 
     fn output(&self, report: &Report) -> Result<(), String> {
         print!("{}", report.tables());
+        if let Some(table) = &report.stats_table {
+            print!("\n== engine stats (client)\n{table}");
+        }
         if let Some(path) = &self.json {
             let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
             std::fs::write(path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))?;

@@ -101,6 +101,12 @@ pub struct Report {
     pub poll: String,
     /// The points.
     pub rows: Vec<Row>,
+    /// With `--stats`: the client engine's `stats()` after the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<serde_json::Value>,
+    /// The same, as a table (printed, not serialized).
+    #[serde(skip)]
+    pub stats_table: Option<String>,
 }
 
 fn one() -> u32 {
@@ -426,6 +432,38 @@ fn nice_step(raw: f64) -> f64 {
     [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * p).find(|&v| v >= raw).unwrap_or(10.0 * p)
 }
 
+/// An engine's stats as JSON (the same fields as the Rust snapshot;
+/// durations in seconds).
+pub fn stats_json(s: &strait::stats::EngineStats) -> serde_json::Value {
+    use serde_json::json;
+    use strait::stats::{ErrorCounts, Histogram, OpCounts, ERROR_KINDS};
+    let ops = |o: &OpCounts| json!({"writes": o.writes, "reads": o.reads, "sends": o.sends});
+    let errors = |e: &ErrorCounts| {
+        serde_json::Value::Object(ERROR_KINDS.iter().enumerate().map(|(i, k)| (k.to_string(), json!(e.0[i]))).collect())
+    };
+    let secs = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64());
+    let hist = |h: &Histogram| {
+        json!({"count": h.count(), "mean": secs(h.mean()), "p50": secs(h.percentile(0.5)),
+               "p90": secs(h.percentile(0.9)), "p99": secs(h.percentile(0.99)), "max": secs(h.max())})
+    };
+    json!({
+        "nics": s.nics.iter().map(|n| json!({
+            "posted": ops(&n.posted), "bytes_posted": n.bytes_posted, "busy": n.busy, "completed": n.completed,
+            "errors": errors(&n.errors), "imms_out": n.imms_out, "imms_in": n.imms_in, "messages_in": n.messages_in,
+        })).collect::<Vec<_>>(),
+        "peers": s.peers.iter().map(|p| json!({
+            "address": p.address.to_string(), "label": p.label, "posted": ops(&p.posted), "bytes_posted": p.bytes_posted,
+            "imms_out": p.imms_out, "completed": p.completed, "errors": errors(&p.errors), "requests_ok": p.requests_ok,
+            "requests_failed": p.requests_failed, "in_flight": p.in_flight, "oldest_in_flight": secs(p.oldest_in_flight),
+            "expired": p.expired, "resets": p.resets,
+        })).collect::<Vec<_>>(),
+        "in_flight": s.in_flight,
+        "oldest_in_flight": secs(s.oldest_in_flight),
+        "latency": {"write": hist(&s.latency.write), "read": hist(&s.latency.read), "send": hist(&s.latency.send)},
+        "receive_buffers": s.receive_buffers,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -476,6 +514,8 @@ mod tests {
                     ..row("imm_latency", "strait", 0, 0.0)
                 },
             ],
+            stats: None,
+            stats_table: None,
         }
     }
 

@@ -227,3 +227,35 @@ fn moe_workload_with_its_baseline() {
     let out = Command::new(BIN).args(["moe", "--provider", "tcp", "--ranks", "3", "--experts", "8"]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("multiple"));
 }
+
+#[test]
+fn stats_after_a_run() {
+    let json = temp("stats.json");
+    let args = [
+        "loopback",
+        "--provider",
+        "tcp",
+        "--workloads",
+        "write",
+        "--sizes",
+        "64K",
+        "--baseline",
+        "none",
+        "--stats",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    let mut all = args.to_vec();
+    all.extend(QUICK);
+    let out = run(&all);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("== engine stats (client)") && stdout.contains("write requests:"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let s = &v["stats"];
+    assert!(s["nics"][0]["posted"]["writes"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["in_flight"].as_u64(), Some(0), "{s}");
+    let peer = &s["peers"][0];
+    assert!(peer["requests_ok"].as_u64().unwrap() > 0 && peer["requests_failed"].as_u64() == Some(0), "{peer}");
+    assert!(s["latency"]["write"]["count"].as_u64().unwrap() > 0);
+    let _ = std::fs::remove_file(&json);
+}
