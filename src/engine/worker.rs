@@ -928,7 +928,7 @@ impl<N: Nic> Worker<N> {
         c.bytes_posted += a.bytes;
         // Every request with an immediate delivers it once, if it posted.
         c.imms_out += u64::from(a.imm_posted);
-        let took = self.now.saturating_duration_since(a.since);
+        let took = a.since.elapsed();
         match &a.op {
             RequestOp::Read { .. } | RequestOp::Strided { read: true, .. } => self.latency.read.record(took),
             RequestOp::Send { .. } => self.latency.send.record(took),
