@@ -156,16 +156,24 @@ pub(super) fn retire(address: Box<[u8]>, objects: Box<dyn Send>) {
 /// without pidfds, `kill(pid, 0)`. A post to an exited peer fails with
 /// `PeerUnreachable` without calling into libfabric. (Checking before every
 /// post cost up to a fifth of the submitting thread's time with 4 KiB
-/// writes, whose retries on a full queue each paid the system call.) What
-/// remains is a post already spinning on the lock of a live peer that is
-/// killed within that critical section, or killed during the round.
+/// writes, whose retries on a full queue each paid the system call.) A
+/// round can be long (a request of many pieces that shm takes without
+/// waiting: see `Nic::in_order_delivery`), so the check is also repeated
+/// every [`POSTS_PER_CHECK`] posts to the peer within a round. What remains
+/// is a post already spinning on the lock of a live peer that is killed
+/// within that critical section, or killed between two checks.
 pub(super) struct PeerWatch {
     pid: i32,
     pidfd: Option<std::os::fd::OwnedFd>,
     exited: bool,
     /// The round of posts it was last checked in.
     checked: Option<u64>,
+    /// Posts since the last check.
+    posts: u32,
 }
+
+/// Posts to one peer between two liveness checks within a round.
+const POSTS_PER_CHECK: u32 = 8;
 
 impl PeerWatch {
     /// A watch for the process behind an shm address of strait's naming;
@@ -183,7 +191,7 @@ impl PeerWatch {
             // SAFETY: a fresh descriptor that nothing else owns.
             unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) }
         });
-        Some(PeerWatch { pid, pidfd, exited: false, checked: None })
+        Some(PeerWatch { pid, pidfd, exited: false, checked: None, posts: 0 })
     }
 
     /// The peer's pid.
@@ -191,13 +199,19 @@ impl PeerWatch {
         self.pid
     }
 
-    /// True once the peer's process has exited; checked once per round of
-    /// posts (`round`: the NIC's round counter).
+    /// True once the peer's process has exited; checked at the first post
+    /// of each round of posts (`round`: the NIC's round counter) and every
+    /// [`POSTS_PER_CHECK`] posts after it.
     pub(super) fn exited(&mut self, round: u64) -> bool {
-        if self.exited || self.checked == Some(round) {
-            return self.exited;
+        if self.exited {
+            return true;
+        }
+        if self.checked == Some(round) && self.posts < POSTS_PER_CHECK {
+            self.posts += 1;
+            return false;
         }
         self.checked = Some(round);
+        self.posts = 0;
         self.exited = match &self.pidfd {
             Some(fd) => {
                 let mut p = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(fd), events: libc::POLLIN, revents: 0 };
