@@ -232,6 +232,8 @@ pub(crate) struct NicObjects {
     in_order: bool,
     /// See [`Nic::max_rows`].
     max_rows: u32,
+    /// The efa provider (its own error codes: see `completion_error`).
+    efa: bool,
     slots: Slots,
     entries: Box<[sys::fi_cq_data_entry; CQ_BATCH]>,
 }
@@ -347,6 +349,7 @@ impl NicObjects {
                 wait_fd,
                 delivery_complete: true,
                 in_order: info::provider_name(info) == "shm",
+                efa: info::provider_name(info) == "efa",
                 max_rows: {
                     let tx = &*(*info).tx_attr;
                     tx.iov_limit.min(tx.rma_iov_limit).clamp(1, MAX_ROWS) as u32
@@ -365,16 +368,19 @@ impl NicObjects {
         }
     }
 
-    fn read_error(&mut self, events: &mut Vec<Event>) {
+    /// Reads one error entry; false when there was none to read (then the
+    /// caller stops polling this turn instead of spinning on `FI_EAVAIL`).
+    fn read_error(&mut self, events: &mut Vec<Event>) -> bool {
         // SAFETY: zeroed is a valid fi_cq_err_entry (err_data null, size 0).
         let mut err: sys::fi_cq_err_entry = unsafe { std::mem::zeroed() };
         // SAFETY: the CQ is live; err is a valid out-buffer.
         let rc = unsafe { fi::fi_cq_readerr(self.cq.as_ptr(), &mut err, 0) };
         if rc < 0 {
-            return;
+            tracing::warn!(rc, "fi_cq_readerr failed after FI_EAVAIL");
+            return false;
         }
         let message = self.cq_strerror(&err);
-        let error = completion_error(&err, message);
+        let error = completion_error(&err, message, self.efa);
         match self.slots.lookup(err.op_context) {
             Some((token, rx)) => {
                 self.slots.give_back(err.op_context);
@@ -382,6 +388,7 @@ impl NicObjects {
             }
             None => tracing::warn!(%error, "completion error with no operation attached"),
         }
+        true
     }
 
     fn cq_strerror(&self, err: &sys::fi_cq_err_entry) -> String {
@@ -428,7 +435,11 @@ unsafe fn open_endpoint(
 }
 
 /// Maps a CQ error entry to the engine's error kinds.
-fn completion_error(err: &sys::fi_cq_err_entry, message: String) -> Error {
+/// The engine's error for a failed completion. `efa`: the NIC is on the
+/// efa provider, whose device errors come as `prov_errno` values of its own
+/// (`efa_errno.h`): 7 (`REMOTE_ERROR_BAD_ADDRESS`, a bad or revoked key)
+/// is reported with `FI_EINVAL`.
+fn completion_error(err: &sys::fi_cq_err_entry, message: String, efa: bool) -> Error {
     let code = err.err;
     let op = if err.flags & sys::FI_READ as u64 != 0 {
         "read"
@@ -441,9 +452,15 @@ fn completion_error(err: &sys::fi_cq_err_entry, message: String) -> Error {
     };
     let detail = || format!("{op}: {message} (errno {code}, provider errno {})", err.prov_errno);
     match code as u32 {
-        sys::FI_ECONNREFUSED | sys::FI_ECONNRESET | sys::FI_ENOTCONN | sys::FI_EHOSTUNREACH | sys::FI_ETIMEDOUT => {
-            Error::PeerUnreachable(detail())
-        }
+        // ECONNABORTED: EFA's aborted or unresponsive peer (prov_errno 8,
+        // 13, 4124, 4126), and any provider's torn-down connection.
+        sys::FI_ECONNREFUSED
+        | sys::FI_ECONNRESET
+        | sys::FI_ECONNABORTED
+        | sys::FI_ENOTCONN
+        | sys::FI_EHOSTUNREACH
+        | sys::FI_ETIMEDOUT => Error::PeerUnreachable(detail()),
+        sys::FI_EINVAL if efa && err.prov_errno == 7 => Error::RemoteAccess(detail()),
         c if c == libc::EPIPE as u32 => Error::PeerUnreachable(detail()),
         sys::FI_EACCES | sys::FI_EKEYREJECTED => Error::RemoteAccess(detail()),
         // libfabric 1.17 tcp: the target found no registration for the key
@@ -766,8 +783,13 @@ impl Nic for FabricNic {
             // of the DATA format the CQ was opened with.
             let rc = unsafe { fi::fi_cq_read(self.cq.as_ptr(), self.entries.as_mut_ptr().cast(), CQ_BATCH) };
             if rc == -(sys::FI_EAVAIL as isize) {
-                self.read_error(events);
-                continue;
+                if self.read_error(events) {
+                    continue;
+                }
+                break;
+            }
+            if rc < 0 && rc != -(sys::FI_EAGAIN as isize) {
+                tracing::warn!(rc, "fi_cq_read failed");
             }
             if rc <= 0 {
                 break;
@@ -810,5 +832,47 @@ impl Nic for FabricNic {
         let mut fid = self.cq.fid();
         // SAFETY: the fabric and CQ are live; fids points at one fid.
         unsafe { fi::fi_trywait(self.fabric.as_ptr(), &mut fid, 1) == 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(err: u32, prov_errno: i32, flags: u64) -> sys::fi_cq_err_entry {
+        // SAFETY: zeroed is a valid fi_cq_err_entry.
+        let mut e: sys::fi_cq_err_entry = unsafe { std::mem::zeroed() };
+        e.err = err as i32;
+        e.prov_errno = prov_errno;
+        e.flags = flags;
+        e
+    }
+
+    /// The errno table, including EFA's codes (`efa_errno.h`).
+    #[test]
+    fn completion_errors_map_by_kind() {
+        let map = |err, prov, efa| completion_error(&entry(err, prov, 0), String::new(), efa);
+        for code in [
+            sys::FI_ECONNREFUSED,
+            sys::FI_ECONNRESET,
+            sys::FI_ECONNABORTED,
+            sys::FI_ENOTCONN,
+            sys::FI_EHOSTUNREACH,
+            sys::FI_ETIMEDOUT,
+        ] {
+            assert!(matches!(map(code, 0, false), Error::PeerUnreachable(_)), "{code}");
+            assert!(matches!(map(code, 8, true), Error::PeerUnreachable(_)), "{code} on efa");
+        }
+        assert!(matches!(map(sys::FI_EINVAL, 7, true), Error::RemoteAccess(_)), "EFA's bad key");
+        assert!(matches!(map(sys::FI_EINVAL, 7, false), Error::Transport { .. }), "EINVAL elsewhere is not a key");
+        assert!(matches!(map(sys::FI_EINVAL, 3, true), Error::Transport { .. }));
+        assert!(matches!(map(sys::FI_EACCES, 0, false), Error::RemoteAccess(_)));
+        assert!(
+            matches!(map(libc::ECANCELED as u32, libc::ENOENT, false), Error::RemoteAccess(_)),
+            "tcp's revoked key"
+        );
+        assert!(matches!(map(libc::EPIPE as u32, 0, false), Error::PeerUnreachable(_)));
+        let read = completion_error(&entry(sys::FI_EIO, 0, sys::FI_READ as u64), "boom".into(), false);
+        assert!(matches!(read, Error::Transport { op: "read", .. }), "{read:?}");
     }
 }
