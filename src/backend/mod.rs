@@ -188,6 +188,11 @@ pub(crate) trait Nic: Send {
     fn max_rows(&self) -> u32 {
         1
     }
+    /// The largest operation (bytes) the NIC takes: the engine's pieces are
+    /// never longer. Unlimited by default.
+    fn max_piece(&self) -> u64 {
+        u64::MAX
+    }
     /// The engine gave up on operations to `peer` (an [`Op::peer`] value):
     /// its requests expired without progress. A NIC whose transport can
     /// leave later operations queued behind ones that will never complete

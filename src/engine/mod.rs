@@ -290,6 +290,12 @@ impl EngineBuilder {
         let address = EngineAddress::new(kind, nics.iter().map(|n| n.address().into()).collect());
         let virtual_addresses = nics[0].virtual_addresses();
         let max_rows = nics.iter().map(|n| n.max_rows()).min().unwrap_or(1).max(1);
+        // Pieces never longer than the smallest NIC takes (the transport's
+        // own limit, e.g. EFA's largest RDMA), whatever ShardConfig says.
+        let max_piece = nics.iter().map(|n| n.max_piece()).min().unwrap_or(u64::MAX).max(1);
+        let mut shard = self.shard;
+        shard.max_piece = shard.max_piece.min(max_piece);
+        shard.min_piece = shard.min_piece.min(shard.max_piece);
         let nic_count = nics.len();
         let (link, commands) = Link::new()?;
         let link = Arc::new(link);
@@ -336,7 +342,7 @@ impl EngineBuilder {
                 virtual_addresses,
                 max_rows,
                 imm,
-                shard: self.shard,
+                shard,
                 rotation: AtomicUsize::new(0),
                 messages: message_queue,
                 imm_queue: self.imm_queue,

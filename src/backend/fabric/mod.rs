@@ -232,6 +232,8 @@ pub(crate) struct NicObjects {
     in_order: bool,
     /// See [`Nic::max_rows`].
     max_rows: u32,
+    /// See [`Nic::max_piece`]: the endpoint's `max_msg_size`.
+    max_msg: u64,
     /// The efa provider (its own error codes: see `completion_error`).
     efa: bool,
     slots: Slots,
@@ -350,6 +352,10 @@ impl NicObjects {
                 delivery_complete: true,
                 in_order: info::provider_name(info) == "shm",
                 efa: info::provider_name(info) == "efa",
+                max_msg: match (*(*info).ep_attr).max_msg_size as u64 {
+                    0 => u64::MAX,
+                    n => n,
+                },
                 max_rows: {
                     let tx = &*(*info).tx_attr;
                     tx.iov_limit.min(tx.rma_iov_limit).clamp(1, MAX_ROWS) as u32
@@ -746,6 +752,12 @@ impl Nic for FabricNic {
     /// 1), at most [`MAX_ROWS`].
     fn max_rows(&self) -> u32 {
         self.objects.max_rows
+    }
+
+    /// The endpoint's `max_msg_size` (EFA: its largest RDMA; a user
+    /// `ShardConfig::max_piece` above it would fail on the device).
+    fn max_piece(&self) -> u64 {
+        self.objects.max_msg
     }
 
     /// shm: libfabric 1.17's shm completes a transmit endpoint's operations

@@ -731,6 +731,11 @@ impl Nic for VerbsNic {
         true
     }
 
+    /// The port's `max_msg_sz`.
+    fn max_piece(&self) -> u64 {
+        self.caps.max_msg
+    }
+
     unsafe fn register(&mut self, addr: *mut u8, len: u64, access: Access) -> Result<NicRegion> {
         let mut flags = sys::ibv_access_flags_IBV_ACCESS_LOCAL_WRITE;
         if access.remote_write {
@@ -822,6 +827,8 @@ impl Nic for VerbsNic {
             }
         }
         if op.len > self.caps.max_msg {
+            // The engine keeps its pieces within `max_piece`; a longer one
+            // here is a bug or a message the caller sized.
             return Err(Error::InvalidRequest(format!(
                 "a {}-byte piece exceeds the port's maximum message of {} bytes (lower ShardConfig::max_piece)",
                 op.len, self.caps.max_msg
