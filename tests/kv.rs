@@ -396,25 +396,42 @@ fn kv_sender_process() {
     std::thread::sleep(Duration::from_secs(60));
 }
 
-fn killed_sender(provider: Provider, name: &str) {
-    use std::io::{BufRead, BufReader, Write};
+/// Runs the test `test` of this binary as a child process with `env=value`,
+/// its stdin and stdout piped.
+fn child_test(
+    test: &str,
+    env: &str,
+    value: &str,
+) -> (std::process::Child, std::io::BufReader<std::process::ChildStdout>) {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "kv_sender_process", "--nocapture", "--test-threads=1"])
-        .env("STRAIT_KV_SENDER", name)
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(env, value)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    (child, out)
+}
+
+/// What follows `tag` on the child's next line that has it (the harness
+/// may print "test ... " first on the same line).
+fn read_tagged(out: &mut impl std::io::BufRead, tag: &str) -> String {
     let mut line = String::new();
-    let sender = loop {
+    loop {
         line.clear();
         out.read_line(&mut line).unwrap();
         assert!(!line.is_empty(), "the sender process exited early");
-        if let Some(at) = line.find("KVDESC ") {
-            break line[at + 7..].trim().parse::<KvCacheDesc>().unwrap();
+        if let Some(at) = line.find(tag) {
+            return line[at + tag.len()..].trim().to_string();
         }
-    };
+    }
+}
+
+fn killed_sender(provider: Provider, name: &str) {
+    use std::io::Write;
+    let (mut child, mut out) = child_test("kv_sender_process", "STRAIT_KV_SENDER", name);
+    let sender: KvCacheDesc = read_tagged(&mut out, "KVDESC ").parse().unwrap();
     // The bound on a dead sender is the heartbeat plus the engine's request
     // timeout (the ping's); 2 s here.
     let (healthy, _) = pair(provider);
@@ -431,14 +448,7 @@ fn killed_sender(provider: Provider, name: &str) {
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "{}", d.descriptor()).unwrap();
     writeln!(stdin, "{}", r.request()).unwrap();
-    loop {
-        line.clear();
-        out.read_line(&mut line).unwrap();
-        assert!(!line.is_empty(), "the sender process exited early");
-        if line.trim().ends_with("sent") {
-            break;
-        }
-    }
+    read_tagged(&mut out, "KVSENT ");
     let start = Instant::now();
     while !r.layer_landed(0) {
         assert!(start.elapsed() < TIMEOUT);
@@ -508,25 +518,9 @@ fn kv_tp_senders_process() {
 /// Prefill TP 2 (NHD, 8-token blocks) in a child process to a decode rank
 /// (HND, 4-token blocks) here: every byte checked against the reference.
 fn two_processes(provider: Provider, name: &str) {
-    use std::io::{BufRead, BufReader, Write};
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "kv_tp_senders_process", "--nocapture", "--test-threads=1"])
-        .env("STRAIT_KV_TP_SENDERS", name)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    let mut senders = Vec::new();
-    while senders.len() < 2 {
-        line.clear();
-        out.read_line(&mut line).unwrap();
-        assert!(!line.is_empty(), "the sender process exited early");
-        if let Some(at) = line.find("KVDESC ") {
-            senders.push(line[at + 7..].trim().parse::<KvCacheDesc>().unwrap());
-        }
-    }
+    use std::io::Write;
+    let (mut child, mut out) = child_test("kv_tp_senders_process", "STRAIT_KV_TP_SENDERS", name);
+    let senders: Vec<KvCacheDesc> = (0..2).map(|_| read_tagged(&mut out, "KVDESC ").parse().unwrap()).collect();
     let decoder = side(provider, 1, 3, 12, 4, HND, 4);
     let d = &decoder.caches[0];
     let tokens = 8 * TWO_PROCESS_BLOCKS.len() as u64 - 3;

@@ -824,37 +824,27 @@ impl TransferEngine {
         self.check_local(local)?;
         let (nics, remote_nics) = (self.shared.nic_count, remote.owner().nic_count());
         let max_piece = self.shared.shard.max_piece;
-        let plan = if read {
+        // The list's source side is where bytes come from: the remote
+        // region for a read, the local one for a write.
+        let (src_base, dst_base, src_len, dst_len) = if read {
             self.check_read_source(remote)?;
-            let (src_len, dst_len) = (remote.len(), local.len());
-            StridedPlan::new(
-                list,
-                remote_base,
-                local_base,
-                src_len,
-                dst_len,
-                self.rotation(),
-                nics,
-                remote_nics,
-                max_piece,
-                self.shared.max_rows,
-            )?
+            (remote_base, local_base, remote.len(), local.len())
         } else {
             self.check_write_target(remote)?;
-            let (src_len, dst_len) = (local.len(), remote.len());
-            StridedPlan::new(
-                list,
-                local_base,
-                remote_base,
-                src_len,
-                dst_len,
-                self.rotation(),
-                nics,
-                remote_nics,
-                max_piece,
-                self.shared.max_rows,
-            )?
+            (local_base, remote_base, local.len(), remote.len())
         };
+        let plan = StridedPlan::new(
+            list,
+            src_base,
+            dst_base,
+            src_len,
+            dst_len,
+            self.rotation(),
+            nics,
+            remote_nics,
+            max_piece,
+            self.shared.max_rows,
+        )?;
         Ok(RequestOp::Strided { local: local.inner.clone(), remote: remote.clone(), plan: Box::new(plan), imm, read })
     }
 

@@ -537,9 +537,7 @@ impl MoeGroup {
             others.iter().copied().filter(|&d| f.next_round[d as usize] < rounds[d as usize]).collect();
         let mut any = false;
         for &d in &owed {
-            let counter = self.counters[FREED][d as usize].as_ref().expect("a counter per other rank");
-            if counter.is_reached() {
-                counter.rearm(1)?;
+            if self.take_event(FREED, d)? {
                 let round = f.next_round[d as usize];
                 self.post_round(f, d, round)?;
                 f.next_round[d as usize] += 1;
@@ -557,15 +555,7 @@ impl MoeGroup {
     fn wait_round(&mut self, f: &mut DispatchInFlight, others: &[u32], rounds: &[u64]) -> Result<()> {
         let mut pending: Vec<u32> = others.to_vec();
         loop {
-            pending.retain(|&s| {
-                let counter = self.counters[DATA][s as usize].as_ref().expect("a counter per other rank");
-                if counter.is_reached() {
-                    let _ = counter.rearm(1);
-                    false
-                } else {
-                    true
-                }
-            });
+            self.take_events(DATA, &mut pending)?;
             if pending.is_empty() {
                 return Ok(());
             }
@@ -626,19 +616,35 @@ impl MoeGroup {
         Ok(())
     }
 
+    /// Consumes `rank`'s next `phase` event if it has arrived (the counter
+    /// is re-armed for the one after).
+    fn take_event(&self, phase: usize, rank: u32) -> Result<bool> {
+        let counter = self.counters[phase][rank as usize].as_ref().expect("a counter per other rank");
+        if !counter.is_reached() {
+            return Ok(false);
+        }
+        counter.rearm(1)?;
+        Ok(true)
+    }
+
+    /// Drops from `pending` the ranks whose `phase` event has arrived.
+    fn take_events(&self, phase: usize, pending: &mut Vec<u32>) -> Result<()> {
+        let mut i = 0;
+        while i < pending.len() {
+            if self.take_event(phase, pending[i])? {
+                pending.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Waits for one `phase` event from each of `ranks`.
     fn wait_events(&mut self, phase: usize, ranks: &[u32], started: Instant) -> Result<()> {
         let mut pending = ranks.to_vec();
         loop {
-            pending.retain(|&s| {
-                let counter = self.counters[phase][s as usize].as_ref().expect("a counter per other rank");
-                if counter.is_reached() {
-                    let _ = counter.rearm(1);
-                    false
-                } else {
-                    true
-                }
-            });
+            self.take_events(phase, &mut pending)?;
             if pending.is_empty() {
                 return Ok(());
             }
