@@ -451,22 +451,6 @@ impl KvCache {
         self.regions.iter().map(|r| r.clone_ref(py)).collect()
     }
 
-    /// Reads `nbytes` of tensor `tensor` at `offset` (for tests and
-    /// engine-allocated caches).
-    fn read_tensor<'py>(
-        &self,
-        py: Python<'py>,
-        tensor: usize,
-        offset: u64,
-        nbytes: u64,
-    ) -> PyResult<Bound<'py, PyBytes>> {
-        let t = self.cache().tensors().get(tensor).ok_or_else(|| {
-            raise(py, "OutOfBoundsError", format!("tensor {tensor} of {}", self.cache().tensors().len()))
-        })?;
-        let bytes = t.to_vec(offset, nbytes).py(py)?;
-        Ok(PyBytes::new(py, &bytes))
-    }
-
     /// Expects a request into this rank's `dst_blocks` (in token order)
     /// from the ranks whose descriptors are `senders` (in rank order).
     /// Push by default: the senders write. With `src_blocks` it is a pull:

@@ -26,7 +26,7 @@ with ``strait.PeerUnreachableError`` naming it; the group then refuses
 further calls (build a new one). The GIL is released during each call.
 """
 
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 from ._strait import MoeGroup as _Group
 from ._strait import MoeHandle as Handle
@@ -127,10 +127,3 @@ class Rank:
         own included."""
         return Group(self._r.connect([bytes(d) for d in descriptors]), self._dtype)
 
-
-def reference_bincount(topk_idx_per_rank: List[Any], experts: int) -> Any:
-    """The global per-expert counts of every rank's ``topk_idx`` (for
-    checking ``counts``)."""
-    np = _np()
-    allidx = np.concatenate([np.asarray(t).reshape(-1) for t in topk_idx_per_rank])
-    return np.bincount(allidx[allidx >= 0], minlength=experts)
