@@ -18,7 +18,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use self::completion::Transfer;
 pub use self::imm::ImmCounter;
@@ -362,9 +362,9 @@ fn receive<T>(link: &Link, queue: Option<&Arc<Mailbox<T>>>, timeout: Duration, m
     if let Some(item) = queue.try_pop() {
         return Ok(item);
     }
-    let deadline = std::time::Instant::now() + timeout;
+    let deadline = Instant::now() + timeout;
     link.drive(&|| queue.has_items(), Some(deadline));
-    queue.pop_timeout(deadline.saturating_duration_since(std::time::Instant::now())).map_err(|e| match e {
+    queue.pop_timeout(deadline.saturating_duration_since(Instant::now())).map_err(|e| match e {
         Error::Timeout(_) => Error::Timeout(timeout),
         e => e,
     })
@@ -640,7 +640,11 @@ impl TransferEngine {
     }
 
     fn submit_part(&self, op: RequestOp, completion: &Arc<Completion>) -> Result<()> {
-        self.shared.link.send(Command::Submit(Submission { op, guard: PartGuard::new(completion.clone()) }))
+        self.shared.link.send(Command::Submit(Submission {
+            op,
+            guard: PartGuard::new(completion.clone()),
+            submitted: Instant::now(),
+        }))
     }
 
     fn write_op(
@@ -884,8 +888,10 @@ impl TransferEngine {
     fn submit_all(&self, ops: Vec<RequestOp>) -> Result<Transfer> {
         let link = &self.shared.link;
         let completion = Completion::new(ops.len() as u32);
-        let submissions =
-            ops.into_iter().map(|op| Submission { op, guard: PartGuard::new(completion.clone()) }).collect();
+        let submissions = {
+            let submitted = Instant::now();
+            ops.into_iter().map(|op| Submission { op, guard: PartGuard::new(completion.clone()), submitted }).collect()
+        };
         // A failed send means the engine is gone: the guards inside the
         // dropped command report Shutdown, so the handle still ends with
         // exactly one outcome.
@@ -1190,10 +1196,11 @@ impl Batch<'_> {
         let mut transfers = Vec::with_capacity(self.parts.len());
         let mut submissions = Vec::with_capacity(self.ops.len());
         let mut ops = self.ops.into_iter();
+        let submitted = Instant::now();
         for &parts in &self.parts {
             let completion = Completion::new(parts);
             for op in ops.by_ref().take(parts as usize) {
-                submissions.push(Submission { op, guard: PartGuard::new(completion.clone()) });
+                submissions.push(Submission { op, guard: PartGuard::new(completion.clone()), submitted });
             }
             transfers.push(Transfer::driven(completion, link.clone()));
         }

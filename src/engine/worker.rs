@@ -92,6 +92,10 @@ pub(crate) enum Command {
 pub(crate) struct Submission {
     pub op: RequestOp,
     pub guard: PartGuard,
+    /// When the caller submitted it: a request's age (its timeout, the
+    /// latency histogram, `oldest_in_flight`) counts from here, not from
+    /// when a busy worker got round to it.
+    pub submitted: Instant,
 }
 
 pub(crate) enum RequestOp {
@@ -749,7 +753,7 @@ impl<N: Nic> Worker<N> {
             error: None,
             retry: None,
             queued: true,
-            since: self.now,
+            since: s.submitted,
             data_pieces,
             diagnosing: false,
             diagnosed: false,
