@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Installs what strait needs on a Debian/Ubuntu machine: libfabric (runtime
 # library and fi_info), libibverbs with the device providers (the verbs
-# backend; libfabric1 depends on them too), a C linker for Rust, Python 3 with venv (for the
+# backend; libfabric1 depends on them too), C and C++ compilers (the
+# linker for Rust, and the C API's tests), Python 3 with venv (for the
 # Python package and its tests), and, when no `cargo` is found, the Rust
 # toolchain through rustup (with rustfmt and clippy).
 # Safe to run repeatedly: it installs only what is missing.
 set -euo pipefail
 
-packages=(libfabric1 libfabric-bin libibverbs1 ibverbs-providers gcc libc6-dev)
+# g++, pkg-config and binutils (readelf) build and check the C API's tests
+# and C++ example; gcc brings the address and undefined-behaviour
+# sanitizers' runtimes.
+packages=(libfabric1 libfabric-bin libibverbs1 ibverbs-providers gcc g++ libc6-dev pkg-config binutils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
