@@ -45,6 +45,13 @@ for provider in tcp shm; do
         "$work/test_strait_asan" "$provider"
 done
 
+echo "-- the README's C example"
+awk '/^## C and C\+\+/{on=1} on && /^```c$/{code=1; next} code && /^```$/{exit} code' README.md > "$work/readme.c"
+[ -s "$work/readme.c" ] || { echo "no C example found in README.md" >&2; exit 1; }
+cc -std=c11 -Wall -Wextra -Werror "$work/readme.c" $(pkg-config --cflags --libs strait) -Wl,-rpath,"$prefix/lib" \
+    -o "$work/readme"
+"$work/readme" && echo "README example: ok"
+
 echo "-- C++ example"
 c++ -std=c++17 -Wall -Wextra -Werror -pedantic ffi/examples/write_imm.cpp $(pkg-config --cflags --libs strait) \
     -Wl,-rpath,"$prefix/lib" -o "$work/write_imm"

@@ -269,6 +269,15 @@ typedef struct strait_engine_info {
   uint32_t nics;
 } strait_engine_info;
 
+// Called once registered memory is no longer used by strait (the region
+// destroyed and every request using it ended), with the pointer and
+// length given to `strait_engine_register_owned`: free it there. Runs on
+// the engine's thread or the thread that destroys the region; must not
+// block.
+typedef void (*strait_release_fn)(void *ptr,
+                                  uint64_t len,
+                                  void *user_data);
+
 // A request's completion: its status, the error message (NULL on success;
 // valid during the call only) and the caller's `user_data`. Runs on the
 // engine's thread (or at once on the caller's, if the request had already
@@ -688,6 +697,20 @@ enum strait_status strait_engine_register(const struct strait_engine *engine,
                                           uint32_t access,
                                           struct strait_mr **out);
 
+// As `strait_engine_register`, but the memory passes to strait:
+// `release(ptr, len, user_data)` is called exactly once, when strait no
+// longer uses it (the region destroyed and every request using it ended),
+// or before this call returns if it fails (with any status but
+// `NULL_ARGUMENT` for a NULL `release`). The caller frees the memory
+// there, without waiting for its requests.
+enum strait_status strait_engine_register_owned(const struct strait_engine *engine,
+                                                void *ptr,
+                                                uint64_t len,
+                                                uint32_t access,
+                                                strait_release_fn release,
+                                                void *user_data,
+                                                struct strait_mr **out);
+
 // The region's memory and length.
 enum strait_status strait_mr_get(const struct strait_mr *mr,
                                  void **ptr,
@@ -952,6 +975,19 @@ enum strait_status strait_batch_write(struct strait_batch *batch,
                                       uint64_t dst_offset,
                                       uint64_t len,
                                       const uint32_t *imm);
+
+// Adds `count` writes from `src` into `dst`, write i taking
+// `lens[i]` bytes at `src_offsets[i]` to `dst_offsets[i]`, each with `imm`
+// (NULL: none) so that the peer counts one per write. The peer and the
+// regions are checked once; if any range is out of bounds, none is added.
+enum strait_status strait_batch_writes(struct strait_batch *batch,
+                                       const struct strait_mr *src,
+                                       const struct strait_desc *dst,
+                                       const uint64_t *src_offsets,
+                                       const uint64_t *dst_offsets,
+                                       const uint64_t *lens,
+                                       size_t count,
+                                       const uint32_t *imm);
 
 // Adds an immediate-only write (as `strait_write_imm`).
 enum strait_status strait_batch_write_imm(struct strait_batch *batch,

@@ -702,6 +702,62 @@ pub unsafe extern "C" fn strait_engine_register(
     })
 }
 
+/// Called once registered memory is no longer used by strait (the region
+/// destroyed and every request using it ended), with the pointer and
+/// length given to `strait_engine_register_owned`: free it there. Runs on
+/// the engine's thread or the thread that destroys the region; must not
+/// block.
+pub type strait_release_fn = Option<unsafe extern "C" fn(ptr: *mut c_void, len: u64, user_data: *mut c_void)>;
+
+/// Calls the release callback when dropped.
+struct Release {
+    callback: unsafe extern "C" fn(*mut c_void, u64, *mut c_void),
+    ptr: UserData,
+    len: u64,
+    user: UserData,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        // SAFETY: the caller registered `callback` for this memory.
+        unsafe { (self.callback)(self.ptr.get(), self.len, self.user.get()) };
+    }
+}
+
+/// As `strait_engine_register`, but the memory passes to strait:
+/// `release(ptr, len, user_data)` is called exactly once, when strait no
+/// longer uses it (the region destroyed and every request using it ended),
+/// or before this call returns if it fails (with any status but
+/// `NULL_ARGUMENT` for a NULL `release`). The caller frees the memory
+/// there, without waiting for its requests.
+#[no_mangle]
+pub unsafe extern "C" fn strait_engine_register_owned(
+    engine: *const strait_engine,
+    ptr: *mut c_void,
+    len: u64,
+    access: u32,
+    release: strait_release_fn,
+    user_data: *mut c_void,
+    out: *mut *mut strait_mr,
+) -> strait_status {
+    call(|| {
+        let callback = release.ok_or_else(|| fail(S::NullArgument, "release is NULL"))?;
+        // From here on every path drops `owner` (releasing the memory) or
+        // hands it to the region.
+        let owner = Release { callback, ptr: UserData(ptr), len, user: UserData(user_data) };
+        // SAFETY: header contract.
+        unsafe { clear_out(out, "out")? };
+        // SAFETY: header contract.
+        let e = unsafe { engine_of(engine)? };
+        let access = access_of(access)?;
+        // SAFETY: the memory stays valid until `release` runs (header
+        // contract); the engine checks it is mapped.
+        let mr = unsafe { e.register_owned(ptr.cast(), len, access, owner)? };
+        // SAFETY: checked above.
+        unsafe { put(out, mr_handle(mr), "out") }
+    })
+}
+
 /// The region's memory and length.
 #[no_mangle]
 pub unsafe extern "C" fn strait_mr_get(mr: *const strait_mr, ptr: *mut *mut c_void, len: *mut u64) -> strait_status {
@@ -1510,10 +1566,18 @@ pub struct strait_batch {
 pub(crate) struct BatchState {
     engine: TransferEngine,
     ops: Vec<BatchOp>,
+    /// Requests the ops make (`Writes` makes several).
+    requests: usize,
 }
 handle!(strait_batch, BatchState, 0x5354_4241_5443_4820);
 
 enum BatchOp {
+    Writes {
+        src: MemoryRegion,
+        dst: MrDesc,
+        ranges: Vec<(u64, u64, u64)>,
+        imm: Option<u32>,
+    },
     Write {
         src: MemoryRegion,
         src_offset: u64,
@@ -1561,6 +1625,9 @@ impl BatchState {
                 BatchOp::Write { src, src_offset, dst, dst_offset, len, imm } => {
                     b.write(src, *src_offset, dst, *dst_offset, *len, *imm)?;
                 }
+                BatchOp::Writes { src, dst, ranges, imm } => {
+                    b.writes(src, dst, ranges.iter().copied(), *imm)?;
+                }
                 BatchOp::Imm { dst, imm } => {
                     b.write_imm(dst, *imm)?;
                 }
@@ -1582,10 +1649,19 @@ impl BatchState {
     }
 
     /// Adds `op` if it passes the engine's checks alone.
+    ///
+    /// Each op is checked by building it alone (its plan is made again at
+    /// submit: a C batch costs one extra planning per request, against one
+    /// crossing of the boundary and one hand-off to the worker for all).
     fn add(&mut self, op: BatchOp) -> CResult {
-        let probe = BatchState { engine: self.engine.clone(), ops: vec![op] };
+        let requests = match &op {
+            BatchOp::Writes { ranges, .. } => ranges.len(),
+            _ => 1,
+        };
+        let probe = BatchState { engine: self.engine.clone(), ops: vec![op], requests };
         probe.build()?;
         self.ops.extend(probe.ops);
+        self.requests += requests;
         Ok(())
     }
 }
@@ -1602,7 +1678,7 @@ pub unsafe extern "C" fn strait_batch_create(
         // SAFETY: header contract.
         let engine = unsafe { engine_of(engine)? }.clone();
         // SAFETY: checked above.
-        unsafe { put(out, new_handle::<strait_batch>(BatchState { engine, ops: Vec::new() }), "out") }
+        unsafe { put(out, new_handle::<strait_batch>(BatchState { engine, ops: Vec::new(), requests: 0 }), "out") }
     })
 }
 
@@ -1631,6 +1707,33 @@ pub unsafe extern "C" fn strait_batch_write(
         with_batch(batch, |b| {
             let (src, dst) = (mr_of(src)?.clone(), desc_of(dst)?.clone());
             b.add(BatchOp::Write { src, src_offset, dst, dst_offset, len, imm: imm_arg(imm) })
+        })
+    }
+}
+
+/// Adds `count` writes from `src` into `dst`, write i taking
+/// `lens[i]` bytes at `src_offsets[i]` to `dst_offsets[i]`, each with `imm`
+/// (NULL: none) so that the peer counts one per write. The peer and the
+/// regions are checked once; if any range is out of bounds, none is added.
+#[no_mangle]
+pub unsafe extern "C" fn strait_batch_writes(
+    batch: *mut strait_batch,
+    src: *const strait_mr,
+    dst: *const strait_desc,
+    src_offsets: *const u64,
+    dst_offsets: *const u64,
+    lens: *const u64,
+    count: usize,
+    imm: *const u32,
+) -> strait_status {
+    // SAFETY: header contract for every pointer.
+    unsafe {
+        with_batch(batch, |b| {
+            let s = slice(src_offsets, count, "src_offsets")?;
+            let d = slice(dst_offsets, count, "dst_offsets")?;
+            let l = slice(lens, count, "lens")?;
+            let ranges = s.iter().zip(d).zip(l).map(|((&s, &d), &l)| (s, d, l)).collect();
+            b.add(BatchOp::Writes { src: mr_of(src)?.clone(), dst: desc_of(dst)?.clone(), ranges, imm: imm_arg(imm) })
         })
     }
 }
@@ -1732,7 +1835,7 @@ pub unsafe extern "C" fn strait_batch_barrier(
 #[no_mangle]
 pub unsafe extern "C" fn strait_batch_len(batch: *const strait_batch, len: *mut usize) -> strait_status {
     // SAFETY: header contract.
-    call(|| unsafe { put(len, get::<strait_batch>(batch, "batch")?.ops.len(), "len") })
+    call(|| unsafe { put(len, get::<strait_batch>(batch, "batch")?.requests, "len") })
 }
 
 /// Submits every request, one transfer each in `out[0..len)` in the order
@@ -1747,12 +1850,13 @@ pub unsafe extern "C" fn strait_batch_submit(
     // SAFETY: header contract for every pointer.
     unsafe {
         with_batch(batch, |b| {
-            let n = b.ops.len();
+            let n = b.requests;
             if cap < n || (out.is_null() && n > 0) {
                 return Err(fail(S::BufferTooSmall, format!("{n} transfers do not fit an array of {cap}")));
             }
             let transfers = b.build()?.submit()?;
             b.ops.clear();
+            b.requests = 0;
             for (i, t) in transfers.into_iter().enumerate() {
                 out.add(i).write(new_handle::<strait_transfer>(t));
             }
@@ -1774,6 +1878,7 @@ pub unsafe extern "C" fn strait_batch_submit_joined(
             clear_out(out, "out")?;
             let t = b.build()?.submit_joined()?;
             b.ops.clear();
+            b.requests = 0;
             put(out, new_handle::<strait_transfer>(t), "out")
         })
     }

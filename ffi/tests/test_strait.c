@@ -239,6 +239,49 @@ static void test_register(strait_engine *a, strait_engine *b) {
     free(theirs);
 }
 
+struct released {
+    atomic_int calls;
+    void *ptr;
+    uint64_t len;
+};
+
+static void on_release(void *ptr, uint64_t len, void *user) {
+    struct released *r = user;
+    CHECK(ptr == r->ptr && len == r->len);
+    free(ptr);
+    atomic_fetch_add(&r->calls, 1);
+}
+
+static void test_register_owned(strait_engine *a, strait_engine *b) {
+    /* Memory handed to strait: freed by the release callback once the
+     * region and its requests are done, without waiting here. */
+    const uint64_t n = 2 << 20;
+    struct released r = {0, malloc(n), n};
+    fill(r.ptr, n, 12);
+    strait_mr *src = NULL, *dst = NULL;
+    OK(strait_engine_register_owned(a, r.ptr, n, 0, on_release, &r, &src));
+    OK(strait_engine_alloc(b, n, STRAIT_ACCESS_REMOTE_WRITE, &dst));
+    strait_desc *rd = remote(dst);
+    uint8_t *copy = malloc(n);
+    memcpy(copy, r.ptr, n);
+    strait_transfer *t = NULL;
+    OK(strait_write(a, src, 0, rd, 0, n, NULL, &t));
+    OK(strait_mr_destroy(src)); /* the write holds the region */
+    OK(strait_transfer_wait(t, TIMEOUT_MS));
+    OK(strait_transfer_destroy(t));
+    wait_calls(&r.calls, 1);
+    CHECK(memcmp(copy, mr_bytes(dst, NULL), n) == 0);
+    /* A failed registration releases at once. */
+    struct released bad = {0, malloc(64), 64};
+    strait_mr *none = NULL;
+    FAILS(STRAIT_STATUS_INVALID_REQUEST, strait_engine_register_owned(a, bad.ptr, 64, 0x40, on_release, &bad, &none));
+    CHECK(none == NULL && atomic_load(&bad.calls) == 1);
+    FAILS(STRAIT_STATUS_NULL_ARGUMENT, strait_engine_register_owned(a, copy, n, 0, NULL, NULL, &none));
+    free(copy);
+    OK(strait_desc_destroy(rd));
+    OK(strait_mr_destroy(dst));
+}
+
 static void test_paged_and_strided(strait_engine *a, strait_engine *b) {
     const uint64_t page = 4096, pages = 16;
     strait_mr *src = NULL, *dst = NULL;
@@ -443,6 +486,26 @@ static void test_scatter_barrier_batch(strait_engine *a, strait_engine *b, strai
     CHECK(memcmp(mr_bytes(db, NULL) + 4096, s, 4096) == 0);
     OK(strait_batch_len(batch, &n));
     CHECK(n == 0);
+    /* Many writes in one call: one request (and one immediate) each. */
+    uint64_t so[8], dof[8], lens[8];
+    for (int i = 0; i < 8; i++) {
+        so[i] = 8192 - (i + 1) * 100;
+        dof[i] = i * 100;
+        lens[i] = 100;
+    }
+    strait_imm_counter *cb5 = NULL;
+    OK(strait_expect_imm(b, 43, 8, &cb5));
+    uint32_t imm43 = 43;
+    OK(strait_batch_writes(batch, src, rb, so, dof, lens, 8, &imm43));
+    lens[7] = 1 << 20;
+    FAILS(STRAIT_STATUS_OUT_OF_BOUNDS, strait_batch_writes(batch, src, rb, so, dof, lens, 8, NULL));
+    OK(strait_batch_len(batch, &n));
+    CHECK(n == 8);
+    OK(strait_batch_submit(batch, ts, 16));
+    for (int i = 0; i < 8; i++) wait_ok(ts[i]);
+    OK(strait_imm_counter_wait(cb5, TIMEOUT_MS));
+    for (int i = 0; i < 8; i++) CHECK(memcmp(mr_bytes(db, NULL) + i * 100, s + so[i], 100) == 0);
+    OK(strait_imm_counter_destroy(cb5));
     /* Joined: one outcome for several. */
     OK(strait_batch_write_imm(batch, rb, 42));
     OK(strait_batch_write(batch, src, 0, rc, 0, 8192, NULL));
@@ -832,6 +895,7 @@ int main(int argc, char **argv) {
 
     test_write_imm(a, b);
     test_register(a, b);
+    test_register_owned(a, b);
     test_paged_and_strided(a, b);
     test_read(a, b);
     test_send_recv(a, b);
