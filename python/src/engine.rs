@@ -258,8 +258,9 @@ impl Region {
         self.obj.as_ref().map(|o| o.clone_ref(py))
     }
 
-    /// How the memory was found: `"alloc"`, `"dlpack"`, `"buffer"` or
-    /// `"data_ptr"`.
+    /// How the memory was found: `"alloc"`, `"dlpack_versioned"` (a DLPack
+    /// 1.x capsule, asked for first), `"dlpack"` (an unversioned capsule,
+    /// from producers that predate DLPack 1.0), `"buffer"` or `"data_ptr"`.
     #[getter]
     fn source(&self) -> &'static str {
         self.via

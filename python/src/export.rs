@@ -26,7 +26,8 @@ pub struct Exported {
     pub writable: bool,
     /// Keeps the memory alive and in place.
     pub keepalive: Py<PyAny>,
-    /// How it was found: `dlpack`, `buffer` or `data_ptr`.
+    /// How it was found: `dlpack` (an unversioned capsule),
+    /// `dlpack_versioned` (DLPack 1.x), `buffer` or `data_ptr`.
     pub via: &'static str,
 }
 
@@ -36,10 +37,18 @@ pub fn export(obj: &Bound<'_, PyAny>) -> PyResult<Exported> {
     let py = obj.py();
     let mut tried = Vec::new();
     if obj.hasattr("__dlpack__")? {
-        match obj.call_method0("__dlpack__") {
+        // DLPack 1.0 first (a versioned capsule, which can say the memory
+        // is read-only); producers that predate it take no max_version.
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item("max_version", (1, 0))?;
+        let capsule = match obj.call_method("__dlpack__", (), Some(&kwargs)) {
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(py) => obj.call_method0("__dlpack__"),
+            r => r,
+        };
+        match capsule {
             Ok(capsule) => return from_dlpack(obj, capsule),
-            // numpy refuses read-only arrays this way; the buffer protocol
-            // below takes them (read-only).
+            // numpy refuses read-only arrays this way before DLPack 1.0;
+            // the buffer protocol below takes them (read-only).
             Err(e) => tried.push(format!("__dlpack__() raised {e}")),
         }
     }
@@ -62,8 +71,9 @@ pub fn export(obj: &Bound<'_, PyAny>) -> PyResult<Exported> {
     ))
 }
 
-// DLPack 0.8 (the unversioned "dltensor" capsule every producer still gives
-// when no max_version is asked for).
+// DLPack: the unversioned "dltensor" capsule (0.8, what producers give when
+// no max_version is asked for) and the versioned "dltensor_versioned" one
+// (1.x: a version and flags before the same DLTensor).
 #[repr(C)]
 struct DlDevice {
     device_type: i32,
@@ -95,6 +105,24 @@ struct DlManagedTensor {
     deleter: Option<unsafe extern "C" fn(*mut DlManagedTensor)>,
 }
 
+#[repr(C)]
+struct DlPackVersion {
+    major: u32,
+    minor: u32,
+}
+
+#[repr(C)]
+struct DlManagedTensorVersioned {
+    version: DlPackVersion,
+    manager_ctx: *mut c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DlManagedTensorVersioned)>,
+    flags: u64,
+    dl_tensor: DlTensor,
+}
+
+/// `DLPACK_FLAG_BITMASK_READ_ONLY`.
+const DL_READ_ONLY: u64 = 1;
+
 const DL_CPU: i32 = 1;
 const DL_CUDA_HOST: i32 = 3;
 const DL_ROCM_HOST: i32 = 11;
@@ -117,21 +145,43 @@ fn from_dlpack(obj: &Bound<'_, PyAny>, capsule: Bound<'_, PyAny>) -> PyResult<Ex
     let capsule = capsule
         .cast_into::<PyCapsule>()
         .map_err(|_| raise(py, "UnsupportedObjectError", "__dlpack__() returned something that is not a capsule"))?;
-    let name = c"dltensor";
-    // SAFETY: the capsule is a live capsule object; IsValid only reads its
-    // name and pointer.
-    if unsafe { ffi::PyCapsule_IsValid(capsule.as_ptr(), name.as_ptr()) } == 0 {
-        return Err(raise(py, "UnsupportedObjectError", "__dlpack__() returned a capsule that is not a \"dltensor\""));
-    }
-    // SAFETY: the capsule is valid with this name (checked above), so its
-    // pointer is the producer's DLManagedTensor, alive while the capsule is
-    // unconsumed and referenced (we hold it, and never consume it).
-    let managed = unsafe { ffi::PyCapsule_GetPointer(capsule.as_ptr(), name.as_ptr()) } as *const DlManagedTensor;
-    if managed.is_null() {
-        return Err(PyErr::fetch(py));
-    }
-    // SAFETY: non-null pointer to the DLManagedTensor (see above).
-    let t = unsafe { &(*managed).dl_tensor };
+    let (plain, versioned) = (c"dltensor", c"dltensor_versioned");
+    // SAFETY (both IsValid calls): the capsule is a live capsule object;
+    // IsValid only reads its name and pointer.
+    let (t, writable, via) = if unsafe { ffi::PyCapsule_IsValid(capsule.as_ptr(), versioned.as_ptr()) } != 0 {
+        // SAFETY: valid with this name, so its pointer is the producer's
+        // DLManagedTensorVersioned, alive while the capsule is unconsumed
+        // and referenced (we hold it, and never consume it).
+        let managed = unsafe { ffi::PyCapsule_GetPointer(capsule.as_ptr(), versioned.as_ptr()) }
+            as *const DlManagedTensorVersioned;
+        if managed.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        // SAFETY: non-null pointer to it (see above).
+        let m = unsafe { &*managed };
+        if m.version.major != 1 {
+            return Err(raise(
+                py,
+                "UnsupportedObjectError",
+                format!("__dlpack__() gave DLPack {}.{}; strait reads 1.x", m.version.major, m.version.minor),
+            ));
+        }
+        (&m.dl_tensor, m.flags & DL_READ_ONLY == 0, "dlpack_versioned")
+    } else if unsafe { ffi::PyCapsule_IsValid(capsule.as_ptr(), plain.as_ptr()) } != 0 {
+        // SAFETY: as above, for the unversioned DLManagedTensor.
+        let managed = unsafe { ffi::PyCapsule_GetPointer(capsule.as_ptr(), plain.as_ptr()) } as *const DlManagedTensor;
+        if managed.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        // SAFETY: non-null pointer to it (see above).
+        (unsafe { &(*managed).dl_tensor }, true, "dlpack")
+    } else {
+        return Err(raise(
+            py,
+            "UnsupportedObjectError",
+            "__dlpack__() returned a capsule that is neither \"dltensor\" nor \"dltensor_versioned\"",
+        ));
+    };
     let device = t.device.device_type;
     if !matches!(device, DL_CPU | DL_CUDA_HOST | DL_ROCM_HOST) {
         return Err(raise(
@@ -175,7 +225,7 @@ fn from_dlpack(obj: &Bound<'_, PyAny>, capsule: Bound<'_, PyAny>) -> PyResult<Ex
     })?;
     let ptr = (t.data as usize).wrapping_add(t.byte_offset as usize);
     let keepalive = (obj.clone(), capsule).into_pyobject(py)?.into_any().unbind();
-    Ok(Exported { ptr, len, writable: true, keepalive, via: "dlpack" })
+    Ok(Exported { ptr, len, writable, keepalive, via })
 }
 
 /// Row-major with no gaps; dimensions of length 1 may have any stride.

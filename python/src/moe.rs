@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyByteArray, PyBytes, PyDict};
 
 use crate::engine::TransferEngine;
 use crate::errors::{raise, IntoPy};
@@ -158,7 +158,7 @@ impl MoeGroup {
 
     /// Dispatch: `x` (`tokens * token_bytes` bytes), `topk_idx` (int32
     /// bytes, `[tokens, top_k]`, -1 for none), `topk_weights` (float32
-    /// bytes). Returns `(expert_x bytes, counts, capacity, handle)`. The GIL
+    /// bytes). Returns `(expert_x bytearray, counts, capacity, handle)`. The GIL
     /// is released meanwhile.
     fn dispatch<'py>(
         &self,
@@ -166,26 +166,26 @@ impl MoeGroup {
         x: &Bound<'py, PyAny>,
         topk_idx: &Bound<'py, PyAny>,
         topk_weights: &Bound<'py, PyAny>,
-    ) -> PyResult<(Bound<'py, PyBytes>, Vec<u32>, u32, MoeHandle)> {
+    ) -> PyResult<(Bound<'py, PyByteArray>, Vec<u32>, u32, MoeHandle)> {
         let (x, idx, w) =
             (buffer_bytes(x, "x")?, buffer_bytes(topk_idx, "topk_idx")?, buffer_bytes(topk_weights, "topk_weights")?);
         let (idx, w) = (i32s(&idx), f32s(&w));
         let d = py.detach(|| self.inner.lock().unwrap_or_else(|e| e.into_inner()).dispatch(&x, &idx, &w)).py(py)?;
-        Ok((PyBytes::new(py, &d.expert_x), d.counts, d.capacity, MoeHandle { inner: d.handle }))
+        Ok((PyByteArray::new(py, &d.expert_x), d.counts, d.capacity, MoeHandle { inner: d.handle }))
     }
 
     /// Combine: `expert_y` laid out as the dispatch's `expert_x`, `hidden`
-    /// elements of the group's dtype per row. Returns `y` bytes, `[tokens,
+    /// elements of the group's dtype per row. Returns `y` (a bytearray), `[tokens,
     /// hidden]`, summed in float32 in k order.
     fn combine<'py>(
         &self,
         py: Python<'py>,
         expert_y: &Bound<'py, PyAny>,
         handle: &MoeHandle,
-    ) -> PyResult<Bound<'py, PyBytes>> {
+    ) -> PyResult<Bound<'py, PyByteArray>> {
         let y = buffer_bytes(expert_y, "expert_y")?;
         let out =
             py.detach(|| self.inner.lock().unwrap_or_else(|e| e.into_inner()).combine(&y, &handle.inner)).py(py)?;
-        Ok(PyBytes::new(py, &out))
+        Ok(PyByteArray::new(py, &out))
     }
 }

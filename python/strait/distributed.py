@@ -1,9 +1,12 @@
 """Exchanging engine addresses and descriptors through an existing
-``torch.distributed`` process group.
+``torch.distributed`` process group, or through a ``torch.distributed``
+store (``TCPStore``, ``FileStore``, ...) between jobs that share no group.
 
 torch is imported only when one of these functions is called, so strait
-itself never needs it. Every rank must call the same function in the same
-order (they are collectives), as with any ``torch.distributed`` call.
+itself never needs it. The group functions are collectives: every rank
+calls the same one in the same order, as with any ``torch.distributed``
+call. The store functions are not: one side publishes under a name, the
+other fetches it (waiting for it, up to a timeout).
 
 Example::
 
@@ -15,7 +18,11 @@ Example::
     # descriptors[r] is rank r's region: engine.write(src, descriptors[r], ...)
 """
 
+from datetime import timedelta
 from typing import Any, List, Optional, Union
+
+#: Prefix of the keys the store helpers use.
+KEY_PREFIX = "strait/"
 
 
 def _dist():
@@ -47,3 +54,46 @@ def exchange_descriptors(region: Union[Any, bytes], group: Optional[Any] = None)
     descriptor bytes), indexed by rank."""
     descriptor = region if isinstance(region, (bytes, bytearray)) else region.descriptor
     return all_gather_bytes(descriptor, group)
+
+
+def publish(store: Any, key: str, value: bytes) -> None:
+    """Stores ``value`` under ``key`` (prefixed with :data:`KEY_PREFIX`)
+    in ``store``, a ``torch.distributed.Store``."""
+    store.set(KEY_PREFIX + key, bytes(value))
+
+
+def fetch(store: Any, key: str, timeout: float = 300.0) -> bytes:
+    """The bytes published under ``key``, waiting up to ``timeout`` seconds
+    for them; ``strait.TimeoutError`` if they do not appear."""
+    from .errors import TimeoutError as StraitTimeout
+
+    full = KEY_PREFIX + key
+    try:
+        store.wait([full], timedelta(seconds=timeout))
+    except Exception as e:  # torch raises RuntimeError / DistStoreError subclasses
+        if "timeout" in str(e).lower() or "timed out" in str(e).lower():
+            raise StraitTimeout(f"{full!r} was not published within {timeout} s") from e
+        raise
+    return bytes(store.get(full))
+
+
+def publish_address(store: Any, name: str, engine: Any) -> None:
+    """Publishes ``engine.address`` as ``name`` (e.g. ``"inference/3"``)."""
+    publish(store, "address/" + name, engine.address)
+
+
+def fetch_address(store: Any, name: str, timeout: float = 300.0) -> bytes:
+    """The address published as ``name``, waiting up to ``timeout`` s."""
+    return fetch(store, "address/" + name, timeout)
+
+
+def publish_descriptor(store: Any, name: str, region: Union[Any, bytes]) -> None:
+    """Publishes the descriptor of ``region`` (a ``strait.Region`` or
+    descriptor bytes) as ``name``."""
+    descriptor = region if isinstance(region, (bytes, bytearray)) else region.descriptor
+    publish(store, "descriptor/" + name, descriptor)
+
+
+def fetch_descriptor(store: Any, name: str, timeout: float = 300.0) -> bytes:
+    """The descriptor published as ``name``, waiting up to ``timeout`` s."""
+    return fetch(store, "descriptor/" + name, timeout)

@@ -41,6 +41,20 @@ def _np():
     return np
 
 
+def _is_torch(obj: Any) -> bool:
+    return type(obj).__module__.startswith("torch") and hasattr(obj, "detach")
+
+
+def _torch_of(a: Any) -> Any:
+    """A torch tensor sharing numpy array ``a``'s memory (uint16 as bf16)."""
+    import torch
+
+    np = _np()
+    if a.dtype == np.uint16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def _array(obj: Any) -> Any:
     """A numpy view of a numpy array or a CPU torch tensor."""
     np = _np()
@@ -79,7 +93,9 @@ class Group:
         """Returns ``(expert_x, counts, handle)``: ``expert_x`` is
         ``[local_experts, capacity, token_bytes / element]`` of ``x``'s
         dtype (rows past ``counts[e]`` are zero), ``counts`` int32
-        ``[local_experts]``."""
+        ``[local_experts]``. Both are numpy arrays, or CPU torch tensors
+        when ``x`` is a torch tensor (bf16 for bf16); they own their memory
+        and may be written (e.g. the experts' outputs in place)."""
         np = _np()
         xa = np.ascontiguousarray(_array(x))
         idx = np.ascontiguousarray(_array(topk_idx), dtype=np.int32)
@@ -88,15 +104,21 @@ class Group:
         item = xa.dtype.itemsize if xa.size else np.dtype(self._elem()).itemsize
         out = np.frombuffer(raw, dtype=xa.dtype if xa.size else self._elem())
         out = out.reshape(self.local_experts, capacity, self.token_bytes // item)
-        return out, np.asarray(counts, dtype=np.int32), handle
+        counts = np.asarray(counts, dtype=np.int32)
+        if _is_torch(x):
+            return _torch_of(out), _torch_of(counts), handle
+        return out, counts, handle
 
     def combine(self, expert_y: Any, handle: Handle) -> Any:
         """``y[t] = sum_k topk_weights[t, k] * expert_y[row of (t, k)]``,
-        ``[tokens, hidden]`` in the group's dtype (bf16 as uint16)."""
+        ``[tokens, hidden]`` in the group's dtype: a numpy array (bf16 as
+        uint16), or a CPU torch tensor (bf16 as bf16) when ``expert_y`` is
+        a torch tensor."""
         np = _np()
         ya = np.ascontiguousarray(_array(expert_y))
         raw = self._g.combine(ya, handle)
-        return np.frombuffer(raw, dtype=self._elem()).reshape(handle.tokens, self.hidden)
+        y = np.frombuffer(raw, dtype=self._elem()).reshape(handle.tokens, self.hidden)
+        return _torch_of(y) if _is_torch(expert_y) else y
 
 
 class Rank:
