@@ -146,9 +146,12 @@ fn from_dlpack(obj: &Bound<'_, PyAny>, capsule: Bound<'_, PyAny>) -> PyResult<Ex
         .cast_into::<PyCapsule>()
         .map_err(|_| raise(py, "UnsupportedObjectError", "__dlpack__() returned something that is not a capsule"))?;
     let (plain, versioned) = (c"dltensor", c"dltensor_versioned");
-    // SAFETY (both IsValid calls): the capsule is a live capsule object;
-    // IsValid only reads its name and pointer.
-    let (t, writable, via) = if unsafe { ffi::PyCapsule_IsValid(capsule.as_ptr(), versioned.as_ptr()) } != 0 {
+    // SAFETY: the capsule is a live capsule object; IsValid only reads its
+    // name and pointer.
+    let is_versioned = unsafe { ffi::PyCapsule_IsValid(capsule.as_ptr(), versioned.as_ptr()) } != 0;
+    // SAFETY: as above.
+    let is_plain = unsafe { ffi::PyCapsule_IsValid(capsule.as_ptr(), plain.as_ptr()) } != 0;
+    let (t, writable, via) = if is_versioned {
         // SAFETY: valid with this name, so its pointer is the producer's
         // DLManagedTensorVersioned, alive while the capsule is unconsumed
         // and referenced (we hold it, and never consume it).
@@ -167,7 +170,7 @@ fn from_dlpack(obj: &Bound<'_, PyAny>, capsule: Bound<'_, PyAny>) -> PyResult<Ex
             ));
         }
         (&m.dl_tensor, m.flags & DL_READ_ONLY == 0, "dlpack_versioned")
-    } else if unsafe { ffi::PyCapsule_IsValid(capsule.as_ptr(), plain.as_ptr()) } != 0 {
+    } else if is_plain {
         // SAFETY: as above, for the unversioned DLManagedTensor.
         let managed = unsafe { ffi::PyCapsule_GetPointer(capsule.as_ptr(), plain.as_ptr()) } as *const DlManagedTensor;
         if managed.is_null() {
