@@ -22,6 +22,8 @@ echo "== cargo doc (warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --locked
 echo "== cargo test"
 cargo test --workspace --release --all-features --locked
+echo "== examples/prometheus_endpoint: one scrape of a live engine's metrics"
+cargo run --release --all-features --locked --example prometheus_endpoint -- --once | grep -c "^strait_" | sed 's/$/ metric lines served/'
 echo "== C API: libstrait built, installed to a scratch prefix, C tests plain/static/sanitized, C++ example"
 scripts/test-c.sh
 echo "== criterion benches, once each (cargo bench --features test-backend measures them)"

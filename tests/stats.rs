@@ -5,6 +5,8 @@
 mod common;
 
 use common::{engine, PROVIDERS, TIMEOUT};
+use std::time::Duration;
+
 use strait::Access;
 
 #[test]
@@ -52,6 +54,18 @@ fn counters_match_a_known_workload_on_both_sides() {
 
         let sb = b.stats().unwrap();
         assert_eq!(sb.nics[0].imms_in - before_b.nics[0].imms_in, K, "{provider:?} target");
+        // The target timed its one counter, from arming to the K-th arrival
+        // (which came after the writes were submitted, so not before them).
+        assert_eq!(sb.latency.imm.count() - before_b.latency.imm.count(), 1, "{provider:?}");
+        assert!(sb.latency.imm.max().unwrap() > Duration::ZERO);
+        // Re-armed and reached again: one more.
+        arrived.rearm(2).unwrap();
+        for _ in 0..2 {
+            a.write_imm(dst.descriptor(), 9).unwrap().wait_timeout(TIMEOUT).unwrap();
+        }
+        arrived.wait_timeout(TIMEOUT).unwrap();
+        assert_eq!(b.stats().unwrap().latency.imm.count() - before_b.latency.imm.count(), 2, "{provider:?}");
+        assert!(b.stats().unwrap().table().contains("imm counters: 2"));
         assert_eq!(sb.nics[0].posted.total(), before_b.nics[0].posted.total(), "the target posted nothing");
 
         let table = sa.table();

@@ -457,6 +457,8 @@ typedef struct strait_stats_summary {
   struct strait_latency read;
   // Of sends.
   struct strait_latency send;
+  // Immediate counters at this engine: from arming to the count reached.
+  struct strait_latency imm;
 } strait_stats_summary;
 
 // Operations by kind.

@@ -139,6 +139,8 @@ pub struct strait_stats_summary {
     pub read: strait_latency,
     /// Of sends.
     pub send: strait_latency,
+    /// Immediate counters at this engine: from arming to the count reached.
+    pub imm: strait_latency,
 }
 
 /// A snapshot of an engine's counters. Immutable, thread-safe.
@@ -188,6 +190,7 @@ pub unsafe extern "C" fn strait_stats_get_summary(
             write: latency(&s.latency.write),
             read: latency(&s.latency.read),
             send: latency(&s.latency.send),
+            imm: latency(&s.latency.imm),
         };
         // SAFETY: header contract.
         unsafe { put(out, summary, "out") }

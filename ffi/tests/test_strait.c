@@ -563,6 +563,11 @@ static void test_stats(strait_engine *a, strait_engine *b) {
     CHECK(strstr(text, "decoder-0") != NULL);
     free(text);
     OK(strait_stats_destroy(st));
+    /* The target timed its immediate counters. */
+    OK(strait_engine_stats(b, &st));
+    OK(strait_stats_get_summary(st, &sum));
+    CHECK(sum.imm.count > 0 && sum.imm.p50_ns <= sum.imm.max_ns);
+    OK(strait_stats_destroy(st));
     OK(strait_address_destroy(peer));
 }
 

@@ -75,6 +75,7 @@ pub fn to_dict<'py>(py: Python<'py>, s: &EngineStats) -> PyResult<Bound<'py, PyD
     lat.set_item("write", histogram(py, &s.latency.write)?)?;
     lat.set_item("read", histogram(py, &s.latency.read)?)?;
     lat.set_item("send", histogram(py, &s.latency.send)?)?;
+    lat.set_item("imm", histogram(py, &s.latency.imm)?)?;
     d.set_item("latency", lat)?;
     d.set_item("receive_buffers", s.receive_buffers)?;
     Ok(d)

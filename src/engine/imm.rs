@@ -66,6 +66,8 @@ struct CounterState {
     waiters: u32,
     waker: Option<Waker>,
     callback: Option<Arc<dyn Fn(u32) + Send + Sync>>,
+    /// When it was last armed (its latency in the engine's stats).
+    armed_at: Instant,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -85,16 +87,19 @@ impl ImmTable {
         let _ = self.link.set(link);
     }
 
-    /// One immediate arrived (worker thread).
-    pub(crate) fn deliver(&self, value: u32) {
+    /// One immediate arrived (worker thread) at `now`. Returns how long
+    /// its counter was armed when this arrival reached the count.
+    pub(crate) fn deliver(&self, value: u32, now: Instant) -> Option<Duration> {
         if value == super::reserved::PING_IMM {
-            return;
+            return None;
         }
         let mut t = lock(&self.state);
         if let Some(counter) = t.armed.get(&value).cloned() {
             let mut c = lock(&counter.state);
             c.seen += 1;
+            let mut took = None;
             if c.seen >= c.expected {
+                took = Some(now.saturating_duration_since(c.armed_at));
                 t.armed.remove(&value);
                 drop(t);
                 c.status = Status::Reached;
@@ -114,7 +119,7 @@ impl ImmTable {
                     cb(value);
                 }
             }
-            return;
+            return took;
         }
         match &self.unclaimed {
             // Reserved immediates are never the user's: kept for their slot.
@@ -129,6 +134,7 @@ impl ImmTable {
                 tx.push(value);
             }
         }
+        None
     }
 
     /// Arms `counter` for `count` more immediates, starting from the tally.
@@ -159,6 +165,7 @@ impl ImmTable {
         let mut c = lock(&counter.state);
         c.expected = count;
         c.seen = from_tally;
+        c.armed_at = Instant::now();
         if from_tally >= count {
             c.status = Status::Reached;
             t.armed.remove(&counter.value);
@@ -189,6 +196,7 @@ impl ImmTable {
                 waiters: 0,
                 waker: None,
                 callback: None,
+                armed_at: Instant::now(),
             }),
             cv: Condvar::new(),
             settled: AtomicBool::new(false),
@@ -349,14 +357,14 @@ mod tests {
     fn early_arrivals_are_kept_for_the_next_counter() {
         let t = ImmTable::new(UnclaimedImm::Tally);
         for _ in 0..5 {
-            t.deliver(7);
+            t.deliver(7, Instant::now());
         }
         let c = t.expect(7, 3).unwrap();
         assert!(c.is_reached());
         c.rearm(3).unwrap();
         assert_eq!(c.seen(), 2, "two left over from the tally");
         assert!(!c.is_reached());
-        t.deliver(7);
+        t.deliver(7, Instant::now());
         assert!(c.wait_timeout(Duration::from_millis(10)).is_ok());
     }
 
@@ -364,11 +372,11 @@ mod tests {
     fn counts_exactly_and_times_out() {
         let t = ImmTable::new(UnclaimedImm::Tally);
         let c = t.expect(1, 2).unwrap();
-        t.deliver(1);
-        t.deliver(2);
+        t.deliver(1, Instant::now());
+        t.deliver(2, Instant::now());
         assert!(matches!(c.wait_timeout(Duration::from_millis(5)), Err(Error::Timeout(_))));
         assert_eq!(c.seen(), 1);
-        t.deliver(1);
+        t.deliver(1, Instant::now());
         assert!(c.wait().is_ok());
     }
 
@@ -379,7 +387,7 @@ mod tests {
         assert!(t.expect(9, 1).is_err());
         c.cancel();
         assert!(matches!(c.wait(), Err(Error::Cancelled)));
-        t.deliver(9);
+        t.deliver(9, Instant::now());
         let d = t.expect(9, 1).unwrap();
         assert!(d.is_reached());
         assert!(t.expect(3, 0).is_err());
@@ -390,8 +398,8 @@ mod tests {
         let (tx, rx) = super::super::mailbox::Mailbox::new();
         let t = ImmTable::new(UnclaimedImm::Queue(tx));
         let c = t.expect(1, 1).unwrap();
-        t.deliver(2);
-        t.deliver(1);
+        t.deliver(2, Instant::now());
+        t.deliver(1, Instant::now());
         assert!(c.is_reached());
         assert_eq!(rx.pop_timeout(Duration::ZERO).unwrap(), 2);
         assert!(rx.pop_timeout(Duration::ZERO).is_err());

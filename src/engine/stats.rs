@@ -231,6 +231,18 @@ pub struct Latency {
     pub read: Histogram,
     /// Sends.
     pub send: Histogram,
+    /// Immediate counters at this engine (the target): from arming
+    /// (`expect_imm`, `rearm`, an `ImmSlot` counter) to the arrival that
+    /// reached the count. A counter already reached when armed (its
+    /// immediates had arrived first) is not timed.
+    pub imm: Histogram,
+}
+
+impl Latency {
+    /// `(kind, histogram)` for each kind: `write`, `read`, `send`, `imm`.
+    pub fn kinds(&self) -> [(&'static str, &Histogram); 4] {
+        [("write", &self.write), ("read", &self.read), ("send", &self.send), ("imm", &self.imm)]
+    }
 }
 
 /// A snapshot of an engine ([`TransferEngine::stats`](crate::TransferEngine::stats)).
@@ -337,8 +349,13 @@ impl EngineStats {
         }
         help(&mut s, "in_flight", "gauge", "Requests in flight.");
         let _ = writeln!(s, "{p}_in_flight {}", self.in_flight);
-        help(&mut s, "request_seconds", "summary", "Request completion time, by kind.");
-        for (kind, h) in [("write", &self.latency.write), ("read", &self.latency.read), ("send", &self.latency.send)] {
+        help(
+            &mut s,
+            "request_seconds",
+            "summary",
+            "Request completion time, by kind; kind imm: immediate counters here, from arming to the count reached.",
+        );
+        for (kind, h) in self.latency.kinds() {
             for q in [0.5, 0.9, 0.99] {
                 let v = h.percentile(q).map_or(0.0, |d| d.as_secs_f64());
                 let _ = writeln!(s, "{p}_request_seconds{{kind=\"{kind}\",quantile=\"{q}\"}} {v}");
@@ -401,11 +418,12 @@ impl EngineStats {
                 p.expired
             );
         }
-        for (kind, h) in [("write", &self.latency.write), ("read", &self.latency.read), ("send", &self.latency.send)] {
+        for (kind, h) in self.latency.kinds() {
             if h.count() > 0 {
+                let what = if kind == "imm" { "counters" } else { "requests" };
                 let _ = writeln!(
                     s,
-                    "{kind} requests: {} | us p50 {} p90 {} p99 {} max {}",
+                    "{kind} {what}: {} | us p50 {} p90 {} p99 {} max {}",
                     h.count(),
                     us(h.percentile(0.5)),
                     us(h.percentile(0.9)),

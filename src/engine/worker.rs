@@ -22,6 +22,19 @@ use crate::descriptor::{Access, MrDesc};
 use crate::error::{Error, Result};
 use crate::plan::{PagedPlan, Piece, Rows, Sequencer, ShardPlan, StridedPlan};
 
+/// Statements that only keep the stats' counters. Building with
+/// `RUSTFLAGS="--cfg strait_no_stats"` leaves them out: that build exists
+/// only to measure what counting costs (the criterion submit bench, A/B),
+/// and its `stats()` reports zeros.
+macro_rules! counting {
+    ($($body:tt)*) => {
+        #[cfg(not(strait_no_stats))]
+        {
+            $($body)*
+        }
+    };
+}
+
 /// How the worker waits for work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PollMode {
@@ -171,8 +184,12 @@ struct Active {
     error: Option<Error>,
     retry: Option<Piece>,
     queued: bool,
-    /// When the worker took the request.
+    /// When the caller submitted the request.
     since: Instant,
+    /// The request's `tracing` span (target `strait::request`, debug
+    /// level), when a subscriber wants it: none otherwise, at the cost of
+    /// one check of the callsite's interest per request.
+    span: Option<tracing::Span>,
     /// Pieces that carry data; a sequenced piece past these is the
     /// zero-length write carrying the immediate.
     data_pieces: u64,
@@ -300,6 +317,8 @@ pub(crate) struct Worker<N: Nic> {
     /// Per NIC, written by the worker alone (see `stats`).
     nic_stats: Vec<NicStats>,
     latency: Latency,
+    /// The last request id given (the `id` of requests' trace spans).
+    next_id: u64,
     regions: HashMap<u64, Vec<NicRegion>>,
     next_region: u64,
     /// Whether failed writes and reads ask the owner about their key (the
@@ -371,6 +390,7 @@ impl<N: Nic> Worker<N> {
             peer_index: HashMap::new(),
             nic_stats: vec![NicStats::default(); nic_count],
             latency: Latency::default(),
+            next_id: 0,
             regions: HashMap::new(),
             next_region: 1,
             pools: Vec::new(),
@@ -472,6 +492,7 @@ impl<N: Nic> Worker<N> {
         for nic in 0..self.nics.len() {
             let before = self.events.len();
             self.nics[nic].poll(&mut self.events);
+            counting! {
             if self.events.len() > before {
                 let counters = &mut self.nic_stats[nic];
                 for event in &self.events[before..] {
@@ -493,12 +514,14 @@ impl<N: Nic> Worker<N> {
                     }
                 }
             }
+            }
         }
         if !self.events.is_empty() {
             busy = true;
-            // One clock read per batch of completions, for their requests'
-            // completion times (`stats`).
-            self.now = Instant::now();
+            // Requests completing now are timed (`stats`) at this turn's
+            // start: no clock read per batch of completions; what the turn
+            // did before polling (taking commands, posting) is at most a
+            // few microseconds.
             let mut events = std::mem::take(&mut self.events);
             for event in events.drain(..) {
                 self.on_event(event);
@@ -745,6 +768,12 @@ impl<N: Nic> Worker<N> {
         // single piece carries it itself.
         let trailer = s.op.imm().is_some() && data_pieces > 1;
         let seq = Sequencer::new(data_pieces + u64::from(trailer), s.op.imm().is_some());
+        self.next_id += 1;
+        let span = if tracing::enabled!(target: "strait::request", tracing::Level::DEBUG) {
+            Some(request_span(self.next_id, &self.peers[peer].address, &s.op))
+        } else {
+            None
+        };
         let active = Active {
             op: s.op,
             seq,
@@ -754,6 +783,7 @@ impl<N: Nic> Worker<N> {
             retry: None,
             queued: true,
             since: s.submitted,
+            span,
             data_pieces,
             diagnosing: false,
             diagnosed: false,
@@ -847,14 +877,16 @@ impl<N: Nic> Worker<N> {
                     let bytes = op.len * u64::from(op.rows.count.max(1));
                     a.bytes += bytes;
                     a.ops += 1;
-                    let n = &mut self.nic_stats[piece.local_nic];
-                    match op.kind {
-                        OpKind::Write => n.posted.writes += 1,
-                        OpKind::Read => n.posted.reads += 1,
-                        OpKind::Send => n.posted.sends += 1,
+                    counting! {
+                        let n = &mut self.nic_stats[piece.local_nic];
+                        match op.kind {
+                            OpKind::Write => n.posted.writes += 1,
+                            OpKind::Read => n.posted.reads += 1,
+                            OpKind::Send => n.posted.sends += 1,
+                        }
+                        n.bytes_posted += bytes;
+                        n.imms_out += u64::from(op.imm.is_some());
                     }
-                    n.bytes_posted += bytes;
-                    n.imms_out += u64::from(op.imm.is_some());
                     a.imm_posted |= op.imm.is_some();
                 }
                 Ok(Posted::Busy) => {
@@ -911,7 +943,7 @@ impl<N: Nic> Worker<N> {
             None => Ok(()),
         };
         if let Some(guard) = a.guard.take() {
-            self.record_outcome(index, &a, &result);
+            counting! { self.record_outcome(index, &a, &result); }
             guard.finish(result);
         }
     }
@@ -941,8 +973,8 @@ impl<N: Nic> Worker<N> {
             RequestOp::Send { .. } => self.latency.send.record(took),
             _ => self.latency.write.record(took),
         }
-        if tracing::enabled!(target: "strait::request", tracing::Level::DEBUG) {
-            trace_outcome(index, &peer.address, a.bytes, took, result);
+        if let Some(span) = &a.span {
+            trace_outcome(span, index, a.bytes, took, result);
         }
     }
 
@@ -952,7 +984,14 @@ impl<N: Nic> Worker<N> {
             Event::Failed { token, error } if token & CONTROL_TOKEN != 0 => self.control_sent(token, Some(error)),
             Event::Done { token } => self.piece_done(token as usize, None),
             Event::Failed { token, error } => self.piece_done(token as usize, Some(error)),
-            Event::Imm { value } => self.imm.deliver(value),
+            Event::Imm { value } => {
+                let _took = self.imm.deliver(value, self.now);
+                counting! {
+                    if let Some(took) = _took {
+                        self.latency.imm.record(took);
+                    }
+                }
+            }
             Event::Received { token, len, message, imm } => {
                 let (nic, index) = recv_slot(token);
                 if message && imm.is_some() {
@@ -971,7 +1010,12 @@ impl<N: Nic> Worker<N> {
                     return self.repost(nic, index);
                 }
                 if let Some(value) = imm {
-                    self.imm.deliver(value);
+                    let _took = self.imm.deliver(value, self.now);
+                    counting! {
+                        if let Some(took) = _took {
+                            self.latency.imm.record(took);
+                        }
+                    }
                 }
                 if message {
                     let pool = &self.pools[nic];
@@ -1228,10 +1272,12 @@ impl<N: Nic> Worker<N> {
             return;
         };
         let ok = error.is_none();
-        let counters = &mut self.peers[a.peer].stats;
-        counters.completed += 1;
-        if let Some(e) = &error {
-            counters.errors.0[error_kind(e)] += 1;
+        counting! {
+            let counters = &mut self.peers[a.peer].stats;
+            counters.completed += 1;
+            if let Some(e) = &error {
+                counters.errors.0[error_kind(e)] += 1;
+            }
         }
         if let Some(e) = error {
             // The first error wins, except that a rejected key is the root
@@ -1300,19 +1346,47 @@ impl<N: Nic> Worker<N> {
     }
 }
 
-/// The debug trace of one request's outcome, out of the hot path.
+/// A request's span: its id (unique per engine, in submission order), its
+/// peer and kind; `bytes`, `us` and `outcome` are recorded when it ends.
+/// Out of the hot path: only when a subscriber wants it.
 #[cold]
 #[inline(never)]
-fn trace_outcome(slot: usize, peer: &EngineAddress, bytes: u64, took: Duration, result: &Result<()>) {
-    tracing::debug!(
+fn request_span(id: u64, peer: &EngineAddress, op: &RequestOp) -> tracing::Span {
+    let kind = match op {
+        RequestOp::Write { src: None, .. } => "write_imm",
+        RequestOp::Write { .. } => "write",
+        RequestOp::Paged { .. } => "write_paged",
+        RequestOp::Strided { read: false, .. } => "write_copies",
+        RequestOp::Strided { read: true, .. } => "read_copies",
+        RequestOp::Read { .. } => "read",
+        RequestOp::Send { .. } => "send",
+    };
+    let span = tracing::debug_span!(
         target: "strait::request",
-        slot,
+        "request",
+        id,
         peer = %peer,
-        bytes,
-        us = took.as_micros() as u64,
-        outcome = ?result,
-        "request ended"
+        kind,
+        bytes = tracing::field::Empty,
+        us = tracing::field::Empty,
+        outcome = tracing::field::Empty,
     );
+    tracing::debug!(target: "strait::request", parent: &span, "request submitted");
+    span
+}
+
+/// The end of a request's span: what it moved, how long it took, and its
+/// outcome.
+#[cold]
+#[inline(never)]
+fn trace_outcome(span: &tracing::Span, slot: usize, bytes: u64, took: Duration, result: &Result<()>) {
+    span.record("bytes", bytes);
+    span.record("us", took.as_micros() as u64);
+    match result {
+        Ok(()) => span.record("outcome", "ok"),
+        Err(e) => span.record("outcome", tracing::field::display(e)),
+    };
+    tracing::debug!(target: "strait::request", parent: span, slot, "request ended");
 }
 
 fn recv_slot(token: u64) -> (usize, usize) {

@@ -459,7 +459,12 @@ pub fn stats_json(s: &strait::stats::EngineStats) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "in_flight": s.in_flight,
         "oldest_in_flight": secs(s.oldest_in_flight),
-        "latency": {"write": hist(&s.latency.write), "read": hist(&s.latency.read), "send": hist(&s.latency.send)},
+        "latency": {
+            "write": hist(&s.latency.write),
+            "read": hist(&s.latency.read),
+            "send": hist(&s.latency.send),
+            "imm": hist(&s.latency.imm),
+        },
         "receive_buffers": s.receive_buffers,
     })
 }
