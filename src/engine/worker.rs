@@ -950,6 +950,9 @@ impl<N: Nic> Worker<N> {
 
     /// Counts a request's outcome, the moment the user gets it, and traces
     /// it at debug level.
+    // Out of line: keeps the completion path it is called from as small as
+    // the build without counters (see `counting!`).
+    #[inline(never)]
     fn record_outcome(&mut self, index: usize, a: &Active, result: &Result<()>) {
         let peer = &mut self.peers[a.peer];
         let c = &mut peer.stats;
