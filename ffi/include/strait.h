@@ -199,6 +199,7 @@ typedef struct strait_imm_counter strait_imm_counter;
 
 // 256 reserved immediates of a user space, unique on this engine while
 // held: for an application's own protocol beside the primitives.
+// Immutable, thread-safe.
 typedef struct strait_imm_slot strait_imm_slot;
 
 // A rank's registered KV cache. Thread-safe.
@@ -231,7 +232,8 @@ typedef struct strait_moe_dispatched strait_moe_dispatched;
 // calls.
 typedef struct strait_moe_group strait_moe_group;
 
-// One rank's regions before the group is joined.
+// One rank's regions before the group is joined. Thread-safe to query;
+// `strait_moe_connect` consumes it.
 typedef struct strait_moe_rank strait_moe_rank;
 
 // Memory registered with every NIC of an engine. Thread-safe. Destroying
@@ -240,6 +242,7 @@ typedef struct strait_mr strait_mr;
 
 // A handler of service messages (two-sided messages to a service id,
 // sent with `strait_message_pool_send`), beside the engine's own queue.
+// Thread-safe; its callback runs on the engine's thread.
 typedef struct strait_service strait_service;
 
 // A snapshot of an engine's counters. Immutable, thread-safe.

@@ -1398,6 +1398,7 @@ pub unsafe extern "C" fn strait_imm_counter_destroy(counter: *mut strait_imm_cou
 
 /// 256 reserved immediates of a user space, unique on this engine while
 /// held: for an application's own protocol beside the primitives.
+/// Immutable, thread-safe.
 #[derive(Debug)]
 pub struct strait_imm_slot {
     _opaque: [u8; 0],
@@ -1459,6 +1460,7 @@ pub unsafe extern "C" fn strait_imm_slot_destroy(slot: *mut strait_imm_slot) -> 
 
 /// A handler of service messages (two-sided messages to a service id,
 /// sent with `strait_message_pool_send`), beside the engine's own queue.
+/// Thread-safe; its callback runs on the engine's thread.
 #[derive(Debug)]
 pub struct strait_service {
     _opaque: [u8; 0],

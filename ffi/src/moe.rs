@@ -93,7 +93,8 @@ pub unsafe extern "C" fn strait_moe_config_init(
     })
 }
 
-/// One rank's regions before the group is joined.
+/// One rank's regions before the group is joined. Thread-safe to query;
+/// `strait_moe_connect` consumes it.
 #[derive(Debug)]
 pub struct strait_moe_rank {
     _opaque: [u8; 0],
