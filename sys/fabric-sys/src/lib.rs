@@ -30,7 +30,7 @@ mod library;
 pub mod ops;
 
 pub use bindings::*;
-pub use library::{Library, LoadError, ENV_LIBRARY_PATH, SEARCH_PATHS};
+pub use library::{check_version, Library, LoadError, ENV_LIBRARY_PATH, MIN_LIBRARY_VERSION, SEARCH_PATHS};
 
 /// The API version strait asks libfabric for: the one its bindings were
 /// generated from. Newer libraries keep this version's structure layouts.

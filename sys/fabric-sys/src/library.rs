@@ -103,8 +103,8 @@ impl Library {
         // SAFETY: each symbol is resolved from the handle just opened and
         // transmuted to the C signature libfabric declares for it in
         // fabric.h (the version named is the one those headers describe).
-        unsafe {
-            Ok(Library {
+        let library = unsafe {
+            Library {
                 path: path.to_owned(),
                 fi_getinfo: std::mem::transmute::<*mut c_void, GetInfoFn>(symbol(
                     handle,
@@ -132,8 +132,11 @@ impl Library {
                     c"fi_version",
                     c"FABRIC_1.0",
                 )?),
-            })
-        }
+            }
+        };
+        // SAFETY: fi_version takes nothing and returns the library's version.
+        check_version(unsafe { (library.fi_version)() })?;
+        Ok(library)
     }
 
     /// `fi_strerror` as an owned string.
@@ -149,6 +152,23 @@ impl Library {
             }
         }
     }
+}
+
+/// The oldest libfabric strait runs on: the version its bindings were
+/// generated from ([`API_VERSION`](crate::API_VERSION)), which it asks
+/// `fi_getinfo` for. An older library would not know that API version.
+pub const MIN_LIBRARY_VERSION: (u32, u32) = (1, 17);
+
+/// Refuses a library older than [`MIN_LIBRARY_VERSION`], naming both.
+pub fn check_version(version: u32) -> Result<(), String> {
+    let (major, minor) = (version >> 16, version & 0xffff);
+    if (major, minor) < MIN_LIBRARY_VERSION {
+        return Err(format!(
+            "libfabric {major}.{minor} is older than {}.{}, the oldest strait supports",
+            MIN_LIBRARY_VERSION.0, MIN_LIBRARY_VERSION.1
+        ));
+    }
+    Ok(())
 }
 
 /// Resolves `name` at `version`, falling back to the default version for a
@@ -167,5 +187,20 @@ unsafe fn symbol(handle: *mut c_void, name: &CStr, version: &CStr) -> Result<*mu
         Err(format!("symbol {} missing", name.to_string_lossy()))
     } else {
         Ok(sym)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libraries_older_than_the_bindings_are_refused() {
+        assert!(check_version(crate::fi_version(1, 17)).is_ok());
+        assert!(check_version(crate::fi_version(1, 22)).is_ok());
+        assert!(check_version(crate::fi_version(2, 1)).is_ok());
+        let old = check_version(crate::fi_version(1, 14)).unwrap_err();
+        assert!(old.contains("1.14") && old.contains("1.17"), "{old}");
+        assert!(check_version(crate::fi_version(0, 99)).is_err());
     }
 }
