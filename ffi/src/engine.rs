@@ -2,7 +2,7 @@
 //! requests, completions and immediate counters.
 
 use std::ffi::{c_char, c_void};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use strait_rs::{
@@ -1216,6 +1216,12 @@ pub unsafe extern "C" fn strait_ping(
     unsafe { submit(out, || Ok(engine_of(engine)?.ping(desc_of(peer)?)?)) }
 }
 
+/// The wait of a queue read: the Rust calls take a timeout, so
+/// `STRAIT_WAIT_FOREVER` is a very long one (136 years).
+fn blocking_timeout(timeout_ms: u64) -> Duration {
+    timeout_of(timeout_ms).unwrap_or(Duration::from_secs(u64::from(u32::MAX)))
+}
+
 /// Takes the next two-sided message, waiting up to `timeout_ms`
 /// (`TIMEOUT` if none). Its bytes go to `buf`; `*len` is its length. If it
 /// does not fit (`BUFFER_TOO_SMALL`, `*len` the size needed), it is kept
@@ -1238,9 +1244,7 @@ pub unsafe extern "C" fn strait_recv(
         let mut held = state.held.lock().unwrap_or_else(|e| e.into_inner());
         let message = match held.take() {
             Some(m) => m,
-            None => {
-                state.engine.recv_timeout(timeout_of(timeout_ms).unwrap_or(Duration::from_secs(u32::MAX as u64)))?
-            }
+            None => state.engine.recv_timeout(blocking_timeout(timeout_ms))?,
         };
         // SAFETY: header contract.
         match unsafe { bytes_out(&message, buf, cap, len) } {
@@ -1264,7 +1268,7 @@ pub unsafe extern "C" fn strait_next_imm(
     call(|| {
         // SAFETY: header contract.
         let e = unsafe { engine_of(engine)? };
-        let value = e.next_imm(timeout_of(timeout_ms).unwrap_or(Duration::from_secs(u32::MAX as u64)))?;
+        let value = e.next_imm(blocking_timeout(timeout_ms))?;
         // SAFETY: header contract.
         unsafe { put(imm, value, "imm") }
     })
@@ -1605,7 +1609,7 @@ enum BatchOp {
         src_base: u64,
         dst: MrDesc,
         dst_base: u64,
-        list: Arc<CopyList>,
+        list: CopyList,
         imm: Option<u32>,
     },
     Scatter {
@@ -1798,7 +1802,7 @@ pub unsafe extern "C" fn strait_batch_write_copies(
                 src_base,
                 dst: desc_of(dst)?.clone(),
                 dst_base,
-                list: Arc::new(list_of(list)?.clone()),
+                list: list_of(list)?.clone(),
                 imm: imm_arg(imm),
             })
         })

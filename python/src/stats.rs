@@ -72,10 +72,9 @@ pub fn to_dict<'py>(py: Python<'py>, s: &EngineStats) -> PyResult<Bound<'py, PyD
     d.set_item("in_flight", s.in_flight)?;
     d.set_item("oldest_in_flight", s.oldest_in_flight.map(|d| d.as_secs_f64()))?;
     let lat = PyDict::new(py);
-    lat.set_item("write", histogram(py, &s.latency.write)?)?;
-    lat.set_item("read", histogram(py, &s.latency.read)?)?;
-    lat.set_item("send", histogram(py, &s.latency.send)?)?;
-    lat.set_item("imm", histogram(py, &s.latency.imm)?)?;
+    for (kind, h) in s.latency.kinds() {
+        lat.set_item(kind, histogram(py, h)?)?;
+    }
     d.set_item("latency", lat)?;
     d.set_item("receive_buffers", s.receive_buffers)?;
     Ok(d)

@@ -60,7 +60,7 @@ DTYPES = [
 
 
 def raw(t: "torch.Tensor") -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes()
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def random_tensor(dtype, n, seed):
@@ -316,7 +316,8 @@ def test_moe_with_torch_tensors(provider):
                 for e in range(2):
                     for j in range(int(counts[e])):
                         s, t, k = handle.source(e, j)
-                        assert int(idx[t, k]) == r * 2 + e if s == r else True
+                        if s == r:  # this rank's own tokens: their routing is known here
+                            assert int(idx[t, k]) == r * 2 + e
                 expert_x *= 2  # the experts, in place
                 y = groups[r].combine(expert_x, handle)
                 assert isinstance(y, torch.Tensor) and y.dtype == torch.bfloat16 and y.shape == (16, 32)

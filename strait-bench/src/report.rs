@@ -459,12 +459,7 @@ pub fn stats_json(s: &strait::stats::EngineStats) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "in_flight": s.in_flight,
         "oldest_in_flight": secs(s.oldest_in_flight),
-        "latency": {
-            "write": hist(&s.latency.write),
-            "read": hist(&s.latency.read),
-            "send": hist(&s.latency.send),
-            "imm": hist(&s.latency.imm),
-        },
+        "latency": s.latency.kinds().into_iter().map(|(k, h)| (k.to_string(), hist(h))).collect::<serde_json::Map<_, _>>(),
         "receive_buffers": s.receive_buffers,
     })
 }
