@@ -386,23 +386,39 @@ fn invalid_memory_is_refused() {
     let mut byte = 0u8;
     // SAFETY: as above; a zero-length range.
     let empty = unsafe { engine.register_raw(&mut byte, 0, Access::REMOTE_WRITE) };
-    // A page that was mapped and then unmapped.
-    // SAFETY: plain anonymous mapping, unmapped at once.
-    let page = unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            8192,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
-        assert_ne!(p, libc::MAP_FAILED);
-        libc::munmap(p, 8192);
-        p as *mut u8
-    };
-    // SAFETY: as above; the pages are unmapped, which registration detects.
-    let unmapped = unsafe { engine.register_raw(page, 8192, Access::REMOTE_WRITE) };
+    // Pages that were mapped and then unmapped. Another thread of this
+    // process (libfabric's, the engine's, the allocator) may map something
+    // at the same address between the unmap and the registration; then the
+    // registration rightly succeeds, the pages are mapped again, and the
+    // check is retried at a fresh address.
+    let mut unmapped = None;
+    for _ in 0..10 {
+        // SAFETY: plain anonymous mapping, unmapped at once.
+        let page = unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            libc::munmap(p, 8192);
+            p as *mut u8
+        };
+        // SAFETY: as above; the pages are unmapped, which registration detects.
+        let r = unsafe { engine.register_raw(page, 8192, Access::REMOTE_WRITE) };
+        let mut residency = [0u8; 2];
+        // SAFETY: mincore only reads the mapping table for these two pages.
+        let mapped_again = unsafe { libc::mincore(page.cast(), 8192, residency.as_mut_ptr()) } == 0;
+        if r.is_ok() && mapped_again {
+            continue;
+        }
+        unmapped = Some(r);
+        break;
+    }
+    let unmapped = unmapped.expect("ten fresh unmapped addresses were all mapped again at once");
     for (what, r) in [("null", null), ("empty", empty), ("unmapped", unmapped)] {
         assert!(matches!(r, Err(Error::RegisterMemory { .. })), "{what}: {r:?}");
     }
