@@ -106,6 +106,11 @@ pub enum Error {
         /// The decoder's value.
         decoder: u64,
     },
+    /// A weights group's descriptions cannot be planned (a tensor on one
+    /// side only, a shape or dtype mismatch, overlapping shares, bytes no
+    /// source holds).
+    #[error("weights plan: {0}")]
+    WeightsPlan(crate::weights::PlanError),
     /// A request was abandoned with a reason: by the caller, or by the
     /// peer, who said why.
     #[error("aborted by {by}: {reason}")]

@@ -141,6 +141,7 @@ pub mod kv;
 pub mod moe;
 pub mod plan;
 pub mod probe;
+pub mod weights;
 mod provider;
 mod wire;
 
