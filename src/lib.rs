@@ -141,8 +141,8 @@ pub mod kv;
 pub mod moe;
 pub mod plan;
 pub mod probe;
-pub mod weights;
 mod provider;
+pub mod weights;
 mod wire;
 
 pub use address::EngineAddress;

@@ -18,7 +18,9 @@ use strait::{Error, Provider};
 
 /// Byte `i` of tensor `name` at step `step`.
 fn value(name: &str, step: u64, i: u64) -> u8 {
-    let h = name.bytes().fold(step.wrapping_mul(0x51_7CC1_B727_220A), |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let h = name
+        .bytes()
+        .fold(step.wrapping_mul(0x51_7CC1_B727_220A), |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     (h.wrapping_add(i.wrapping_mul(0x9E37_79B9)) >> 11) as u8
 }
 
@@ -73,7 +75,9 @@ fn tp_dests(n: u32) -> Vec<Vec<TensorSpec>> {
 }
 
 fn replicated(n: u32) -> Vec<Vec<TensorSpec>> {
-    (0..n).map(|_| model().into_iter().map(|(name, e, shape)| TensorSpec::replicated(name, e, &shape)).collect()).collect()
+    (0..n)
+        .map(|_| model().into_iter().map(|(name, e, shape)| TensorSpec::replicated(name, e, &shape)).collect())
+        .collect()
 }
 
 fn config(mode: Mode) -> WeightsConfig {
@@ -93,7 +97,11 @@ fn check(rank: &WeightsRank, step: u64) {
     for (i, t) in rank.tensors().iter().enumerate() {
         let (region, offset, len) = rank.tensor(i).unwrap();
         let got = region.to_vec(offset, len).unwrap();
-        assert!(got == share_bytes(&t.spec, |b| value(&t.spec.name, step, b)), "destination tensor {} at step {step}", t.spec.name);
+        assert!(
+            got == share_bytes(&t.spec, |b| value(&t.spec.name, step, b)),
+            "destination tensor {} at step {step}",
+            t.spec.name
+        );
     }
 }
 
@@ -183,7 +191,8 @@ fn weights_rank_process() {
     let Ok(rank) = std::env::var("STRAIT_W_RANK") else { return };
     let rank: u32 = rank.parse().unwrap();
     let role = if std::env::var("STRAIT_W_ROLE").unwrap() == "source" { Role::Source } else { Role::Destination };
-    let provider = if std::env::var("STRAIT_W_PROVIDER").as_deref() == Ok("shm") { Provider::Shm } else { Provider::Tcp };
+    let provider =
+        if std::env::var("STRAIT_W_PROVIDER").as_deref() == Ok("shm") { Provider::Shm } else { Provider::Tcp };
     let (s, d): (u32, u32) = (2, 2);
     let specs = if role == Role::Source { fsdp_sources(s) } else { tp_dests(d) };
     let c = WeightsConfig { timeout: Duration::from_secs(3), ..config(Mode::Direct) };
@@ -318,6 +327,7 @@ fn a_killed_source_fails_its_destinations_step_naming_it() {
         for c in &mut children[2..] {
             let got = c.line("WSTEP 2 ");
             assert!(got.starts_with("err ") && got.contains("source rank 1"), "{provider}: {got}");
+            eprintln!("{provider}: {got}");
         }
         let took = killed.elapsed();
         assert!(took < Duration::from_secs(8), "{provider}: failed after {took:?}");

@@ -8,7 +8,9 @@ mod common;
 
 use common::weights::{rng, share_bytes};
 use proptest::prelude::*;
-use strait::weights::{plan, plan_broadcast, PlanConfig, PlanError, Role, Share, TensorSpec, WeightsPlan, WeightsRankDesc};
+use strait::weights::{
+    plan, plan_broadcast, PlanConfig, PlanError, Role, Share, TensorSpec, WeightsPlan, WeightsRankDesc,
+};
 
 /// How one side holds a tensor.
 #[derive(Clone, Copy, Debug)]
@@ -94,7 +96,8 @@ fn check(sources: &[Vec<TensorSpec>], dests: &[Vec<TensorSpec>], p: &WeightsPlan
         dests.iter().map(|r| r.iter().map(|s| vec![0u8; s.share_bytes() as usize]).collect()).collect();
     for w in p.writes() {
         let from = &src[w.source as usize][w.src_tensor as usize];
-        let (s, d) = (&sources[w.source as usize][w.src_tensor as usize], &dests[w.dest as usize][w.dst_tensor as usize]);
+        let (s, d) =
+            (&sources[w.source as usize][w.src_tensor as usize], &dests[w.dest as usize][w.dst_tensor as usize]);
         assert_eq!(s.name, d.name);
         let c = w.copy;
         for r in 0..c.rows {
@@ -109,13 +112,18 @@ fn check(sources: &[Vec<TensorSpec>], dests: &[Vec<TensorSpec>], p: &WeightsPlan
     }
     for (d, ranks) in dests.iter().enumerate() {
         for (t, spec) in ranks.iter().enumerate() {
-            assert!(hits[d][t].iter().all(|&h| h == 1), "dest {d} tensor {}: bytes written {:?}", spec.name, hits[d][t]);
+            assert!(
+                hits[d][t].iter().all(|&h| h == 1),
+                "dest {d} tensor {}: bytes written {:?}",
+                spec.name,
+                hits[d][t]
+            );
             assert_eq!(dst[d][t], share_bytes(spec, |i| value(&spec.name, i)), "dest {d} tensor {}", spec.name);
         }
     }
     // Each destination's senders are exactly the sources writing to it.
     for d in 0..dests.len() as u32 {
-        let mut from: Vec<u32> = p.writes().iter().filter(|w| w.dest == d).map(|w| w.source).collect();
+        let mut from: Vec<u32> = p.writes().filter(|w| w.dest == d).map(|w| w.source).collect();
         from.sort_unstable();
         from.dedup();
         assert_eq!(p.senders(d), &from[..]);
@@ -147,7 +155,7 @@ proptest! {
         let p = plan(&sources, &dests, &config).unwrap();
         check(&sources, &dests, &p);
         let ideal = p.bytes() as f64 / sources.len() as f64;
-        let largest = p.writes().iter().map(|w| w.copy.len()).max().unwrap_or(0) as f64;
+        let largest = p.writes().map(|w| w.copy.len()).max().unwrap_or(0) as f64;
         for (s, &load) in p.load().iter().enumerate() {
             prop_assert!(load as f64 <= ideal * (1.0 + 1.0 / 64.0) + largest, "source {} carries {} of ideal {}", s, load, ideal);
         }
@@ -218,7 +226,7 @@ fn fsdp_shards_to_tp_column_and_row_splits() {
     let p = plan(&sources, &dests, &PlanConfig::default()).unwrap();
     check(&sources, &dests, &p);
     // The row split reads every source's shard as rows.
-    assert!(p.writes().iter().any(|w| w.copy.rows > 1));
+    assert!(p.writes().any(|w| w.copy.rows > 1));
 }
 
 #[test]
@@ -228,7 +236,9 @@ fn descriptions_that_cannot_be_planned_are_refused_with_the_reason() {
     let err = |s: &[Vec<TensorSpec>], d: &[Vec<TensorSpec>]| plan(s, d, &PlanConfig::default()).unwrap_err();
     // One side only.
     let extra = vec![vec![a(Share::Replicated), TensorSpec::replicated("bias", 2, &[4])]];
-    assert!(matches!(err(&extra, &whole), PlanError::OneSided { ref name, side: Role::Source, rank: 0 } if name == "bias"));
+    assert!(
+        matches!(err(&extra, &whole), PlanError::OneSided { ref name, side: Role::Source, rank: 0 } if name == "bias")
+    );
     assert!(matches!(err(&whole, &extra), PlanError::OneSided { side: Role::Destination, .. }));
     // Shape and element size.
     let other_shape = vec![vec![TensorSpec::replicated("w", 2, &[4, 8])]];
@@ -236,9 +246,11 @@ fn descriptions_that_cannot_be_planned_are_refused_with_the_reason() {
     let other_dtype = vec![vec![TensorSpec::replicated("w", 4, &[8, 4])]];
     assert!(matches!(err(&whole, &other_dtype), PlanError::Mismatch { what: "element size", .. }));
     // Overlapping (not identical) shares on one side.
-    let overlap = vec![vec![a(Share::Split { dim: 0, start: 0, end: 5 })], vec![a(Share::Split { dim: 0, start: 4, end: 8 })]];
+    let overlap =
+        vec![vec![a(Share::Split { dim: 0, start: 0, end: 5 })], vec![a(Share::Split { dim: 0, start: 4, end: 8 })]];
     assert!(matches!(err(&overlap, &whole), PlanError::Overlap { side: Role::Source, a: 0, b: 1, .. }));
-    let crossed = vec![vec![a(Share::Split { dim: 0, start: 0, end: 4 })], vec![a(Share::Split { dim: 1, start: 0, end: 2 })]];
+    let crossed =
+        vec![vec![a(Share::Split { dim: 0, start: 0, end: 4 })], vec![a(Share::Split { dim: 1, start: 0, end: 2 })]];
     assert!(matches!(err(&whole, &crossed), PlanError::Overlap { side: Role::Destination, .. }));
     // Bytes nobody holds.
     let half = vec![vec![a(Share::Split { dim: 0, start: 0, end: 4 })]];
@@ -249,12 +261,20 @@ fn descriptions_that_cannot_be_planned_are_refused_with_the_reason() {
     let bad = vec![vec![a(Share::Split { dim: 2, start: 0, end: 1 })]];
     assert!(matches!(err(&bad, &whole), PlanError::InvalidSpec { .. }));
     // Replicas are fine, and so is an empty share.
-    let replicas = vec![vec![a(Share::Replicated)], vec![a(Share::Replicated)], vec![a(Share::Split { dim: 0, start: 3, end: 3 })]];
+    let replicas = vec![
+        vec![a(Share::Replicated)],
+        vec![a(Share::Replicated)],
+        vec![a(Share::Split { dim: 0, start: 3, end: 3 })],
+    ];
     assert!(plan(&replicas, &whole, &PlanConfig::default()).is_ok());
     // Broadcast needs identical destinations and whole tensors.
     let halves = vec![half[0].clone(), vec![a(Share::Split { dim: 0, start: 4, end: 8 })]];
-    assert!(matches!(plan_broadcast(&whole, &halves, &PlanConfig::default()), Err(PlanError::Group(m)) if m.contains("same tensors")));
-    assert!(matches!(plan_broadcast(&halves, &whole, &PlanConfig::default()), Err(PlanError::Group(m)) if m.contains("all of")));
+    assert!(
+        matches!(plan_broadcast(&whole, &halves, &PlanConfig::default()), Err(PlanError::Group(m)) if m.contains("same tensors"))
+    );
+    assert!(
+        matches!(plan_broadcast(&halves, &whole, &PlanConfig::default()), Err(PlanError::Group(m)) if m.contains("all of"))
+    );
 }
 
 #[test]

@@ -123,16 +123,15 @@ def main():
     q.sock.setblocking(False)
     delay = args.delay_us / 1e6
     pending = collections.deque()  # (due, id), ids increasing
-    poller = select.poll()
-    poller.register(q.sock, select.POLLIN)
+    fd = q.sock.fileno()
     buf = bytearray(1 << 20)
     view = memoryview(buf)
     while True:
+        # select() has microsecond resolution (poll/epoll round up to milliseconds)
         if pending:
-            wait_ms = max(0.0, (pending[0][0] - time.monotonic()) * 1000)
-            poller.poll(wait_ms if wait_ms > 0 else 0)
+            select.select([fd], [], [], max(0.0, pending[0][0] - time.monotonic()))
         else:
-            poller.poll(1000)
+            select.select([fd], [], [], 1.0)
         now = time.monotonic()
         while True:
             try:

@@ -100,7 +100,12 @@ impl WeightsRank {
         for t in &tensors {
             t.spec.validate().map_err(Error::WeightsPlan)?;
             let Some(region) = regions.get(t.region as usize) else {
-                return Err(Error::InvalidRequest(format!("tensor {:?} is in region {} of {}", t.spec.name, t.region, regions.len())));
+                return Err(Error::InvalidRequest(format!(
+                    "tensor {:?} is in region {} of {}",
+                    t.spec.name,
+                    t.region,
+                    regions.len()
+                )));
             };
             crate::descriptor::check_range("tensor", t.offset, t.spec.share_bytes(), region.len())?;
             if role == Role::Destination && !region.descriptor().access().remote_write {
@@ -136,7 +141,13 @@ impl WeightsRank {
 
     /// Rank `rank` of `role` with its shares of `specs` in one region the
     /// engine allocates (zeroed), each share 64-byte aligned, in order.
-    pub fn alloc(engine: &TransferEngine, config: WeightsConfig, role: Role, rank: u32, specs: Vec<TensorSpec>) -> Result<Self> {
+    pub fn alloc(
+        engine: &TransferEngine,
+        config: WeightsConfig,
+        role: Role,
+        rank: u32,
+        specs: Vec<TensorSpec>,
+    ) -> Result<Self> {
         let mut offset = 0u64;
         let mut places = Vec::with_capacity(specs.len());
         for spec in specs {
@@ -193,7 +204,10 @@ impl WeightsRank {
         let me = self.desc.rank as usize;
         let mine = if self.desc.role == Role::Source { sources.get(me) } else { dests.get(me) };
         if mine.is_none_or(|d| **d != self.desc) {
-            return Err(Error::InvalidRequest(format!("weights group: {} rank {me}'s descriptor is not this rank's", self.desc.role)));
+            return Err(Error::InvalidRequest(format!(
+                "weights group: {} rank {me}'s descriptor is not this rank's",
+                self.desc.role
+            )));
         }
         let src_specs: Vec<Vec<TensorSpec>> = sources.iter().map(|d| d.specs()).collect();
         let dst_specs: Vec<Vec<TensorSpec>> = dests.iter().map(|d| d.specs()).collect();
@@ -211,7 +225,12 @@ impl WeightsRank {
                         let owed = senders
                             .iter()
                             .map(|&s| {
-                                let mut names: Vec<u32> = p.source_writes(s).iter().filter(|w| w.dest == me as u32).map(|w| w.dst_tensor).collect();
+                                let mut names: Vec<u32> = p
+                                    .source_writes(s)
+                                    .iter()
+                                    .filter(|w| w.dest == me as u32)
+                                    .map(|w| w.dst_tensor)
+                                    .collect();
                                 names.dedup();
                                 names
                             })
@@ -258,7 +277,9 @@ fn direct_source(rank: &WeightsRank, p: &super::WeightsPlan, dests: &[WeightsRan
     while i < writes.len() {
         let w = writes[i];
         let mut j = i;
-        while j < writes.len() && (writes[j].src_tensor, writes[j].dest, writes[j].dst_tensor) == (w.src_tensor, w.dest, w.dst_tensor) {
+        while j < writes.len()
+            && (writes[j].src_tensor, writes[j].dest, writes[j].dst_tensor) == (w.src_tensor, w.dest, w.dst_tensor)
+        {
             j += 1;
         }
         let place = &rank.places[w.src_tensor as usize];
@@ -548,7 +569,13 @@ impl WeightsGroup {
     }
 
     /// Waits for request `r`'s transfer; in broadcast, then flags its part.
-    fn finish_write(&self, r: &Request, t: &Transfer, started: Instant, tails: &mut Vec<(u32, Transfer)>) -> Result<()> {
+    fn finish_write(
+        &self,
+        r: &Request,
+        t: &Transfer,
+        started: Instant,
+        tails: &mut Vec<(u32, Transfer)>,
+    ) -> Result<()> {
         let name = &self.dests[r.dest as usize].tensors[r.dst_tensor as usize].spec.name;
         self.wait_transfer(Role::Destination, r.dest, &format!("writing tensor {name:?}"), t, started)?;
         if let Some(p) = r.part {
@@ -567,17 +594,13 @@ impl WeightsGroup {
 
     /// A transport failure toward a rank, as the error naming it.
     fn named(&self, side: Role, rank: u32, what: &str, e: Error) -> Error {
-        let addr = match side {
-            Role::Source => self.sources[rank as usize].owner(),
-            Role::Destination => self.dests[rank as usize].owner(),
-        };
         match e {
-            Error::PeerUnreachable(m) => Error::PeerUnreachable(format!("weights: {side} rank {rank} ({addr}): {what}: {m}")),
+            Error::PeerUnreachable(m) => Error::PeerUnreachable(format!("weights: {side} rank {rank}: {what}: {m}")),
             Error::Timeout(t) => {
-                Error::PeerUnreachable(format!("weights: {side} rank {rank} ({addr}): {what}: no completion within {t:?}"))
+                Error::PeerUnreachable(format!("weights: {side} rank {rank}: {what}: no completion within {t:?}"))
             }
             e @ (Error::Fabric { .. } | Error::Verbs { .. } | Error::Transport { .. } | Error::RemoteAccess(_)) => {
-                Error::PeerUnreachable(format!("weights: {side} rank {rank} ({addr}): {what}: {e}"))
+                Error::PeerUnreachable(format!("weights: {side} rank {rank}: {what}: {e}"))
             }
             other => other,
         }
@@ -690,7 +713,10 @@ impl WeightsGroup {
                         last_progress = Instant::now();
                         if let Some(r) = forward.get(p) {
                             let src = &self.local.regions[r.src_region as usize];
-                            forwards.push_back((p, self.local.engine.write_copies(src, r.src_base, &r.dst, r.dst_base, &r.list, None)?));
+                            forwards.push_back((
+                                p,
+                                self.local.engine.write_copies(src, r.src_base, &r.dst, r.dst_base, &r.list, None)?,
+                            ));
                         }
                     } else if got > step {
                         return Err(Error::InvalidRequest(format!(
@@ -719,7 +745,8 @@ impl WeightsGroup {
                 let next = &self.dests[r.dest as usize];
                 let imm = crate::reserved_imm(ImmSpace::Weights, next.slots[PARTS], 0)?;
                 let at = (MAX_SOURCES + p) as u64 * 8;
-                flags.push((r.dest, self.local.engine.write(&self.local.step_buf, 0, &next.control, at, 8, Some(imm))?));
+                flags
+                    .push((r.dest, self.local.engine.write(&self.local.step_buf, 0, &next.control, at, 8, Some(imm))?));
             }
             if cursor == n && forwards.is_empty() {
                 break;
@@ -765,7 +792,7 @@ impl WeightsGroup {
     ) -> Result<()> {
         let timeout = self.local.config.timeout;
         if last_progress.elapsed() >= timeout {
-            let who: Vec<String> = ranks.iter().map(|&r| self.describe(side, r)).collect();
+            let who: Vec<String> = ranks.iter().map(|&r| format!("{side} rank {r}{}", self.owed(r))).collect();
             return Err(Error::PeerUnreachable(format!(
                 "weights step {step}: no progress within {timeout:?} ({} of {} done{missing}); waiting for {}",
                 progress.done,
@@ -779,7 +806,7 @@ impl WeightsGroup {
             if let Some(i) = at {
                 let (_, _, when, t) = &self.pings[i];
                 if let Some(Err(e)) = t.result() {
-                    let what = format!("step {step}: a liveness ping ({}{missing})", self.describe(side, r));
+                    let what = format!("step {step}{}{missing}: a liveness ping", self.owed(r));
                     return Err(self.named(side, r, &what, e));
                 }
                 if !(t.is_done() && when.elapsed() >= heartbeat) {
@@ -797,12 +824,9 @@ impl WeightsGroup {
         Ok(())
     }
 
-    /// `source rank 3 (address), owing tensors "a", "b" and 10 more`.
-    fn describe(&self, side: Role, r: u32) -> String {
-        let addr = match side {
-            Role::Source => self.sources[r as usize].owner(),
-            Role::Destination => self.dests[r as usize].owner(),
-        };
+    /// `, which writes tensors "a", "b" and 10 more` for a sender of a
+    /// direct destination; empty otherwise.
+    fn owed(&self, r: u32) -> String {
         let owed: Vec<&str> = match &self.work {
             Work::DirectDest { senders, owed, .. } => senders
                 .iter()
@@ -811,15 +835,14 @@ impl WeightsGroup {
                 .unwrap_or_default(),
             _ => Vec::new(),
         };
-        let mut s = format!("{side} rank {r} ({addr})");
-        if !owed.is_empty() {
-            let shown: Vec<String> = owed.iter().take(4).map(|n| format!("{n:?}")).collect();
-            s += &format!(", which writes tensors {}", shown.join(", "));
-            if owed.len() > 4 {
-                s += &format!(" and {} more", owed.len() - 4);
-            }
+        if owed.is_empty() {
+            return String::new();
+        }
+        let shown: Vec<String> = owed.iter().take(4).map(|n| format!("{n:?}")).collect();
+        let mut s = format!(", which writes tensors {} here", shown.join(", "));
+        if owed.len() > 4 {
+            s += &format!(" and {} more", owed.len() - 4);
         }
         s
     }
 }
-

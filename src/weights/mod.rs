@@ -74,6 +74,9 @@ mod spec;
 mod wire;
 
 pub use group::{Mode, WeightsConfig, WeightsGroup, WeightsRank};
-pub use plan::{broadcast_parts, plan, plan_broadcast, BroadcastPart, BroadcastPlan, PlanConfig, PlannedWrite, WeightsPlan, MAX_SOURCES};
+pub use plan::{
+    broadcast_parts, plan, plan_broadcast, BroadcastPart, BroadcastPlan, PlanConfig, PlannedWrite, WeightsPlan,
+    MAX_SOURCES,
+};
 pub use spec::{PlanError, Role, Share, TensorSpec, MAX_DIMS, MAX_NAME};
 pub use wire::{TensorPlace, WeightsRankDesc, MAX_REGIONS, MAX_TENSORS};

@@ -24,6 +24,27 @@ use std::collections::HashMap;
 use super::spec::{PlanError, Role, TensorSpec, MAX_DIMS};
 use crate::Strided;
 
+/// FNV-1a: the index's names are hashed once per rank and tensor, and
+/// come from the ranks themselves (no adversary to defend against here).
+type Fnv = std::hash::BuildHasherDefault<FnvHasher>;
+
+#[derive(Default)]
+struct FnvHasher(u64);
+
+impl std::hash::Hasher for FnvHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
 /// The most sources a group may have (the immediate's sub byte names the
 /// source).
 pub const MAX_SOURCES: usize = 256;
@@ -60,23 +81,22 @@ pub struct PlannedWrite {
 /// The schedule of a step: computed once, replayed every step.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WeightsPlan {
-    /// Sorted by (source, source tensor, destination, destination tensor).
-    writes: Vec<PlannedWrite>,
-    by_source: Vec<(usize, usize)>,
+    /// Each source's writes, grouped by tensor.
+    by_source: Vec<Vec<PlannedWrite>>,
     senders: Vec<Vec<u32>>,
     load: Vec<u64>,
 }
 
 impl WeightsPlan {
-    /// Every write, grouped by source, each source's in its tensors' order.
-    pub fn writes(&self) -> &[PlannedWrite] {
-        &self.writes
+    /// Every write, source by source.
+    pub fn writes(&self) -> impl Iterator<Item = &PlannedWrite> {
+        self.by_source.iter().flatten()
     }
 
-    /// Source `s`'s writes, in its tensors' order.
+    /// Source `s`'s writes, grouped by tensor (a tensor's writes are
+    /// consecutive, destination by destination).
     pub fn source_writes(&self, s: u32) -> &[PlannedWrite] {
-        let (a, b) = self.by_source[s as usize];
-        &self.writes[a..b]
+        &self.by_source[s as usize]
     }
 
     /// The sources that write to destination `d` (each sends it one
@@ -252,8 +272,10 @@ fn range_of(spec: &TensorSpec) -> Range {
 #[derive(Debug)]
 struct Group {
     range: Range,
-    /// `(source rank, tensor index)`.
-    holders: Vec<(u32, u32)>,
+    /// The share's geometry (the same for every replica).
+    shard: Shard,
+    /// `(source rank, tensor index)` of the replicas, in rank order.
+    holders: std::ops::Range<usize>,
 }
 
 /// One tensor as both sides describe it.
@@ -262,11 +284,23 @@ struct Tensor<'a> {
     spec: &'a TensorSpec,
     side: Role,
     rank: u32,
-    /// Source shares, sorted by range, replicas grouped.
+    /// `(range, source rank, tensor index)` of every source share; sorted
+    /// by range then rank once indexed, so replicas are consecutive.
+    sources: Vec<(Range, u32, u32)>,
+    /// Distinct non-empty source shares, sorted, replicas grouped.
     groups: Vec<Group>,
-    /// `(range, rank)` of each side's ranks, for the overlap check.
-    entries: [Vec<(Range, u32)>; 2],
+    /// `(destination rank, tensor index)` of the destinations that need it.
+    dests: Vec<(u32, u32)>,
 }
+
+impl Tensor<'_> {
+    fn holders(&self, g: &Group) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.sources[g.holders.clone()].iter().map(|&(_, s, t)| (s, t))
+    }
+}
+
+/// Tensor index by name.
+type NameIndex<'a> = HashMap<&'a str, usize, Fnv>;
 
 fn side_index(side: Role) -> usize {
     match side {
@@ -276,34 +310,45 @@ fn side_index(side: Role) -> usize {
 }
 
 /// Indexes every rank's tensors by name, checking specs, element sizes
-/// and shapes, duplicates, and one-sided names.
+/// and shapes, duplicates, overlapping shares and one-sided names.
 fn index<'a, S: AsRef<[TensorSpec]>, D: AsRef<[TensorSpec]>>(
     sources: &'a [S],
     dests: &'a [D],
-) -> Result<(Vec<Tensor<'a>>, HashMap<&'a str, usize>), PlanError> {
+) -> Result<(Vec<Tensor<'a>>, NameIndex<'a>), PlanError> {
+    let total: usize =
+        sources.iter().map(|s| s.as_ref().len()).sum::<usize>() + dests.iter().map(|d| d.as_ref().len()).sum::<usize>();
     let mut tensors: Vec<Tensor<'a>> = Vec::new();
-    let mut by_name: HashMap<&'a str, usize> = HashMap::new();
+    let mut by_name: NameIndex<'a> = HashMap::with_capacity_and_hasher(total.min(1 << 20), Fnv::default());
     let mut last: Vec<(u32, u32)> = Vec::new();
     let sides: [(Role, Vec<&'a [TensorSpec]>); 2] = [
         (Role::Source, sources.iter().map(|s| s.as_ref()).collect()),
         (Role::Destination, dests.iter().map(|d| d.as_ref()).collect()),
     ];
     for (side, ranks) in &sides {
+        // Ranks often list the same tensors in the same order: try the
+        // previous rank's tensor at this position before hashing.
+        let mut prev: Vec<usize> = Vec::new();
         for (r, specs) in ranks.iter().enumerate() {
             let r = r as u32;
+            let mut here = Vec::with_capacity(specs.len());
             for (t, spec) in specs.iter().enumerate() {
                 spec.validate()?;
-                let i = *by_name.entry(spec.name.as_str()).or_insert_with(|| {
-                    tensors.push(Tensor {
-                        spec,
-                        side: *side,
-                        rank: r,
-                        groups: Vec::new(),
-                        entries: [Vec::new(), Vec::new()],
-                    });
-                    last.push((u32::MAX, u32::MAX));
-                    tensors.len() - 1
-                });
+                let i = match prev.get(t) {
+                    Some(&i) if tensors[i].spec.name == spec.name => i,
+                    _ => *by_name.entry(spec.name.as_str()).or_insert_with(|| {
+                        tensors.push(Tensor {
+                            spec,
+                            side: *side,
+                            rank: r,
+                            sources: Vec::new(),
+                            groups: Vec::new(),
+                            dests: Vec::new(),
+                        });
+                        last.push((u32::MAX, u32::MAX));
+                        tensors.len() - 1
+                    }),
+                };
+                here.push(i);
                 let tensor = &mut tensors[i];
                 let s = side_index(*side) as u32;
                 if last[i] == (s, r) {
@@ -327,40 +372,51 @@ fn index<'a, S: AsRef<[TensorSpec]>, D: AsRef<[TensorSpec]>>(
                 if first.shape != spec.shape {
                     return Err(mismatch("shape", format!("{:?}", first.shape), format!("{:?}", spec.shape)));
                 }
-                tensor.entries[s as usize].push((range_of(spec), r));
-                if *side == Role::Source && spec.share_bytes() > 0 {
-                    tensor.groups.push(Group { range: range_of(spec), holders: vec![(r, t as u32)] });
+                match side {
+                    Role::Source => tensor.sources.push((range_of(spec), r, t as u32)),
+                    Role::Destination => tensor.dests.push((r, t as u32)),
                 }
             }
+            prev = here;
         }
     }
+    let mut ranges = Vec::new();
     for tensor in &mut tensors {
-        for (s, side) in [(0, Role::Source), (1, Role::Destination)] {
-            if tensor.entries[s].is_empty() {
-                let other = if side == Role::Source { Role::Destination } else { Role::Source };
-                let rank = tensor.entries[1 - s][0].1;
-                return Err(PlanError::OneSided { name: tensor.spec.name.clone(), side: other, rank });
-            }
-            check_overlap(tensor.spec, side, &mut tensor.entries[s])?;
+        if tensor.sources.is_empty() || tensor.dests.is_empty() {
+            let (side, rank) = match tensor.dests.first() {
+                Some(&(d, _)) => (Role::Destination, d),
+                None => (Role::Source, tensor.sources[0].1),
+            };
+            return Err(PlanError::OneSided { name: tensor.spec.name.clone(), side, rank });
         }
-        // Group replicas: identical ranges, holders in rank order.
-        tensor.groups.sort_by(|a, b| (a.range, a.holders[0]).cmp(&(b.range, b.holders[0])));
-        let mut grouped: Vec<Group> = Vec::with_capacity(tensor.groups.len());
-        for g in tensor.groups.drain(..) {
-            match grouped.last_mut() {
-                Some(last) if last.range == g.range => last.holders.extend(g.holders),
-                _ => grouped.push(g),
+        tensor.sources.sort_unstable();
+        let src: Vec<(Range, u32)> = tensor.sources.iter().map(|&(g, r, _)| (g, r)).collect();
+        check_overlap(tensor.spec, Role::Source, &src)?;
+        ranges.clear();
+        ranges.extend(tensor.dests.iter().map(|&(d, t)| (range_of(&dests[d as usize].as_ref()[t as usize]), d)));
+        ranges.sort_unstable();
+        check_overlap(tensor.spec, Role::Destination, &ranges)?;
+        // Group replicas: identical non-empty ranges.
+        let mut i = 0;
+        while i < tensor.sources.len() {
+            let (range, s, t) = tensor.sources[i];
+            let mut j = i + 1;
+            while j < tensor.sources.len() && tensor.sources[j].0 == range {
+                j += 1;
             }
+            if range.start < range.end {
+                let shard = Shard::of(&sources[s as usize].as_ref()[t as usize]);
+                tensor.groups.push(Group { range, shard, holders: i..j });
+            }
+            i = j;
         }
-        tensor.groups = grouped;
     }
     Ok((tensors, by_name))
 }
 
 /// Distinct non-empty shares of one side must be disjoint: along one
 /// dimension, not overlapping.
-fn check_overlap(spec: &TensorSpec, side: Role, entries: &mut [(Range, u32)]) -> Result<(), PlanError> {
-    entries.sort();
+fn check_overlap(spec: &TensorSpec, side: Role, entries: &[(Range, u32)]) -> Result<(), PlanError> {
     let mut prev: Option<(Range, u32)> = None;
     for &(range, rank) in entries.iter().filter(|(r, _)| r.start < r.end) {
         if let Some((p, p_rank)) = prev {
@@ -402,23 +458,25 @@ pub fn plan<S: AsRef<[TensorSpec]>, D: AsRef<[TensorSpec]>>(
     config: &PlanConfig,
 ) -> Result<WeightsPlan, PlanError> {
     check_counts(sources.len(), dests.len())?;
-    let (tensors, by_name) = index(sources, dests)?;
-    let mut per_source: Vec<Vec<PlannedWrite>> = vec![Vec::new(); sources.len()];
-    let mut load = vec![0u64; sources.len()];
-    let mut senders: Vec<Vec<u32>> = Vec::with_capacity(dests.len());
+    let (tensors, _) = index(sources, dests)?;
+    let (ns, nd) = (sources.len(), dests.len());
+    let mut by_source: Vec<Vec<PlannedWrite>> = vec![Vec::new(); ns];
+    let mut load = vec![0u64; ns];
+    let mut from = vec![false; ns * nd];
     let (mut copies, mut parts) = (Vec::new(), Vec::new());
-    for (d, specs) in dests.iter().enumerate() {
-        let mut from = vec![false; sources.len()];
-        for (dt, spec) in specs.as_ref().iter().enumerate() {
+    // Tensor by tensor, so that each source's writes come out grouped by
+    // tensor (its prepare hook runs once per tensor) without sorting.
+    for tensor in &tensors {
+        let groups = &tensor.groups;
+        for &(d, dt) in &tensor.dests {
+            let spec = &dests[d as usize].as_ref()[dt as usize];
             let need = spec.share_bytes();
             if need == 0 {
                 continue;
             }
-            let tensor = &tensors[by_name[spec.name.as_str()]];
             let want = range_of(spec);
             let dst = Shard::of(spec);
             let mut covered = 0u64;
-            let groups = &tensor.groups;
             // Source shares along the destination's dimension are sorted
             // and disjoint: visit only those that meet it.
             let aligned = groups.iter().all(|g| g.range.dim == want.dim);
@@ -427,10 +485,9 @@ pub fn plan<S: AsRef<[TensorSpec]>, D: AsRef<[TensorSpec]>>(
                 if aligned && g.range.start >= want.end {
                     break;
                 }
-                let src = Shard::of(&sources[g.holders[0].0 as usize].as_ref()[g.holders[0].1 as usize]);
-                let (lo, hi) = meet(&src, g.range, want);
+                let (lo, hi) = meet(&g.shard, g.range, want);
                 copies.clear();
-                let bytes = box_copies(&src, &dst, &lo, &hi, &mut copies);
+                let bytes = box_copies(&g.shard, &dst, &lo, &hi, &mut copies);
                 if bytes == 0 {
                     continue;
                 }
@@ -444,37 +501,29 @@ pub fn plan<S: AsRef<[TensorSpec]>, D: AsRef<[TensorSpec]>>(
                     }
                 }
                 for &c in &parts {
-                    let &(s, st) = g
-                        .holders
-                        .iter()
-                        .min_by_key(|(s, _)| (load[*s as usize], *s))
-                        .expect("a group has a holder");
+                    let (s, st) = if g.holders.len() == 1 {
+                        tensor.holders(g).next().expect("a group has a holder")
+                    } else {
+                        tensor.holders(g).min_by_key(|(s, _)| (load[*s as usize], *s)).expect("a group has a holder")
+                    };
                     load[s as usize] += c.len();
-                    from[s as usize] = true;
-                    per_source[s as usize].push(PlannedWrite {
+                    from[s as usize * nd + d as usize] = true;
+                    by_source[s as usize].push(PlannedWrite {
                         source: s,
-                        dest: d as u32,
+                        dest: d,
                         src_tensor: st,
-                        dst_tensor: dt as u32,
+                        dst_tensor: dt,
                         copy: c,
                     });
                 }
             }
             if covered != need {
-                return Err(PlanError::Uncovered { name: spec.name.clone(), dest: d as u32, missing: need - covered });
+                return Err(PlanError::Uncovered { name: spec.name.clone(), dest: d, missing: need - covered });
             }
         }
-        senders.push((0..sources.len() as u32).filter(|&s| from[s as usize]).collect());
     }
-    let mut writes = Vec::with_capacity(per_source.iter().map(Vec::len).sum());
-    let mut by_source = Vec::with_capacity(sources.len());
-    for mut list in per_source {
-        list.sort_by_key(|w| (w.src_tensor, w.dest, w.dst_tensor));
-        let a = writes.len();
-        writes.extend(list);
-        by_source.push((a, writes.len()));
-    }
-    Ok(WeightsPlan { writes, by_source, senders, load })
+    let senders = (0..nd).map(|d| (0..ns as u32).filter(|&s| from[s as usize * nd + d]).collect()).collect();
+    Ok(WeightsPlan { by_source, senders, load })
 }
 
 /// One part of a broadcast: rows `rows.0..rows.1` of dimension 0 of a
@@ -571,7 +620,7 @@ pub fn plan_broadcast<S: AsRef<[TensorSpec]>, D: AsRef<[TensorSpec]>>(
         let Some(group) = tensor.groups.iter().find(|g| g.range == whole) else {
             return Err(PlanError::Group(format!("broadcast: no source holds all of tensor {:?}", spec.name)));
         };
-        let &(s, st) = group.holders.iter().min_by_key(|(s, _)| (load[*s as usize], *s)).expect("a holder");
+        let (s, st) = tensor.holders(group).min_by_key(|(s, _)| (load[*s as usize], *s)).expect("a holder");
         let dst = Shard::of(spec);
         let src = dst.full();
         let (mut lo, mut hi) = meet(&src, whole, range_of(spec));

@@ -90,7 +90,9 @@ impl TensorSpec {
 
     /// Bytes of this rank's share.
     pub fn share_bytes(&self) -> u64 {
-        self.share_shape().iter().product::<u64>() * u64::from(self.elem_bytes)
+        let (dim, start, end) = self.range();
+        let whole: u64 = self.dims().iter().enumerate().map(|(d, &n)| if d == dim { end - start } else { n }).product();
+        whole * u64::from(self.elem_bytes)
     }
 
     /// Bytes of the whole tensor.

@@ -147,7 +147,11 @@ impl WeightsRankDesc {
             }
             let share = match r.u8("share")? {
                 0 => Share::Replicated,
-                1 => Share::Split { dim: r.u8("split dimension")?, start: r.u64("split start")?, end: r.u64("split end")? },
+                1 => Share::Split {
+                    dim: r.u8("split dimension")?,
+                    start: r.u64("split start")?,
+                    end: r.u64("split end")?,
+                },
                 x => return Err(r.error(format!("share kind {x}"))),
             };
             let spec = TensorSpec { name, elem_bytes, shape, share };
