@@ -11,6 +11,7 @@ mod raw;
 mod report;
 mod server;
 mod units;
+mod weights;
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr};
@@ -86,6 +87,28 @@ enum Cmd {
         engine: EngineArgs,
         #[command(flatten)]
         moe: moe::MoeArgs,
+    },
+    /// RL weight transfer between --sources and --dests processes on this
+    /// machine (tcp on the loopback interface unless --provider says
+    /// otherwise): a resharding push (or a chain broadcast), first step
+    /// and replayed steps, against a naive push in the same run.
+    Weights {
+        #[command(flatten)]
+        engine: EngineArgs,
+        #[command(flatten)]
+        weights: weights::WeightsArgs,
+    },
+    /// One rank of `weights` (started by it).
+    #[command(hide = true)]
+    WeightsRank {
+        #[command(flatten)]
+        engine: EngineArgs,
+        #[command(flatten)]
+        weights: weights::WeightsArgs,
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        rank: u32,
     },
     /// One rank of `moe` (started by it).
     #[command(hide = true)]
@@ -448,6 +471,10 @@ fn main() -> ExitCode {
             Ok(())
         }
         Cmd::Moe { engine, moe } => moe::run(&loopback_options(engine), moe),
+        Cmd::Weights { engine, weights } => weights::run(&loopback_options(engine), weights),
+        Cmd::WeightsRank { engine, weights, role, rank } => {
+            weights::rank_main(&EngineOptions::from_args(engine), weights, role, *rank)
+        }
         Cmd::MoeRank { engine, moe, rank } => moe::rank_main(&EngineOptions::from_args(engine), moe, *rank),
     };
     match result {
