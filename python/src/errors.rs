@@ -42,6 +42,7 @@ pub fn to_py(py: Python<'_>, error: strait::Error) -> PyErr {
         E::WouldDeadlock(_) => "WouldDeadlockError",
         E::LayoutMismatch { .. } => "LayoutMismatchError",
         E::Aborted { .. } => "AbortedError",
+        E::WeightsPlan(_) => "WeightsPlanError",
         _ => "Error",
     };
     raise(py, name, error.to_string())

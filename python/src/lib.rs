@@ -19,6 +19,7 @@ mod handles;
 mod kv;
 mod moe;
 mod stats;
+mod weights;
 
 /// The providers strait can open here, and why the others cannot be: a list
 /// of `(name, available, detail)`.
@@ -53,6 +54,8 @@ fn _strait(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<moe::MoeRank>()?;
     m.add_class::<moe::MoeGroup>()?;
     m.add_class::<moe::MoeHandle>()?;
+    m.add_class::<weights::WeightsRank>()?;
+    m.add_class::<weights::WeightsGroup>()?;
     m.add_function(wrap_pyfunction!(probe, m)?)?;
     m.add_function(wrap_pyfunction!(engine::_shutdown_all, m)?)?;
     m.add("PAGE_SIZE", strait::PAGE_SIZE)?;

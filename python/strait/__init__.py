@@ -25,7 +25,7 @@ Every request returns a ``Transfer`` (``wait``, ``done``, callbacks,
 ``strait.Error``. Helpers for ``torch.distributed`` are in
 ``strait.distributed`` (torch is imported only when they are used); KV-cache
 transfer for disaggregated prefill/decode is ``strait.kv``, expert-parallel
-dispatch and combine ``strait.moe``.
+dispatch and combine ``strait.moe``, RL weight transfer ``strait.weights``.
 """
 
 import atexit as _atexit
@@ -58,6 +58,7 @@ from .errors import (
     TimeoutError,
     TransportError,
     UnsupportedObjectError,
+    WeightsPlanError,
     WouldDeadlockError,
 )
 

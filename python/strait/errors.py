@@ -26,6 +26,7 @@ __all__ = [
     "WouldDeadlockError",
     "LayoutMismatchError",
     "AbortedError",
+    "WeightsPlanError",
 ]
 
 
@@ -107,3 +108,10 @@ class LayoutMismatchError(InvalidRequestError):
 class AbortedError(Error):
     """A request was given up with a reason: the peer (a KV sender that
     failed, naming itself and why) or this side."""
+
+
+class WeightsPlanError(InvalidRequestError):
+    """The sources' and destinations' weight descriptions cannot be
+    planned: a tensor on one side only, a shape or element-size mismatch,
+    overlapping shares, or bytes no source holds. The message names the
+    tensor and the ranks; nothing was transferred."""

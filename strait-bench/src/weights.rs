@@ -275,7 +275,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn report(options: &EngineOptions, args: &WeightsArgs, dst: &[Vec<TensorSpec>], plan_writes: usize, times: &[RankTimes]) -> WeightsReport {
+fn report(
+    options: &EngineOptions,
+    args: &WeightsArgs,
+    dst: &[Vec<TensorSpec>],
+    plan_writes: usize,
+    times: &[RankTimes],
+) -> WeightsReport {
     let slowest = |pick: fn(&RankTimes) -> &Vec<f64>, i: usize| times.iter().map(|t| pick(t)[i]).fold(0.0, f64::max);
     let dest_bytes: u64 = dst.iter().flatten().map(|s| s.share_bytes()).sum();
     let model_bytes: u64 = dst[0].iter().map(|s| s.full_bytes()).sum();
@@ -284,13 +290,31 @@ fn report(options: &EngineOptions, args: &WeightsArgs, dst: &[Vec<TensorSpec>], 
     let first = slowest(|t| &t.steps_ms, 0) + connect;
     let replay = median((1..steps).map(|i| slowest(|t| &t.steps_ms, i)).collect());
     let mut rows = vec![
-        WeightsRow { driver: "strait".into(), what: "first step + plan".into(), ms: first, gbytes_per_s: 0.0, vs_strait: 0.0 },
-        WeightsRow { driver: "strait".into(), what: "replayed step".into(), ms: replay, gbytes_per_s: 0.0, vs_strait: 1.0 },
+        WeightsRow {
+            driver: "strait".into(),
+            what: "first step + plan".into(),
+            ms: first,
+            gbytes_per_s: 0.0,
+            vs_strait: 0.0,
+        },
+        WeightsRow {
+            driver: "strait".into(),
+            what: "replayed step".into(),
+            ms: replay,
+            gbytes_per_s: 0.0,
+            vs_strait: 1.0,
+        },
     ];
     let naive_n = times[0].naive_ms.len();
     if naive_n > 1 {
         let naive = median((1..naive_n).map(|i| slowest(|t| &t.naive_ms, i)).collect());
-        rows.push(WeightsRow { driver: "naive".into(), what: "replayed step".into(), ms: naive, gbytes_per_s: 0.0, vs_strait: 0.0 });
+        rows.push(WeightsRow {
+            driver: "naive".into(),
+            what: "replayed step".into(),
+            ms: naive,
+            gbytes_per_s: 0.0,
+            vs_strait: 0.0,
+        });
     }
     for r in &mut rows {
         r.gbytes_per_s = dest_bytes as f64 / (r.ms * 1e6);
@@ -427,7 +451,9 @@ pub fn rank_main(options: &EngineOptions, args: &WeightsArgs, role: &str, rank: 
                 for d in stagings.iter().flatten() {
                     for (i, (_, s)) in full.iter().enumerate() {
                         let len = 2 * s.iter().product::<u64>();
-                        posted.push(engine.write(src, offsets[i], d, offsets[i], len, Some(7)).map_err(|e| e.to_string())?);
+                        posted.push(
+                            engine.write(src, offsets[i], d, offsets[i], len, Some(7)).map_err(|e| e.to_string())?,
+                        );
                     }
                 }
                 for p in posted {
