@@ -156,9 +156,10 @@ impl WeightsGroup {
             let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             match &prepare {
                 None => g.push(step),
-                Some(f) => g.push_with(step, |_, spec| {
-                    Python::attach(|py| f.call1(py, (spec.name.as_str(),)).map(|_| ())).map_err(|e| {
-                        strait::Error::InvalidRequest(format!("the prepare hook failed on tensor {:?}: {e}", spec.name))
+                Some(f) => g.push_with(step, |slot| {
+                    let name = slot.spec.name.as_str();
+                    Python::attach(|py| f.call1(py, (name,)).map(|_| ())).map_err(|e| {
+                        strait::Error::InvalidRequest(format!("the prepare hook failed on tensor {name:?}: {e}"))
                     })
                 }),
             }

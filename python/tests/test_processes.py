@@ -80,6 +80,7 @@ def test_example_moves_an_array(provider):
     [
         ("kv_prefill_decode.py", ["--layers", "8", "--tokens", "256"], "every byte checked"),
         ("moe_dispatch_combine.py", ["--ranks", "2"], "combine = 2x"),
+        ("weights_push.py", ["--steps", "2"], "weights match on every destination"),
     ],
 )
 def test_primitive_examples(script, args, says):

@@ -14,6 +14,45 @@ use crate::{Access, CopyList, ImmCounter, ImmSlot, ImmSpace, MemoryRegion, MrDes
 const RECORDS: usize = 0;
 const PARTS: usize = 1;
 
+/// A source tensor as the prepare hook of
+/// [`WeightsGroup::push_with`] sees it: where its share's bytes must be.
+#[derive(Debug)]
+pub struct TensorSlot<'a> {
+    /// Its index in this source's description.
+    pub index: usize,
+    /// The tensor and this source's share.
+    pub spec: &'a TensorSpec,
+    /// The region holding the share.
+    pub region: &'a MemoryRegion,
+    /// The share's offset in the region.
+    pub offset: u64,
+}
+
+impl TensorSlot<'_> {
+    /// Bytes of the share.
+    pub fn len(&self) -> u64 {
+        self.spec.share_bytes()
+    }
+
+    /// True for an empty share.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies `bytes` (at most the share's length) to the share's start.
+    pub fn write(&self, bytes: &[u8]) -> Result<()> {
+        if bytes.len() as u64 > self.len() {
+            return Err(Error::InvalidRequest(format!(
+                "{} bytes for tensor {:?}, whose share has {}",
+                bytes.len(),
+                self.spec.name,
+                self.len()
+            )));
+        }
+        self.region.write_at(self.offset, bytes)
+    }
+}
+
 /// How a step moves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Mode {
@@ -482,18 +521,18 @@ impl WeightsGroup {
     /// source's share of the plan into the destinations and tells each it
     /// is complete. Returns when every write has completed.
     pub fn push(&mut self, step: u64) -> Result<()> {
-        self.push_with(step, |_, _| Ok(()))
+        self.push_with(step, |_| Ok(()))
     }
 
-    /// [`push`](Self::push) with a prepare hook: `prepare(i, spec)` is
-    /// called for each of this source's tensors (index `i` in its
-    /// description) just before its writes are posted, and must leave the
-    /// share's bytes in place (gather, cast, quantize). It runs at most
+    /// [`push`](Self::push) with a prepare hook: `prepare(slot)` is called
+    /// for each of this source's tensors that the plan sends, just before
+    /// its writes are posted, and must leave the share's bytes in place
+    /// (gather, cast, quantize: [`TensorSlot`] says where). It runs at most
     /// [`WeightsConfig::watermark`] bytes ahead of the writes that have
     /// completed, so preparing tensor `i + 1` overlaps sending tensor `i`,
     /// and a hook that stages into a bounded pool can recycle a buffer
     /// once that much has been sent after it.
-    pub fn push_with(&mut self, step: u64, mut prepare: impl FnMut(usize, &TensorSpec) -> Result<()>) -> Result<()> {
+    pub fn push_with(&mut self, step: u64, mut prepare: impl FnMut(&TensorSlot<'_>) -> Result<()>) -> Result<()> {
         self.check(Role::Source, step)?;
         let started = Instant::now();
         let r = match &self.work {
@@ -512,7 +551,7 @@ impl WeightsGroup {
     fn run_source(
         &self,
         step: u64,
-        prepare: &mut dyn FnMut(usize, &TensorSpec) -> Result<()>,
+        prepare: &mut dyn FnMut(&TensorSlot<'_>) -> Result<()>,
         started: Instant,
     ) -> Result<()> {
         let (Work::DirectSource(reqs) | Work::BroadcastSource(reqs)) = &self.work else { unreachable!() };
@@ -531,7 +570,12 @@ impl WeightsGroup {
                 j += 1;
             }
             let place = &self.local.places[tensor as usize];
-            prepare(tensor as usize, &place.spec)?;
+            prepare(&TensorSlot {
+                index: tensor as usize,
+                spec: &place.spec,
+                region: &self.local.regions[place.region as usize],
+                offset: place.offset,
+            })?;
             let mut batch = engine.batch();
             for r in &reqs[i..j] {
                 let src = &self.local.regions[r.src_region as usize];

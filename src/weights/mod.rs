@@ -73,7 +73,7 @@ mod plan;
 mod spec;
 mod wire;
 
-pub use group::{Mode, WeightsConfig, WeightsGroup, WeightsRank};
+pub use group::{Mode, TensorSlot, WeightsConfig, WeightsGroup, WeightsRank};
 pub use plan::{
     broadcast_parts, plan, plan_broadcast, BroadcastPart, BroadcastPlan, PlanConfig, PlannedWrite, WeightsPlan,
     MAX_SOURCES,

@@ -428,7 +428,10 @@ pub fn rank_main(options: &EngineOptions, args: &WeightsArgs, role: &str, rank: 
         // A destination's cut of each full tensor into its share.
         let cuts = if role == Role::Destination {
             let whole: Vec<TensorSpec> = full.iter().map(|(n, s)| TensorSpec::replicated(n.as_str(), 2, s)).collect();
-            Some(plan(&[whole], std::slice::from_ref(&specs), &PlanConfig { chunk: u64::MAX }).map_err(|e| e.to_string())?)
+            Some(
+                plan(&[whole], std::slice::from_ref(&specs), &PlanConfig { chunk: u64::MAX })
+                    .map_err(|e| e.to_string())?,
+            )
         } else {
             None
         };
