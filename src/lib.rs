@@ -169,3 +169,9 @@ pub mod fuzzing {
         crate::engine::access::Control::decode(bytes).ok().map(|c| c.encode())
     }
 }
+
+/// The README's Rust examples, compiled (and run unless marked `no_run`)
+/// as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
