@@ -10,8 +10,9 @@ set -euo pipefail
 
 # g++, pkg-config and binutils (readelf) build and check the C API's tests
 # and C++ example; gcc brings the address and undefined-behaviour
-# sanitizers' runtimes.
-packages=(libfabric1 libfabric-bin libibverbs1 ibverbs-providers gcc g++ libc6-dev pkg-config binutils)
+# sanitizers' runtimes. iproute2 (ip, tc) and iptables build the emulated cluster
+# (scripts/cluster/netns.sh; its tests run as root).
+packages=(libfabric1 libfabric-bin libibverbs1 ibverbs-providers gcc g++ libc6-dev pkg-config binutils iproute2 iptables)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -94,9 +94,14 @@ impl RawGroup {
         if nics == 0 || nics > crate::wire::MAX_NICS {
             return Err(Error::InvalidRequest(format!("nics must be in 1..={}", crate::wire::MAX_NICS)));
         }
+        // The same interface list as the engine's builder takes.
+        let interfaces: Vec<String> = interface
+            .map(|l| l.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+            .unwrap_or_default();
         let options = FabricOptions {
             provider,
-            info: InfoRequest { domain: interface.map(str::to_owned), hmem: false },
+            info: InfoRequest { domain: Some(&interfaces).filter(|l| l.len() == 1).map(|l| l[0].clone()), hmem: false },
+            interfaces,
             wait_fd,
             rx_slots: receives,
         };

@@ -3,8 +3,8 @@
 # veth link per NIC, each NIC index its own L2 "rail" (a bridge in a hub
 # namespace), with optional rate limit, delay and loss per node link.
 #
-#   netns.sh up     [--prefix P] [--nodes N] [--nics K] [--link RATE] [--delay D]
-#                   [--loss L] [--burst B] [--mtu M] [--loose]
+#   netns.sh up     [--prefix P] [--nodes N] [--nics K|K0,K1,..] [--link RATE] [--delay D]
+#                   [--loss L] [--burst B] [--mtu M] [--fabric flat|rails] [--loose]
 #   netns.sh down   [--prefix P]
 #   netns.sh exec   [--prefix P] NODE cmd...
 #   netns.sh link   [--prefix P] NODE NIC up|down
@@ -13,14 +13,21 @@
 #   netns.sh status [--prefix P]
 #
 # Layout (prefix P, default "sc"):
-#   namespaces  P-n0 .. P-n<N-1> (nodes) and P-hub (the switches)
-#   node I, NIC K: interface "nicK" in P-nI, address 10.77.K.(I+1)/24; its peer
-#   "nIkK" in P-hub is a port of bridge "railK". Each rail is its own subnet, so
-#   routing alone sends traffic for 10.77.K.x out of nicK. Unless --loose, each
-#   node also has a policy rule "from 10.77.K.(I+1) lookup table 100+K" whose
-#   table only reaches rail K: a socket bound to NIC K's address (libfabric's
-#   tcp provider binds its data sockets to the domain's address) can never
-#   leave through another NIC; a cross-rail connect fails (unreachable).
+#   namespaces  P-n0 .. P-n<N-1> (nodes) and P-hub (the switch)
+#   node I, NIC K: interface "nicK" in P-nI, address 10.77.K.(I+1); its peer
+#   "nIkK" in P-hub is a switch port. --nics 4,2 gives node 0 four NICs and
+#   node 1 two (the last count repeats for further nodes).
+#   --fabric flat (default): one bridge "fabric", one subnet 10.77.0.0/16: any
+#     NIC reaches any NIC, as on a real cluster's fabric. Each node has a rule
+#     "from 10.77.K.(I+1) lookup table 100+K" routing the fabric out of nicK,
+#     and answers ARP for an address only on its own NIC (arp_ignore=1,
+#     arp_announce=2): a socket bound to NIC K's address (libfabric's tcp
+#     provider binds its data sockets to the domain's address) leaves through
+#     nicK, and traffic for it arrives through nicK.
+#   --fabric rails: bridge "railK" per NIC index, subnet 10.77.K.0/24: NIC K
+#     reaches only NIC K of other nodes (rail-optimised). Unless --loose, the
+#     policy table of NIC K only reaches rail K, so a cross-rail connect fails
+#     (unreachable) instead of leaving through another NIC.
 #
 # Impairments are per node link, and one-way, like a switch port toward the node:
 #   --link RATE  tbf on both ends of the link (node egress and hub egress), so
@@ -198,7 +205,7 @@ cmd_down() {
 }
 
 cmd_up() {
-    local nodes=2 nics=1 rate="" delay="" loss="" burst="" mtu=1500 loose=0
+    local nodes=2 nics=1 rate="" delay="" loss="" burst="" mtu=1500 loose=0 fabric=flat
     while [[ $# -gt 0 ]]; do
         case $1 in
             --nodes) nodes=$2; shift 2 ;;
@@ -209,6 +216,7 @@ cmd_up() {
             --burst) burst=$2; shift 2 ;;
             --mtu) mtu=$2; shift 2 ;;
             --loose) loose=1; shift ;;
+            --fabric) fabric=$2; shift 2 ;;
             --prefix) PREFIX=$2; shift 2 ;;
             *) die "up: unknown option '$1'" ;;
         esac
@@ -216,7 +224,11 @@ cmd_up() {
     need_root
     check_prefix
     [[ $nodes =~ ^[0-9]+$ && $nodes -ge 2 && $nodes -le 253 ]] || die "--nodes: 2..253"
-    [[ $nics =~ ^[0-9]+$ && $nics -ge 1 && $nics -le 64 ]] || die "--nics: 1..64"
+    [[ $nics =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--nics: a count (1..16) or one per node, comma-separated"
+    local -a per_node
+    IFS=, read -r -a per_node <<<"$nics"
+    for k in "${per_node[@]}"; do [[ $k -ge 1 && $k -le 16 ]] || die "--nics: 1..16 per node"; done
+    [[ $fabric == flat || $fabric == rails ]] || die "--fabric: flat or rails"
     [[ -n $delay ]] && delay_us "$delay" >/dev/null
     [[ -n $loss ]] && loss_threshold "$loss" >/dev/null
     [[ -z $(our_namespaces) ]] || die "prefix $PREFIX already up ($(our_namespaces | tr '\n' ' ')); run: $0 down --prefix $PREFIX"
@@ -227,34 +239,50 @@ cmd_up() {
     # a failed or interrupted up leaves nothing behind
     trap 'rc=$?; if [[ $rc != 0 ]]; then log "up failed (rc $rc): removing prefix $PREFIX"; cmd_down || true; fi' EXIT
     trap 'exit 130' INT TERM
-    echo "nodes=$nodes nics=$nics rate=$rate delay=$delay loss=$loss burst=$burst mtu=$mtu" >"$(state_dir)/config"
+    echo "nodes=$nodes nics=$nics fabric=$fabric rate=$rate delay=$delay loss=$loss burst=$burst mtu=$mtu" >"$(state_dir)/config"
 
-    local hub i k ns addr
+    local hub i k ns addr n most=0
+    for k in "${per_node[@]}"; do [[ $k -gt $most ]] && most=$k; done
     hub=$(hub_ns)
     ip netns add "$hub"
     ip netns exec "$hub" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
     ip -n "$hub" link set lo up
-    for ((k = 0; k < nics; k++)); do
-        ip -n "$hub" link add "rail$k" type bridge forward_delay 0 stp_state 0
-        ip -n "$hub" link set "rail$k" mtu "$mtu" up
-    done
+    if [[ $fabric == flat ]]; then
+        ip -n "$hub" link add fabric type bridge forward_delay 0 stp_state 0
+        ip -n "$hub" link set fabric mtu "$mtu" up
+    else
+        for ((k = 0; k < most; k++)); do
+            ip -n "$hub" link add "rail$k" type bridge forward_delay 0 stp_state 0
+            ip -n "$hub" link set "rail$k" mtu "$mtu" up
+        done
+    fi
     for ((i = 0; i < nodes; i++)); do
         ns=$(node_ns "$i")
+        n=${per_node[$((i < ${#per_node[@]} ? i : ${#per_node[@]} - 1))]}
         ip netns add "$ns"
         ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 \
-            net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0
+            net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 \
+            net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2
         ip -n "$ns" link set lo up
-        for ((k = 0; k < nics; k++)); do
+        for ((k = 0; k < n; k++)); do
             addr=10.77.$k.$((i + 1))
             # both ends created directly inside their namespaces
             ip link add "nic$k" netns "$ns" mtu "$mtu" type veth peer name "n${i}k$k" netns "$hub" mtu "$mtu"
-            ip -n "$hub" link set "n${i}k$k" master "rail$k" up
-            ip -n "$ns" addr add "$addr/24" dev "nic$k"
-            ip -n "$ns" link set "nic$k" up
-            if [[ $loose == 0 ]]; then
-                ip -n "$ns" route add "10.77.$k.0/24" dev "nic$k" src "$addr" table $((100 + k))
-                ip -n "$ns" route add unreachable 10.77.0.0/16 table $((100 + k))
+            if [[ $fabric == flat ]]; then
+                ip -n "$hub" link set "n${i}k$k" master fabric up
+                ip -n "$ns" addr add "$addr/16" dev "nic$k"
+                ip -n "$ns" link set "nic$k" up
+                ip -n "$ns" route add 10.77.0.0/16 dev "nic$k" src "$addr" table $((100 + k))
                 ip -n "$ns" rule add from "$addr" lookup $((100 + k)) pref $((1000 + k))
+            else
+                ip -n "$hub" link set "n${i}k$k" master "rail$k" up
+                ip -n "$ns" addr add "$addr/24" dev "nic$k"
+                ip -n "$ns" link set "nic$k" up
+                if [[ $loose == 0 ]]; then
+                    ip -n "$ns" route add "10.77.$k.0/24" dev "nic$k" src "$addr" table $((100 + k))
+                    ip -n "$ns" route add unreachable 10.77.0.0/16 table $((100 + k))
+                    ip -n "$ns" rule add from "$addr" lookup $((100 + k)) pref $((1000 + k))
+                fi
             fi
             set_rate "$i" "$k" "$rate" "$burst"
             set_loss "$i" "$k" "$loss"
@@ -262,7 +290,7 @@ cmd_up() {
         done
     done
     trap - EXIT INT TERM
-    log "prefix $PREFIX up: $nodes nodes x $nics NICs; node I NIC K = nicK in $(node_ns I), 10.77.K.(I+1)/24"
+    log "prefix $PREFIX up: $nodes nodes, NICs $nics, $fabric fabric; node I NIC K = nicK in $(node_ns I), 10.77.K.(I+1)"
     log "run: $0 exec --prefix $PREFIX 0 CMD...   (namespace $(node_ns 0))"
 }
 
@@ -333,14 +361,18 @@ cmd_check() {
     need_root
     check_prefix
     command -v python3 >/dev/null || die "check needs python3"
-    local nodes nics i j k fail=0
+    local nodes nics=0 i j k fail=0
     nodes=$(our_namespaces | grep -c -- '-n[0-9]*$' || true)
     [[ $nodes -ge 2 ]] || die "prefix $PREFIX is not up"
-    nics=$(ip -n "$(node_ns 0)" -o link show | grep -c ' nic[0-9]*@' || true)
+    local -a count
+    for ((i = 0; i < nodes; i++)); do
+        count[i]=$(ip -n "$(node_ns "$i")" -o link show | grep -c ' nic[0-9]*@' || true)
+        nics=$((count[i] > ${nics:-0} ? count[i] : ${nics:-0}))
+    done
     for ((k = 0; k < nics; k++)); do
         for ((i = 0; i < nodes; i++)); do
             for ((j = 0; j < nodes; j++)); do
-                [[ $i == "$j" ]] && continue
+                [[ $i == "$j" || $k -ge ${count[i]} || $k -ge ${count[j]} ]] && continue
                 ip netns exec "$(node_ns "$i")" python3 - "10.77.$k.$((i + 1))" "10.77.$k.$((j + 1))" <<'EOF' || fail=1
 import os, socket, struct, sys, time
 src, dst = sys.argv[1], sys.argv[2]

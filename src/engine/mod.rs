@@ -64,6 +64,8 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct EngineBuilder {
     provider: Provider,
     nics: usize,
+    /// `nics` was set (else it follows the interface list).
+    nics_set: bool,
     poll_mode: PollMode,
     cpu: Option<usize>,
     interface: Option<String>,
@@ -93,6 +95,7 @@ impl Default for EngineBuilder {
         EngineBuilder {
             provider: Provider::Auto,
             nics: 1,
+            nics_set: false,
             poll_mode: PollMode::default(),
             cpu: None,
             interface: None,
@@ -115,11 +118,15 @@ impl EngineBuilder {
         self
     }
 
-    /// NICs in the group (default 1, at most 16). On EFA each is a device,
-    /// taken in the order libfabric lists them; on tcp and shm each is its
-    /// own endpoint on the same interface, standing in for a NIC.
+    /// NICs in the group (default 1, or as many as
+    /// [`interface`](Self::interface) names; at most 16). On EFA each is a
+    /// device, taken in the order libfabric lists them; on tcp each is its
+    /// own endpoint on an interface (NIC `i` on the `i`-th interface named,
+    /// cycling; all on one interface when one is named), and on shm its own
+    /// endpoint, standing in for a NIC.
     pub fn nics(mut self, nics: usize) -> Self {
         self.nics = nics;
+        self.nics_set = true;
         self
     }
 
@@ -143,8 +150,14 @@ impl EngineBuilder {
         self
     }
 
-    /// tcp only: the interface (libfabric domain) to use, e.g. `lo`. Without
-    /// it libfabric picks the first interface it lists (often `eth0`).
+    /// tcp only: the interface (libfabric domain) to use, e.g. `lo`, or
+    /// several, comma-separated (`"eth0,eth1"`): NIC `i` of the group then
+    /// opens on the `i`-th (cycling), and the group has as many NICs as
+    /// interfaces unless [`nics`](Self::nics) says otherwise. Each NIC's
+    /// endpoint binds its sockets to its interface's address, so with one
+    /// subnet per interface (or source-address routing) its traffic leaves
+    /// through that interface. Without it libfabric picks the first
+    /// interface it lists (often `eth0`).
     pub fn interface(mut self, name: impl Into<String>) -> Self {
         self.interface = Some(name.into());
         self
@@ -188,7 +201,10 @@ impl EngineBuilder {
         self
     }
 
-    fn check_nics(&self) -> Result<()> {
+    fn check_nics(&mut self) -> Result<()> {
+        if !self.nics_set {
+            self.nics = self.interfaces().len().max(1);
+        }
         if self.nics == 0 || self.nics > crate::wire::MAX_NICS {
             return Err(Error::InvalidRequest(format!("nics must be in 1..={}", crate::wire::MAX_NICS)));
         }
@@ -223,7 +239,7 @@ impl EngineBuilder {
     /// `Auto` tries libfabric `efa`, then verbs, then libfabric `tcp`, and
     /// takes the first that opens; when none does, the error lists why each
     /// was unavailable.
-    pub fn build(self) -> Result<TransferEngine> {
+    pub fn build(mut self) -> Result<TransferEngine> {
         self.check_nics()?;
         match self.provider {
             Provider::Verbs => {
@@ -256,10 +272,25 @@ impl EngineBuilder {
         }
     }
 
+    /// The interfaces named, in order (empty: none).
+    fn interfaces(&self) -> Vec<String> {
+        self.interface
+            .as_deref()
+            .map(|l| l.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+            .unwrap_or_default()
+    }
+
     fn fabric_options(&self, provider: Provider) -> FabricOptions {
+        let interfaces = self.interfaces();
         FabricOptions {
             provider,
-            info: InfoRequest { domain: self.interface.clone(), hmem: false },
+            // One interface is a hint to fi_getinfo; several are picked
+            // from the full list.
+            info: InfoRequest {
+                domain: Some(interfaces.clone()).filter(|l| l.len() == 1).map(|l| l[0].clone()),
+                hmem: false,
+            },
+            interfaces,
             wait_fd: matches!(self.poll_mode, PollMode::Adaptive { .. }),
             rx_slots: self.recv.count,
         }

@@ -202,6 +202,8 @@ struct Active {
     bytes: u64,
     ops: u32,
     imm_posted: bool,
+    /// Operations in flight per local NIC.
+    in_flight: [u16; crate::wire::MAX_NICS],
 }
 
 /// One question to a region's owner, and the failed requests waiting on it.
@@ -248,6 +250,11 @@ struct Peer {
     /// When an operation to this peer last completed (or the peer was
     /// inserted): requests to it expire after `request_timeout` without one.
     last_progress: Instant,
+    /// When an operation to this peer through local NIC `n` last completed
+    /// (or the peer was inserted): a request with operations in flight on
+    /// a NIC expires when that NIC has made no progress to the peer for
+    /// the request timeout, even while its other NICs do (a dead link).
+    nic_progress: Vec<Instant>,
     remote_nics: usize,
     /// `fi_addr` of remote NIC `r` in local NIC `l`'s AV at `l * remote_nics + r`.
     addrs: Vec<u64>,
@@ -492,6 +499,20 @@ impl<N: Nic> Worker<N> {
         for nic in 0..self.nics.len() {
             let before = self.events.len();
             self.nics[nic].poll(&mut self.events);
+            // Per-NIC progress and in-flight counts (the request timeout's
+            // clock; see `Peer::nic_progress`).
+            for event in &self.events[before..] {
+                let (Event::Done { token } | Event::Failed { token, .. }) = event else { continue };
+                if token & CONTROL_TOKEN != 0 {
+                    continue;
+                }
+                if let Some(a) = self.active.get_mut(*token as usize).and_then(Option::as_mut) {
+                    a.in_flight[nic] = a.in_flight[nic].saturating_sub(1);
+                    if matches!(event, Event::Done { .. }) {
+                        self.peers[a.peer].nic_progress[nic] = self.now;
+                    }
+                }
+            }
             counting! {
             if self.events.len() > before {
                 let counters = &mut self.nic_stats[nic];
@@ -556,13 +577,21 @@ impl<N: Nic> Worker<N> {
             if a.guard.is_none() || a.diagnosing {
                 continue;
             }
-            let quiet_since = a.since.max(self.peers[a.peer].last_progress);
+            // The stalest NIC this request waits on, else the peer as a whole.
+            let peer = &self.peers[a.peer];
+            let stalest = (0..self.nics.len()).filter(|&n| a.in_flight[n] > 0).min_by_key(|&n| peer.nic_progress[n]);
+            let quiet_since = a.since.max(stalest.map_or(peer.last_progress, |n| peer.nic_progress[n]));
             if now.saturating_duration_since(quiet_since) < timeout {
                 continue;
             }
+            let through = match stalest {
+                Some(n) if self.nics.len() > 1 => format!(" through NIC {n}"),
+                _ => String::new(),
+            };
             let error = Error::PeerUnreachable(format!(
-                "no operation to the peer completed within the request timeout of {timeout:?} \
-                 (the peer is dead, stalled or unreachable); {} operation(s) of this request were still in flight",
+                "no operation to the peer{through} completed within the request timeout of {timeout:?} \
+                 (the peer is dead, stalled or unreachable, or that link is down); {} operation(s) of this request \
+                 were still in flight",
                 a.seq.in_flight()
             ));
             if !matches!(a.error, Some(Error::RemoteAccess(_))) {
@@ -748,6 +777,7 @@ impl<N: Nic> Worker<N> {
         tracing::debug!(peer = %address, remote_nics, "peer inserted");
         self.peers.push(Peer {
             last_progress: self.now,
+            nic_progress: vec![self.now; self.nics.len()],
             remote_nics,
             addrs,
             address: address.clone(),
@@ -790,6 +820,7 @@ impl<N: Nic> Worker<N> {
             bytes: 0,
             ops: 0,
             imm_posted: false,
+            in_flight: [0; crate::wire::MAX_NICS],
         };
         let index = match self.free.pop() {
             Some(i) => {
@@ -872,6 +903,7 @@ impl<N: Nic> Worker<N> {
             match unsafe { self.nics[piece.local_nic].post(&op) } {
                 Ok(Posted::Accepted) => {
                     a.seq.posted();
+                    a.in_flight[piece.local_nic] += 1;
                     posted += 1;
                     // Per NIC here; per peer once, when the request ends.
                     let bytes = op.len * u64::from(op.rows.count.max(1));

@@ -38,6 +38,9 @@ use crate::provider::{Provider, ProviderKind};
 pub(crate) struct FabricOptions {
     pub provider: Provider,
     pub info: InfoRequest,
+    /// tcp: the interfaces (domains) NIC `i` opens on, `i` cycling; empty:
+    /// whatever libfabric lists (one hint in `info` when there is one).
+    pub interfaces: Vec<String>,
     /// Open CQs with a wait descriptor (adaptive polling) or without (busy).
     pub wait_fd: bool,
     /// Receive buffers the engine will post per NIC.
@@ -50,13 +53,13 @@ pub(crate) fn open_group(options: &FabricOptions, count: usize) -> Result<(Provi
     let (kind, list) = info::select(options.provider, &options.info)?;
     let mut entries: Vec<*mut sys::fi_info> = Vec::new();
     let mut seen = Vec::new();
-    let wanted_domain = options.info.domain.as_deref().filter(|_| kind == ProviderKind::Tcp);
+    let wanted: &[String] = if kind == ProviderKind::Tcp { &options.interfaces } else { &[] };
     let matching = list.iter().filter(|&i| {
         // libfabric treats the domain-name hint loosely for layered
-        // providers: keep only the interface asked for, so that a test bound
-        // to `lo` never opens an endpoint on another interface.
+        // providers: keep only the interfaces asked for, so that a test
+        // bound to `lo` never opens an endpoint on another interface.
         info::provider_name(i).starts_with(kind.fabric_name())
-            && wanted_domain.is_none_or(|d| info::domain_name(i) == d)
+            && (wanted.is_empty() || wanted.iter().any(|d| info::domain_name(i) == *d))
     });
     for i in matching {
         let name = info::domain_name(i);
@@ -65,10 +68,27 @@ pub(crate) fn open_group(options: &FabricOptions, count: usize) -> Result<(Provi
             entries.push(i);
         }
     }
+    // With interfaces named, NIC n opens on the n-th (cycling), each of
+    // which must exist.
+    if !wanted.is_empty() {
+        let mut ordered = Vec::with_capacity(wanted.len());
+        for d in wanted {
+            match seen.iter().position(|s| s == d) {
+                Some(at) => ordered.push(entries[at]),
+                None => {
+                    return Err(Error::BackendUnavailable {
+                        backend: kind.fabric_name(),
+                        reason: format!("no domain named {d:?} (domains here: {seen:?})"),
+                    })
+                }
+            }
+        }
+        entries = ordered;
+    }
     let Some(&first) = entries.first() else {
         return Err(Error::BackendUnavailable {
             backend: kind.fabric_name(),
-            reason: format!("no domain named {wanted_domain:?}"),
+            reason: format!("no domain named {wanted:?}"),
         });
     };
     let mut fabric_ptr = ptr::null_mut();
