@@ -311,7 +311,7 @@ impl EngineBuilder {
     /// deliver their immediates to it. Only with the `test-backend` feature;
     /// never use it for real transfers.
     #[cfg(feature = "test-backend")]
-    pub fn build_null_backend(self) -> Result<TransferEngine> {
+    pub fn build_null_backend(mut self) -> Result<TransferEngine> {
         self.check_nics()?;
         let nics = (0..self.nics).map(|_| crate::backend::null::NullNic::new()).collect();
         self.start(ProviderKind::Tcp, nics)
