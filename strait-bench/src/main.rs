@@ -4,6 +4,7 @@
 //! offers. See `strait-bench --help`.
 
 mod client;
+mod cluster;
 mod kv;
 mod moe;
 mod proto;
@@ -97,6 +98,15 @@ enum Cmd {
         engine: EngineArgs,
         #[command(flatten)]
         weights: weights::WeightsArgs,
+    },
+    /// Runs a workload on an emulated cluster built on this machine (as
+    /// root): a network namespace per node, a veth link per NIC with its
+    /// own rate, delay and loss, faults on a schedule. `-- connect ARGS`
+    /// runs serve on node 1 and connect on node 0; `-- moe ARGS` and `--
+    /// weights ARGS` spread their rank processes over the nodes.
+    Cluster {
+        #[command(flatten)]
+        cluster: cluster::ClusterArgs,
     },
     /// One rank of `weights` (started by it).
     #[command(hide = true)]
@@ -471,6 +481,15 @@ fn main() -> ExitCode {
             Ok(())
         }
         Cmd::Moe { engine, moe } => moe::run(&loopback_options(engine), moe),
+        Cmd::Cluster { cluster } => cluster::run(
+            &EngineOptions {
+                provider: Provider::Tcp,
+                nics: 1,
+                interface: None,
+                poll: PollMode::default(),
+            },
+            cluster,
+        ),
         Cmd::Weights { engine, weights } => weights::run(&loopback_options(engine), weights),
         Cmd::WeightsRank { engine, weights, role, rank } => {
             weights::rank_main(&EngineOptions::from_args(engine), weights, role, *rank)

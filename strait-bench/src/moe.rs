@@ -10,7 +10,7 @@
 //! over iterations.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -125,11 +125,12 @@ pub fn run(options: &EngineOptions, args: &MoeArgs) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("finding strait-bench itself: {e}"))?;
     let mut children = Vec::new();
     for r in 0..args.ranks {
-        let mut child = Command::new(&exe)
+        let (mut cmd, rank_options) = crate::cluster::rank_command(&exe, r as usize, options);
+        let mut child = cmd
             .arg("moe-rank")
             .args(["--rank", &r.to_string()])
             .args(args.to_args())
-            .args(options.to_args())
+            .args(rank_options.to_args())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

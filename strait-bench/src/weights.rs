@@ -19,7 +19,7 @@
 //! out of it (what an engine's `load_weights` does).
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -193,11 +193,14 @@ pub fn run(options: &EngineOptions, args: &WeightsArgs) -> Result<(), String> {
     let mut children = Vec::new();
     for (role, n) in [("source", args.sources), ("destination", args.dests)] {
         for r in 0..n {
-            let mut child = Command::new(&exe)
+            // Process i (sources, then destinations) runs on node i of an
+            // emulated cluster (`strait-bench cluster`), else here.
+            let (mut cmd, rank_options) = crate::cluster::rank_command(&exe, children.len(), options);
+            let mut child = cmd
                 .arg("weights-rank")
                 .args(["--role", role, "--rank", &r.to_string()])
                 .args(args.to_args())
-                .args(options.to_args())
+                .args(rank_options.to_args())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .spawn()
