@@ -122,7 +122,7 @@ set_rate() {  # node nic rate burst
             ip netns exec "$ns" tc qdisc del dev "$dev" root 2>/dev/null || true
             rm -f "$(state_dir)/rate-n$i-nic$k"
         else
-            ip netns exec "$ns" tc qdisc replace dev "$dev" root tbf rate "$rate" burst "$burst" latency 50ms
+            ip netns exec "$ns" tc qdisc replace dev "$dev" root tbf rate "$rate" burst "$burst" latency "${QUEUE:-5ms}"
             echo "$rate" >"$(state_dir)/rate-n$i-nic$k"
         fi
     done

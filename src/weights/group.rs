@@ -11,6 +11,10 @@ use super::wire::{control_len, TensorPlace, WeightsRankDesc};
 use crate::error::{Error, Result};
 use crate::{Access, CopyList, ImmCounter, ImmSlot, ImmSpace, MemoryRegion, MrDesc, Strided, Transfer, TransferEngine};
 
+/// Broadcast parts a node keeps in flight to the next (sources: to
+/// destination 0).
+const FORWARD_WINDOW: usize = 2;
+
 const RECORDS: usize = 0;
 const PARTS: usize = 1;
 
@@ -560,6 +564,16 @@ impl WeightsGroup {
         let me = self.local.desc.rank;
         let mut in_flight: VecDeque<(usize, Transfer)> = VecDeque::new();
         let mut in_bytes = 0u64;
+        // Broadcast: a part's flag follows its bytes on the same links, so
+        // keep only a few parts in flight; with the whole step queued, the
+        // first flag would arrive after the last byte and the chain would
+        // not pipeline.
+        let window = match self.work {
+            Work::BroadcastSource(_) => {
+                self.local.config.watermark.min(FORWARD_WINDOW as u64 * self.local.config.plan.chunk)
+            }
+            _ => self.local.config.watermark,
+        };
         let mut tails: Vec<(u32, Transfer)> = Vec::new();
         let mut sent_to = vec![false; self.dests.len()];
         let mut i = 0;
@@ -586,7 +600,7 @@ impl WeightsGroup {
                 in_bytes += reqs[i + k].list.bytes();
                 in_flight.push_back((i + k, t));
             }
-            while in_bytes > self.local.config.watermark {
+            while in_bytes > window {
                 let (k, t) = in_flight.pop_front().expect("bytes in flight");
                 self.finish_write(&reqs[k], &t, started, &mut tails)?;
                 in_bytes -= reqs[k].list.bytes();
@@ -735,6 +749,11 @@ impl WeightsGroup {
         };
         let mut received = vec![false; n];
         let (mut arrived, mut found, mut cursor) = (0usize, 0usize, 0usize);
+        // Received parts waiting to be forwarded, and those in flight: at
+        // most FORWARD_WINDOW, so that each part's flag (posted once its
+        // bytes are at the next destination) is not queued behind many
+        // parts' bytes on the same link, which would stall the chain.
+        let mut ready: VecDeque<usize> = VecDeque::new();
         let mut forwards: VecDeque<(usize, Transfer)> = VecDeque::new();
         let mut flags: Vec<(u32, Transfer)> = Vec::new();
         let mut last_progress = started;
@@ -755,12 +774,8 @@ impl WeightsGroup {
                         received[p] = true;
                         found += 1;
                         last_progress = Instant::now();
-                        if let Some(r) = forward.get(p) {
-                            let src = &self.local.regions[r.src_region as usize];
-                            forwards.push_back((
-                                p,
-                                self.local.engine.write_copies(src, r.src_base, &r.dst, r.dst_base, &r.list, None)?,
-                            ));
+                        if p < forward.len() {
+                            ready.push_back(p);
                         }
                     } else if got > step {
                         return Err(Error::InvalidRequest(format!(
@@ -777,11 +792,19 @@ impl WeightsGroup {
             while cursor < n && received[cursor] {
                 cursor += 1;
             }
-            // Flag each forwarded part once its bytes are at the next (not
-            // blocking while parts are still arriving).
-            while let Some((_, t)) = forwards.front() {
-                if !t.is_done() && cursor < n {
-                    break;
+            loop {
+                while forwards.len() < FORWARD_WINDOW {
+                    let Some(p) = ready.pop_front() else { break };
+                    let r = &forward[p];
+                    let src = &self.local.regions[r.src_region as usize];
+                    let t = self.local.engine.write_copies(src, r.src_base, &r.dst, r.dst_base, &r.list, None)?;
+                    forwards.push_back((p, t));
+                }
+                // Flag each forwarded part once its bytes are at the next
+                // (blocking only when nothing is left to receive).
+                match forwards.front() {
+                    Some((_, t)) if t.is_done() || cursor == n => {}
+                    _ => break,
                 }
                 let (p, t) = forwards.pop_front().expect("a front");
                 let r = &forward[p];
@@ -792,13 +815,15 @@ impl WeightsGroup {
                 flags
                     .push((r.dest, self.local.engine.write(&self.local.step_buf, 0, &next.control, at, 8, Some(imm))?));
             }
-            if cursor == n && forwards.is_empty() {
+            if cursor == n && forwards.is_empty() && ready.is_empty() {
                 break;
             }
             if cursor < n {
                 let ranks = upstream.clone();
                 let upstream_side = if self.local.desc.rank == 0 { Role::Source } else { Role::Destination };
-                match counter.wait_timeout(Duration::from_millis(50)) {
+                // Wake for the next arrival, or soon for a forward's end.
+                let slice = if forwards.is_empty() { Duration::from_millis(50) } else { Duration::from_millis(1) };
+                match counter.wait_timeout(slice) {
                     Ok(()) | Err(Error::Timeout(_)) => {}
                     Err(e) => return Err(e),
                 }

@@ -192,7 +192,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn parse_fault(s: &str) -> Result<Fault, String> {
     let words: Vec<String> = s.split_whitespace().map(String::from).collect();
-    let bad = || format!("--fault {s:?}: \"AT link NODE NIC down|up\", \"AT impair NODE NIC OPTIONS\" or \"AT kill NODE\"");
+    let bad =
+        || format!("--fault {s:?}: \"AT link NODE NIC down|up\", \"AT impair NODE NIC OPTIONS\" or \"AT kill NODE\"");
     if words.len() < 3 {
         return Err(bad());
     }
@@ -231,7 +232,8 @@ pub fn run(base: &EngineOptions, args: &ClusterArgs) -> Result<(), String> {
         unsafe { libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t) };
     }
     let nodes = args.nodes.to_string();
-    let mut up_args = vec!["up", "--prefix", args.prefix.as_str(), "--nodes", nodes.as_str(), "--nics", args.nics.as_str()];
+    let mut up_args =
+        vec!["up", "--prefix", args.prefix.as_str(), "--nodes", nodes.as_str(), "--nics", args.nics.as_str()];
     up_args.extend(["--fabric", args.fabric.as_str()]);
     for (flag, v) in [("--link", &args.link), ("--delay", &args.delay), ("--loss", &args.loss)] {
         if let Some(v) = v {

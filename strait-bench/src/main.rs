@@ -482,12 +482,7 @@ fn main() -> ExitCode {
         }
         Cmd::Moe { engine, moe } => moe::run(&loopback_options(engine), moe),
         Cmd::Cluster { cluster } => cluster::run(
-            &EngineOptions {
-                provider: Provider::Tcp,
-                nics: 1,
-                interface: None,
-                poll: PollMode::default(),
-            },
+            &EngineOptions { provider: Provider::Tcp, nics: 1, interface: None, poll: PollMode::default() },
             cluster,
         ),
         Cmd::Weights { engine, weights } => weights::run(&loopback_options(engine), weights),

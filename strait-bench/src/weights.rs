@@ -47,6 +47,10 @@ pub struct WeightsArgs {
     /// direct (resharding plan) or broadcast (chain).
     #[arg(long, default_value = "direct")]
     pub mode: String,
+    /// Plan chunk (KiB): replicated bytes are balanced, and broadcast
+    /// parts cut, in pieces of at most this.
+    #[arg(long, default_value_t = 4096)]
+    pub chunk_kib: u64,
     /// Steps replayed after the first.
     #[arg(long, default_value_t = 3)]
     pub steps: u32,
@@ -74,6 +78,8 @@ impl WeightsArgs {
             self.mode.clone(),
             "--steps".into(),
             self.steps.to_string(),
+            "--chunk-kib".into(),
+            self.chunk_kib.to_string(),
             "--baseline".into(),
             self.baseline.clone(),
         ]
@@ -88,7 +94,12 @@ impl WeightsArgs {
     }
 
     fn config(&self) -> Result<WeightsConfig, String> {
-        Ok(WeightsConfig { mode: self.mode()?, timeout: Duration::from_secs(120), ..WeightsConfig::default() })
+        Ok(WeightsConfig {
+            plan: PlanConfig { chunk: self.chunk_kib.max(1) << 10 },
+            mode: self.mode()?,
+            timeout: Duration::from_secs(120),
+            ..WeightsConfig::default()
+        })
     }
 }
 
@@ -183,9 +194,9 @@ pub fn run(options: &EngineOptions, args: &WeightsArgs) -> Result<(), String> {
     let src: Vec<Vec<TensorSpec>> = (0..args.sources).map(|r| specs(args, Role::Source, r)).collect();
     let dst: Vec<Vec<TensorSpec>> = (0..args.dests).map(|r| specs(args, Role::Destination, r)).collect();
     let plan_writes = match args.mode()? {
-        Mode::Direct => plan(&src, &dst, &PlanConfig::default()).map_err(|e| e.to_string())?.writes().count(),
+        Mode::Direct => plan(&src, &dst, &args.config()?.plan).map_err(|e| e.to_string())?.writes().count(),
         Mode::Broadcast => {
-            let b = strait::weights::plan_broadcast(&src, &dst, &PlanConfig::default()).map_err(|e| e.to_string())?;
+            let b = strait::weights::plan_broadcast(&src, &dst, &args.config()?.plan).map_err(|e| e.to_string())?;
             b.parts.len() * args.dests as usize
         }
     };
@@ -404,7 +415,7 @@ pub fn rank_main(options: &EngineOptions, args: &WeightsArgs, role: &str, rank: 
         let (d, s) = l.split_once(' ').ok_or("bad hello line")?;
         let d: WeightsRankDesc = d.parse().map_err(|e: strait::Error| e.to_string())?;
         if d.role == Role::Destination {
-            stagings.push(Some(s.parse().map_err(|e: strait::Error| e.to_string())?).filter(|_| s != "-"));
+            stagings.push(if s == "-" { None } else { Some(s.parse().map_err(|e: strait::Error| e.to_string())?) });
         }
         descs.push(d);
     }
