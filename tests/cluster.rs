@@ -33,6 +33,13 @@ fn available() -> Result<(), String> {
     Ok(())
 }
 
+/// One cluster at a time: the timing assertions assume the machine's
+/// cores are this test's.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Skips (printing why) unless the cluster can be built.
 fn skip() -> bool {
     match available() {
@@ -311,6 +318,7 @@ fn a_link_down_fails_its_requests_within_the_timeout_and_the_other_nic_carries_o
     if skip() {
         return;
     }
+    let _serial = serial();
     let c = Cluster::up("ld", &["--nodes", "2", "--nics", "2", "--link", "1gbit"]);
     let mut target = c.spawn(1, "target", &env(2, 64 << 10, 16, 1));
     let desc = target.line("DESC ");
@@ -363,6 +371,7 @@ fn loss_and_delay_on_a_link_change_no_byte_and_no_immediate() {
     if skip() {
         return;
     }
+    let _serial = serial();
     let delay_ok = Command::new("sh").args(["-c", "command -v iptables && command -v python3"]).output();
     let mut args = vec!["--nodes", "2", "--nics", "1", "--link", "1gbit", "--loss", "1%"];
     if delay_ok.is_ok_and(|o| o.status.success()) {
@@ -404,6 +413,7 @@ fn a_killed_node_fails_its_peers_requests_within_the_bound_and_no_other() {
     if skip() {
         return;
     }
+    let _serial = serial();
     let c = Cluster::up("kn", &["--nodes", "3", "--nics", "2", "--link", "1gbit"]);
     let (slot, slots) = (256u64 << 10, 8u64);
     let mut t1 = c.spawn(1, "target", &env(2, slot, slots, 1));
