@@ -229,6 +229,52 @@ fn moe_workload_with_its_baseline() {
 }
 
 #[test]
+fn weights_workload_with_its_baseline() {
+    let json = temp("weights.json");
+    for mode in ["direct", "broadcast"] {
+        let args = [
+            "weights",
+            "--provider",
+            "tcp",
+            "--sources",
+            if mode == "direct" { "2" } else { "1" },
+            "--dests",
+            "2",
+            "--total-mib",
+            "8",
+            "--hidden",
+            "256",
+            "--steps",
+            "2",
+            "--mode",
+            mode,
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        let out = run(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("== weights") && stdout.contains("naive"), "{stdout}");
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let rows = v["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        assert!(rows.iter().all(|r| r["ms"].as_f64().unwrap() > 0.0), "{rows:?}");
+        assert!(v["plan_writes"].as_u64().unwrap() > 0 && v["dest_bytes"].as_u64().unwrap() > 0);
+    }
+    let _ = std::fs::remove_file(&json);
+    let out = Command::new(BIN).args(["weights", "--mode", "tree"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--mode"));
+}
+
+#[test]
+fn cluster_refuses_an_unknown_workload_and_bad_arguments() {
+    let out = Command::new(BIN).args(["cluster", "--", "dance"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    // As root the workload is refused; otherwise the missing root is.
+    assert!(err.contains("unknown workload") || err.contains("must run as root"), "{err}");
+}
+
+#[test]
 fn stats_after_a_run() {
     let json = temp("stats.json");
     let args = [
