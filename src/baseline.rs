@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use crate::address::EngineAddress;
-use crate::backend::fabric::{self, FabricNic, FabricOptions, InfoRequest};
+use crate::backend::fabric::{self, FabricNic, FabricOptions};
 use crate::backend::{Event, Nic, NicRegion, Op, OpKind, Posted};
 use crate::descriptor::{check_range, Access, MrDesc};
 use crate::engine::AlignedBuf;
@@ -95,16 +95,7 @@ impl RawGroup {
             return Err(Error::InvalidRequest(format!("nics must be in 1..={}", crate::wire::MAX_NICS)));
         }
         // The same interface list as the engine's builder takes.
-        let interfaces: Vec<String> = interface
-            .map(|l| l.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
-            .unwrap_or_default();
-        let options = FabricOptions {
-            provider,
-            info: InfoRequest { domain: Some(&interfaces).filter(|l| l.len() == 1).map(|l| l[0].clone()), hmem: false },
-            interfaces,
-            wait_fd,
-            rx_slots: receives,
-        };
+        let options = FabricOptions::new(provider, interface, wait_fd, receives);
         let (kind, nics): (ProviderKind, Vec<FabricNic>) = fabric::open_group(&options, nics)?;
         let address = EngineAddress::new(kind, nics.iter().map(|n| n.address().into()).collect());
         let pollfds = nics

@@ -10,10 +10,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::LineChild;
 use strait::{Access, MrDesc, PollMode, Provider, TransferEngine};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster/netns.sh");
@@ -98,21 +98,17 @@ impl Cluster {
     }
 
     /// Starts `role` of `cluster_node_process` inside `node`'s namespace.
-    fn spawn(&self, node: u32, role: &str, env: &[(&str, String)]) -> NodeProcess {
+    fn spawn(&self, node: u32, role: &str, env: &[(&str, String)]) -> LineChild {
         let exe = std::env::current_exe().unwrap();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns(node)])
             .arg(exe)
             .args(["--exact", "cluster_node_process", "--nocapture", "--test-threads=1"])
-            .env("STRAIT_CLUSTER_ROLE", role)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
+            .env("STRAIT_CLUSTER_ROLE", role);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        NodeProcess { child, out }
+        LineChild::spawn(&mut cmd)
     }
 
     /// SIGKILLs every process inside `node`'s namespace.
@@ -132,54 +128,6 @@ impl Drop for Cluster {
             r.expect("removing the cluster");
             assert!(left.is_empty(), "namespaces left behind: {left:?}");
         }
-    }
-}
-
-struct NodeProcess {
-    child: Child,
-    out: BufReader<ChildStdout>,
-}
-
-impl NodeProcess {
-    fn line(&mut self, prefix: &str) -> String {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            self.out.read_line(&mut line).unwrap();
-            assert!(!line.is_empty(), "a node process exited early");
-            if let Some(at) = line.find(prefix) {
-                return line[at + prefix.len()..].trim().to_string();
-            }
-        }
-    }
-
-    fn say(&mut self, text: &str) {
-        writeln!(self.child.stdin.as_mut().unwrap(), "{text}").unwrap();
-    }
-
-    /// Every line with `prefix` until `end` is printed.
-    fn lines_until(&mut self, prefix: &str, end: &str) -> Vec<String> {
-        let mut got = Vec::new();
-        let mut line = String::new();
-        loop {
-            line.clear();
-            self.out.read_line(&mut line).unwrap();
-            assert!(!line.is_empty(), "a node process exited early");
-            if line.contains(end) {
-                return got;
-            }
-            if let Some(at) = line.find(prefix) {
-                got.push(line[at + prefix.len()..].trim().to_string());
-            }
-        }
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

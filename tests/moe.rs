@@ -10,7 +10,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::engine;
+use common::{engine, LineChild};
 use strait::moe::{bf16_to_f32, f32_to_bf16, Dispatched, MoeConfig, MoeDtype, MoeGroup, MoeRank, MoeRankDesc};
 use strait::{Error, Provider};
 
@@ -393,60 +393,33 @@ fn check_one(c: &MoeConfig, inputs: &[Input], rank: usize, d: &Dispatched, y: &[
     }
 }
 
-struct Child {
-    child: std::process::Child,
-    out: std::io::BufReader<std::process::ChildStdout>,
-}
-
-impl Child {
-    fn line(&mut self, prefix: &str) -> String {
-        use std::io::BufRead;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            self.out.read_line(&mut line).unwrap();
-            assert!(!line.is_empty(), "a rank process exited early");
-            if let Some(at) = line.find(prefix) {
-                return line[at + prefix.len()..].trim().to_string();
-            }
-        }
-    }
-}
-
-fn spawn_group(provider: &str, ranks: u32, calls: u32) -> Vec<Child> {
-    use std::io::Write;
-    let mut children: Vec<Child> = (0..ranks)
+fn spawn_group(provider: &str, ranks: u32, calls: u32) -> Vec<LineChild> {
+    let mut children: Vec<LineChild> = (0..ranks)
         .map(|r| {
-            let mut child = Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "moe_rank_process", "--nocapture", "--test-threads=1"])
-                .env("STRAIT_MOE_RANK", r.to_string())
-                .env("STRAIT_MOE_RANKS", ranks.to_string())
-                .env("STRAIT_MOE_CALLS", calls.to_string())
-                .env("STRAIT_MOE_PROVIDER", provider)
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            let out = std::io::BufReader::new(child.stdout.take().unwrap());
-            Child { child, out }
+            LineChild::spawn(
+                Command::new(std::env::current_exe().unwrap())
+                    .args(["--exact", "moe_rank_process", "--nocapture", "--test-threads=1"])
+                    .env("STRAIT_MOE_RANK", r.to_string())
+                    .env("STRAIT_MOE_RANKS", ranks.to_string())
+                    .env("STRAIT_MOE_CALLS", calls.to_string())
+                    .env("STRAIT_MOE_PROVIDER", provider),
+            )
         })
         .collect();
     let descs: Vec<String> = children.iter_mut().map(|c| c.line("MOEDESC ")).collect();
     for c in &mut children {
-        let stdin = c.child.stdin.as_mut().unwrap();
         for d in &descs {
-            writeln!(stdin, "{d}").unwrap();
+            c.say(d);
         }
     }
     children
 }
 
 fn processes(provider: &str, ranks: u32) {
-    use std::io::Write;
     let mut children = spawn_group(provider, ranks, 2);
     let firsts: Vec<String> = children.iter_mut().map(|c| c.line("MOECALL 0 ")).collect();
     for c in &mut children {
-        writeln!(c.child.stdin.as_mut().unwrap(), "go").unwrap();
+        c.say("go");
     }
     for (c, first) in children.iter_mut().zip(firsts) {
         let second = c.line("MOECALL 1 ");
@@ -488,8 +461,7 @@ fn a_killed_rank_fails_the_others_naming_it() {
         let killed = Instant::now();
         for (r, c) in children.iter_mut().enumerate() {
             if r != 1 {
-                use std::io::Write;
-                writeln!(c.child.stdin.as_mut().unwrap(), "go").unwrap();
+                c.say("go");
             }
         }
         for (r, c) in children.iter_mut().enumerate() {

@@ -11,8 +11,8 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::engine;
 use common::weights::share_bytes;
+use common::{engine, LineChild};
 use strait::weights::{Mode, PlanConfig, Role, TensorSpec, WeightsConfig, WeightsGroup, WeightsRank, WeightsRankDesc};
 use strait::{Error, Provider};
 
@@ -225,67 +225,28 @@ fn weights_rank_process() {
     }
 }
 
-struct Child {
-    child: std::process::Child,
-    out: std::io::BufReader<std::process::ChildStdout>,
-}
-
-impl Child {
-    fn line(&mut self, prefix: &str) -> String {
-        use std::io::BufRead;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            self.out.read_line(&mut line).unwrap();
-            assert!(!line.is_empty(), "a rank process exited early");
-            if let Some(at) = line.find(prefix) {
-                return line[at + prefix.len()..].trim().to_string();
-            }
-        }
-    }
-
-    fn go(&mut self) {
-        use std::io::Write;
-        writeln!(self.child.stdin.as_mut().unwrap(), "go").unwrap();
-    }
-}
-
 /// Sources 0 and 1, then destinations 0 and 1.
-fn spawn(provider: &str) -> Vec<Child> {
-    use std::io::Write;
-    let mut children: Vec<Child> = ["source", "source", "destination", "destination"]
+fn spawn(provider: &str) -> Vec<LineChild> {
+    let mut children: Vec<LineChild> = ["source", "source", "destination", "destination"]
         .iter()
         .enumerate()
         .map(|(i, role)| {
-            let mut child = Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "weights_rank_process", "--nocapture", "--test-threads=1"])
-                .env("STRAIT_W_RANK", (i % 2).to_string())
-                .env("STRAIT_W_ROLE", role)
-                .env("STRAIT_W_PROVIDER", provider)
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            let out = std::io::BufReader::new(child.stdout.take().unwrap());
-            Child { child, out }
+            LineChild::spawn(
+                Command::new(std::env::current_exe().unwrap())
+                    .args(["--exact", "weights_rank_process", "--nocapture", "--test-threads=1"])
+                    .env("STRAIT_W_RANK", (i % 2).to_string())
+                    .env("STRAIT_W_ROLE", role)
+                    .env("STRAIT_W_PROVIDER", provider),
+            )
         })
         .collect();
     let descs: Vec<String> = children.iter_mut().map(|c| c.line("WDESC ")).collect();
     for c in &mut children {
-        let stdin = c.child.stdin.as_mut().unwrap();
         for d in &descs {
-            writeln!(stdin, "{d}").unwrap();
+            c.say(d);
         }
     }
     children
-}
-
-fn end(children: Vec<Child>) {
-    for mut c in children {
-        drop(c.child.stdin.take());
-        let _ = c.child.kill();
-        let _ = c.child.wait();
-    }
 }
 
 #[test]
@@ -294,14 +255,13 @@ fn ranks_as_processes_over_tcp_and_shm() {
         let mut children = spawn(provider);
         for step in 1..=3 {
             for c in &mut children {
-                c.go();
+                c.say("go");
             }
             for (i, c) in children.iter_mut().enumerate() {
                 let got = c.line(&format!("WSTEP {step} "));
                 assert_eq!(got, "ok", "{provider}: rank process {i}, step {step}");
             }
         }
-        end(children);
     }
 }
 
@@ -310,7 +270,7 @@ fn a_killed_source_fails_its_destinations_step_naming_it() {
     for provider in ["tcp", "shm"] {
         let mut children = spawn(provider);
         for c in &mut children {
-            c.go();
+            c.say("go");
         }
         for c in &mut children {
             assert_eq!(c.line("WSTEP 1 "), "ok");
@@ -320,7 +280,7 @@ fn a_killed_source_fails_its_destinations_step_naming_it() {
         let killed = Instant::now();
         for (i, c) in children.iter_mut().enumerate() {
             if i != 1 {
-                c.go();
+                c.say("go");
             }
         }
         assert_eq!(children[0].line("WSTEP 2 "), "ok", "{provider}: the live source's push");
@@ -332,6 +292,5 @@ fn a_killed_source_fails_its_destinations_step_naming_it() {
         let took = killed.elapsed();
         assert!(took < Duration::from_secs(8), "{provider}: failed after {took:?}");
         eprintln!("{provider}: a killed source failed its destinations' step in {took:?}");
-        end(children);
     }
 }

@@ -36,7 +36,7 @@ pub(crate) use self::memory::AlignedBuf;
 use self::memory::MrInner;
 use self::worker::{Command, MessageCallback, MessageSink, RecvConfig, RequestOp, Submission, Worker, WorkerConfig};
 use crate::address::EngineAddress;
-use crate::backend::fabric::{self, FabricOptions, InfoRequest};
+use crate::backend::fabric::{self, FabricOptions};
 use crate::backend::verbs::{self, VerbsConfig, VerbsOptions};
 use crate::backend::Nic;
 use crate::descriptor::{check_range, Access, MrDesc};
@@ -203,7 +203,7 @@ impl EngineBuilder {
 
     fn check_nics(&mut self) -> Result<()> {
         if !self.nics_set {
-            self.nics = self.interfaces().len().max(1);
+            self.nics = fabric::interface_list(self.interface.as_deref()).len().max(1);
         }
         if self.nics == 0 || self.nics > crate::wire::MAX_NICS {
             return Err(Error::InvalidRequest(format!("nics must be in 1..={}", crate::wire::MAX_NICS)));
@@ -272,28 +272,9 @@ impl EngineBuilder {
         }
     }
 
-    /// The interfaces named, in order (empty: none).
-    fn interfaces(&self) -> Vec<String> {
-        self.interface
-            .as_deref()
-            .map(|l| l.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
-            .unwrap_or_default()
-    }
-
     fn fabric_options(&self, provider: Provider) -> FabricOptions {
-        let interfaces = self.interfaces();
-        FabricOptions {
-            provider,
-            // One interface is a hint to fi_getinfo; several are picked
-            // from the full list.
-            info: InfoRequest {
-                domain: Some(interfaces.clone()).filter(|l| l.len() == 1).map(|l| l[0].clone()),
-                hmem: false,
-            },
-            interfaces,
-            wait_fd: matches!(self.poll_mode, PollMode::Adaptive { .. }),
-            rx_slots: self.recv.count,
-        }
+        let wait_fd = matches!(self.poll_mode, PollMode::Adaptive { .. });
+        FabricOptions::new(provider, self.interface.as_deref(), wait_fd, self.recv.count)
     }
 
     fn verbs_options(&self) -> VerbsOptions {

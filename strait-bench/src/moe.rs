@@ -177,7 +177,9 @@ pub fn run(options: &EngineOptions, args: &MoeArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn read_tagged(out: &mut impl BufRead, tag: &str) -> Result<String, String> {
+/// The rest of the next line of a rank process that starts with `tag`
+/// (other lines are skipped); an error if it exits first.
+pub(crate) fn read_tagged(out: &mut impl BufRead, tag: &str) -> Result<String, String> {
     let mut line = String::new();
     loop {
         line.clear();

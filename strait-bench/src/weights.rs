@@ -18,7 +18,7 @@
 //! staging copy of the full model; each destination then cuts its shares
 //! out of it (what an engine's `load_weights` does).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use strait::weights::{plan, Mode, PlanConfig, Role, TensorSpec, WeightsConfig, WeightsRank, WeightsRankDesc};
 use strait::{Access, MrDesc};
 
+use crate::moe::read_tagged;
 use crate::EngineOptions;
 
 /// The model and the run.
@@ -266,19 +267,6 @@ pub fn run(options: &EngineOptions, args: &WeightsArgs) -> Result<(), String> {
         println!("\nJSON: {}", path.display());
     }
     Ok(())
-}
-
-fn read_tagged(out: &mut impl BufRead, tag: &str) -> Result<String, String> {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if out.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
-            return Err("exited early (see its stderr above)".into());
-        }
-        if let Some(rest) = line.trim().strip_prefix(tag) {
-            return Ok(rest.trim().to_string());
-        }
-    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

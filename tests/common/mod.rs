@@ -77,3 +77,67 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 pub mod weights;
+
+/// A child process of a test whose stdout is read line by line and whose
+/// stdin takes commands. Dropping it closes stdin, kills and reaps it.
+pub struct LineChild {
+    pub child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl LineChild {
+    /// Spawns `cmd` with piped stdin and stdout.
+    pub fn spawn(cmd: &mut std::process::Command) -> Self {
+        let mut child = cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        LineChild { child, out }
+    }
+
+    /// The rest of the next line containing `prefix` (other lines are
+    /// skipped); panics if the child exits first.
+    pub fn line(&mut self, prefix: &str) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            self.out.read_line(&mut line).unwrap();
+            assert!(!line.is_empty(), "a child process exited early");
+            if let Some(at) = line.find(prefix) {
+                return line[at + prefix.len()..].trim().to_string();
+            }
+        }
+    }
+
+    /// The rests of every line containing `prefix` until one containing
+    /// `end`.
+    pub fn lines_until(&mut self, prefix: &str, end: &str) -> Vec<String> {
+        use std::io::BufRead;
+        let mut got = Vec::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            self.out.read_line(&mut line).unwrap();
+            assert!(!line.is_empty(), "a child process exited early");
+            if line.contains(end) {
+                return got;
+            }
+            if let Some(at) = line.find(prefix) {
+                got.push(line[at + prefix.len()..].trim().to_string());
+            }
+        }
+    }
+
+    /// Writes `text` and a newline to its stdin.
+    pub fn say(&mut self, text: &str) {
+        use std::io::Write;
+        writeln!(self.child.stdin.as_mut().unwrap(), "{text}").unwrap();
+    }
+}
+
+impl Drop for LineChild {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -47,6 +47,22 @@ pub(crate) struct FabricOptions {
     pub rx_slots: usize,
 }
 
+/// The interfaces of a comma-separated list, in order (empty: none).
+pub(crate) fn interface_list(list: Option<&str>) -> Vec<String> {
+    list.map(|l| l.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()).unwrap_or_default()
+}
+
+impl FabricOptions {
+    /// Options for `provider` on `interface`: one tcp interface, or
+    /// several comma-separated (NIC `i` on the `i`-th). One is passed to
+    /// fi_getinfo as a hint; several are picked from its full list.
+    pub(crate) fn new(provider: Provider, interface: Option<&str>, wait_fd: bool, rx_slots: usize) -> Self {
+        let interfaces = interface_list(interface);
+        let domain = if interfaces.len() == 1 { Some(interfaces[0].clone()) } else { None };
+        FabricOptions { provider, info: InfoRequest { domain, hmem: false }, interfaces, wait_fd, rx_slots }
+    }
+}
+
 /// Opens `count` NICs. On EFA each NIC is a distinct device (domain); tcp
 /// and shm have one domain, opened once per NIC to stand for several NICs.
 pub(crate) fn open_group(options: &FabricOptions, count: usize) -> Result<(ProviderKind, Vec<FabricNic>)> {
