@@ -156,7 +156,7 @@ pub use engine::{
 };
 pub use error::{Error, Result};
 pub use plan::{CopyList, PagedLayout, ShardConfig, Strided};
-pub use provider::{Provider, ProviderKind};
+pub use provider::{EfaFabric, Provider, ProviderKind};
 pub use wire::{MAX_NICS, MAX_NIC_ADDRESS_LEN};
 
 /// Entry points for the fuzz targets under `fuzz/`, for decoders of bytes

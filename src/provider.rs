@@ -23,6 +23,56 @@ pub enum Provider {
     Verbs,
 }
 
+/// Which of the efa provider's two fabrics an EFA engine opens
+/// ([`EngineBuilder::efa_fabric`](crate::EngineBuilder::efa_fabric)).
+///
+/// libfabric 2.1 and later list both for every EFA device, `efa-direct`
+/// first, under the same domain names: strait names the one it wants in its
+/// `fi_getinfo` hints (`fabric_attr->name`) instead of taking whichever comes
+/// first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum EfaFabric {
+    /// `efa` (the default): the provider's RDM protocol over the device.
+    /// Peers find each other through its handshake (a target need not know
+    /// the initiator beforehand), messages of any size up to the receive
+    /// buffers, RMA by the device where it has RDMA (with API 1.18, which
+    /// strait asks for where the library has it) and emulated where it
+    /// has not. What Perplexity's fabric-lib and NCCL's plugin run on.
+    #[default]
+    Efa,
+    /// `efa-direct` (libfabric 2.1+): work requests straight to the device,
+    /// no protocol layer, progress in hardware; needs RDMA-write hardware
+    /// (p5 and later). Its constraints, which the engine handles: an RMA
+    /// target must know the initiator (the engine introduces itself with a
+    /// hello message, answered, before its first write or read to a peer),
+    /// and a message must fit the device's MTU (about 8 KiB: larger sends
+    /// are refused with [`Error::InvalidRequest`](crate::Error)).
+    EfaDirect,
+}
+
+impl EfaFabric {
+    /// The fabric's name in libfabric (`fabric_attr->name`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Efa => "efa",
+            Self::EfaDirect => "efa-direct",
+        }
+    }
+}
+
+impl FromStr for EfaFabric {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "efa" => Ok(Self::Efa),
+            "efa-direct" | "efa_direct" => Ok(Self::EfaDirect),
+            other => Err(Error::InvalidRequest(format!("unknown EFA fabric {other:?} (efa, efa-direct)"))),
+        }
+    }
+}
+
 /// The provider family an engine actually runs on, carried in addresses and
 /// descriptors so that mismatched peers are refused up front.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -42,7 +42,7 @@ use crate::backend::Nic;
 use crate::descriptor::{check_range, Access, MrDesc};
 use crate::error::{Error, Result};
 use crate::plan::{CopyList, PagedLayout, PagedPlan, ShardConfig, ShardPlan, StridedPlan};
-use crate::provider::{Provider, ProviderKind};
+use crate::provider::{EfaFabric, Provider, ProviderKind};
 
 /// Default of [`EngineBuilder::request_timeout`]: a request fails once its
 /// peer has completed none of the engine's operations for this long.
@@ -73,6 +73,7 @@ pub struct EngineBuilder {
     recv: RecvConfig,
     request_timeout: Option<Duration>,
     verbs: VerbsConfig,
+    efa_fabric: EfaFabric,
     messages: Option<MessageCallback>,
     unclaimed_imm: Option<UnclaimedImm>,
     imm_queue: Option<Arc<Mailbox<u32>>>,
@@ -103,6 +104,7 @@ impl Default for EngineBuilder {
             recv: RecvConfig { count: 64, size: 64 << 10 },
             request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             verbs: VerbsConfig::default(),
+            efa_fabric: EfaFabric::default(),
             messages: None,
             unclaimed_imm: None,
             imm_queue: None,
@@ -147,6 +149,13 @@ impl EngineBuilder {
     /// [`Provider::Verbs`] (or `Auto` picks it).
     pub fn verbs(mut self, config: VerbsConfig) -> Self {
         self.verbs = config;
+        self
+    }
+
+    /// EFA only: which of the efa provider's fabrics to open (default
+    /// [`EfaFabric::Efa`]; see [`EfaFabric`] for what each implies).
+    pub fn efa_fabric(mut self, fabric: EfaFabric) -> Self {
+        self.efa_fabric = fabric;
         self
     }
 
@@ -274,7 +283,9 @@ impl EngineBuilder {
 
     fn fabric_options(&self, provider: Provider) -> FabricOptions {
         let wait_fd = matches!(self.poll_mode, PollMode::Adaptive { .. });
-        FabricOptions::new(provider, self.interface.as_deref(), wait_fd, self.recv.count)
+        let mut options = FabricOptions::new(provider, self.interface.as_deref(), wait_fd, self.recv.count);
+        options.info.efa_fabric = self.efa_fabric;
+        options
     }
 
     fn verbs_options(&self) -> VerbsOptions {

@@ -6,7 +6,7 @@ use std::ptr;
 use fabric_sys as sys;
 
 use crate::error::{Error, Result};
-use crate::provider::{Provider, ProviderKind};
+use crate::provider::{EfaFabric, Provider, ProviderKind};
 
 /// The mr_mode bits strait can honour; the provider keeps those it needs.
 fn offered_mr_mode(hmem: bool) -> i32 {
@@ -59,6 +59,13 @@ pub(crate) fn provider_name(info: *mut sys::fi_info) -> String {
     unsafe { cstr((*(*info).fabric_attr).prov_name) }
 }
 
+/// Name of the fabric of `info` (e.g. `efa`, `efa-direct`, an IP subnet
+/// for tcp).
+pub(crate) fn fabric_name(info: *mut sys::fi_info) -> String {
+    // SAFETY: as for provider_name.
+    unsafe { cstr((*(*info).fabric_attr).name) }
+}
+
 /// Name of the domain of `info` (e.g. `lo`, `rdmap0s31-rdm`).
 pub(crate) fn domain_name(info: *mut sys::fi_info) -> String {
     // SAFETY: as for provider_name.
@@ -83,10 +90,90 @@ pub(crate) struct InfoRequest {
     pub domain: Option<String>,
     /// Ask for device memory support (EFA with GPUs).
     pub hmem: bool,
+    /// EFA: the fabric to open (named in the hints).
+    pub efa_fabric: EfaFabric,
+}
+
+/// The names of one `fi_info` entry that decide whether a NIC opens on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct EntryNames {
+    pub provider: String,
+    pub fabric: String,
+    pub domain: String,
+}
+
+impl EntryNames {
+    pub(crate) fn of(info: *mut sys::fi_info) -> Self {
+        EntryNames { provider: provider_name(info), fabric: fabric_name(info), domain: domain_name(info) }
+    }
+}
+
+/// The entries a group's NICs open on, as indices into `entries` (the
+/// listing order of `fi_getinfo`): those of provider `kind` (by prefix:
+/// `tcp;ofi_rxm` is tcp) and, when `fabric` is given, of that fabric only
+/// (EFA lists `efa-direct` and `efa` entries under the same domain names);
+/// one per domain, the first listed. With `wanted` domains (tcp
+/// interfaces), exactly those, in that order, each of which must exist.
+pub(crate) fn pick(
+    entries: &[EntryNames],
+    kind: ProviderKind,
+    fabric: Option<&str>,
+    wanted: &[String],
+) -> Result<Vec<usize>> {
+    let mut picked: Vec<usize> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let matches = e.provider.starts_with(kind.fabric_name())
+            && fabric.is_none_or(|f| e.fabric == f)
+            && (wanted.is_empty() || wanted.contains(&e.domain));
+        if matches && !picked.iter().any(|&p| entries[p].domain == e.domain) {
+            picked.push(i);
+        }
+    }
+    let unavailable = |reason: String| Error::BackendUnavailable { backend: kind.fabric_name(), reason };
+    if wanted.is_empty() {
+        if picked.is_empty() {
+            let listed: Vec<&str> = entries.iter().map(|e| e.fabric.as_str()).collect();
+            return Err(unavailable(match fabric {
+                Some(f) => format!("no {f:?} fabric listed (fabrics listed: {listed:?})"),
+                None => "no matching provider entry".into(),
+            }));
+        }
+        return Ok(picked);
+    }
+    let mut domains: Vec<&str> = Vec::new();
+    for e in entries.iter().filter(|e| e.provider.starts_with(kind.fabric_name())) {
+        if !domains.contains(&e.domain.as_str()) {
+            domains.push(&e.domain);
+        }
+    }
+    wanted
+        .iter()
+        .map(|d| {
+            picked
+                .iter()
+                .copied()
+                .find(|&p| entries[p].domain == *d)
+                .ok_or_else(|| unavailable(format!("no domain named {d:?} (domains here: {domains:?})")))
+        })
+        .collect()
 }
 
 /// Queries `kind` and returns its RDM entries, best first.
 pub(crate) fn query(kind: ProviderKind, request: &InfoRequest) -> Result<InfoList> {
+    if kind == ProviderKind::Efa {
+        // Without FI_RX_CQ_DATA first: efa-direct then keeps unsolicited
+        // write receives on (an immediate consumes no posted buffer), and
+        // returns no entry without it only on devices that lack them
+        // (`efa_user_info.c`), which the second query covers.
+        match query_with(kind, request, sys::FI_CONTEXT | sys::FI_CONTEXT2) {
+            Err(Error::BackendUnavailable { .. }) => {}
+            other => return other,
+        }
+    }
+    query_with(kind, request, sys::FI_CONTEXT | sys::FI_CONTEXT2 | sys::FI_RX_CQ_DATA)
+}
+
+fn query_with(kind: ProviderKind, request: &InfoRequest, mode: u64) -> Result<InfoList> {
     let lib =
         sys::Library::get().map_err(|e| Error::BackendUnavailable { backend: "libfabric", reason: e.to_string() })?;
     // SAFETY: fi_dupinfo(NULL) is fi_allocinfo: a zeroed fi_info with all
@@ -104,7 +191,7 @@ pub(crate) fn query(kind: ProviderKind, request: &InfoRequest) -> Result<InfoLis
         if request.hmem {
             h.caps |= sys::FI_HMEM;
         }
-        h.mode = sys::FI_CONTEXT | sys::FI_CONTEXT2 | sys::FI_RX_CQ_DATA;
+        h.mode = mode;
         (*h.ep_attr).type_ = sys::fi_ep_type_FI_EP_RDM;
         let d = &mut *h.domain_attr;
         d.mr_mode = offered_mr_mode(request.hmem);
@@ -117,17 +204,29 @@ pub(crate) fn query(kind: ProviderKind, request: &InfoRequest) -> Result<InfoLis
         }
         let prov = CString::new(kind.fabric_name()).expect("no NUL");
         (*h.fabric_attr).prov_name = libc::strdup(prov.as_ptr());
+        if kind == ProviderKind::Efa {
+            let fabric = CString::new(request.efa_fabric.name()).expect("no NUL");
+            (*h.fabric_attr).name = libc::strdup(fabric.as_ptr());
+        }
     }
     let mut info = ptr::null_mut();
     // SAFETY: hints is a valid fi_info; info receives a list we free in
     // InfoList::drop. Hints are freed right after.
-    let rc = unsafe { (lib.fi_getinfo)(sys::API_VERSION, ptr::null(), ptr::null(), 0, hints, &mut info) };
+    let rc = unsafe { (lib.fi_getinfo)(lib.api_version, ptr::null(), ptr::null(), 0, hints, &mut info) };
     // SAFETY: hints is ours and not used again.
     unsafe { (lib.fi_freeinfo)(hints) };
     let list = InfoList { head: info, lib };
     if rc == -(sys::FI_ENODATA as i32) || (rc == 0 && info.is_null()) {
         let why = match &request.domain {
             Some(d) => format!("provider {kind} offers no RDM endpoint on domain {d:?}"),
+            None if kind == ProviderKind::Efa => format!(
+                "provider efa offers no RDM endpoint on fabric {:?} here (no EFA device, or not in this \
+                 libfabric at {}, version {}.{}; efa-direct needs 2.1 or later)",
+                request.efa_fabric.name(),
+                lib.path,
+                lib.version >> 16,
+                lib.version & 0xffff
+            ),
             None => format!(
                 "provider {kind} offers no RDM endpoint here (no device, or not built into this libfabric at {})",
                 lib.path
@@ -191,4 +290,63 @@ pub(crate) fn probe(kind: ProviderKind) -> std::result::Result<Vec<(String, Stri
         }
     }
     Ok(domains)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(provider: &str, fabric: &str, domain: &str) -> EntryNames {
+        EntryNames { provider: provider.into(), fabric: fabric.into(), domain: domain.into() }
+    }
+
+    /// What libfabric 2.1+ lists on a host with two EFA devices when the
+    /// hints leave the fabric open: efa-direct's entries first, then efa's,
+    /// under the same domain names (`efa_prov.c`, `efa_domain.h`).
+    fn efa_host() -> Vec<EntryNames> {
+        vec![
+            entry("efa", "efa-direct", "rdmap79s0-rdm"),
+            entry("efa", "efa-direct", "rdmap80s0-rdm"),
+            entry("efa", "efa", "rdmap79s0-rdm"),
+            entry("efa", "efa", "rdmap80s0-rdm"),
+        ]
+    }
+
+    #[test]
+    fn the_efa_fabric_asked_for_is_the_one_opened() {
+        let host = efa_host();
+        // Without a fabric, de-duplication by domain would keep efa-direct.
+        assert_eq!(pick(&host, ProviderKind::Efa, None, &[]).unwrap(), vec![0, 1]);
+        assert_eq!(pick(&host, ProviderKind::Efa, Some("efa"), &[]).unwrap(), vec![2, 3]);
+        assert_eq!(pick(&host, ProviderKind::Efa, Some("efa-direct"), &[]).unwrap(), vec![0, 1]);
+        // A library that predates efa-direct lists only efa.
+        let old = &host[2..];
+        assert_eq!(pick(old, ProviderKind::Efa, Some("efa"), &[]).unwrap(), vec![0, 1]);
+        let Err(Error::BackendUnavailable { reason, .. }) = pick(old, ProviderKind::Efa, Some("efa-direct"), &[])
+        else {
+            panic!("efa-direct picked from a list without it")
+        };
+        assert!(reason.contains("efa-direct") && reason.contains("\"efa\""), "{reason}");
+    }
+
+    #[test]
+    fn tcp_interfaces_are_opened_as_named_and_only_those() {
+        let host = vec![
+            entry("tcp;ofi_rxm", "172.17.0.0/16", "eth0"),
+            entry("tcp;ofi_rxm", "127.0.0.0/8", "lo"),
+            entry("tcp;ofi_rxm", "10.0.0.0/24", "nic1"),
+            entry("tcp;ofi_rxm", "127.0.0.0/8", "lo"),
+            entry("sockets", "127.0.0.0/8", "lo"),
+        ];
+        assert_eq!(pick(&host, ProviderKind::Tcp, None, &[]).unwrap(), vec![0, 1, 2]);
+        let named = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(pick(&host, ProviderKind::Tcp, None, &named(&["lo"])).unwrap(), vec![1]);
+        assert_eq!(pick(&host, ProviderKind::Tcp, None, &named(&["nic1", "lo", "nic1"])).unwrap(), vec![2, 1, 2]);
+        let Err(Error::BackendUnavailable { reason, .. }) = pick(&host, ProviderKind::Tcp, None, &named(&["eth9"]))
+        else {
+            panic!("a missing interface was accepted")
+        };
+        assert!(reason.contains("eth9") && reason.contains("lo"), "{reason}");
+        assert!(pick(&host, ProviderKind::Shm, None, &[]).is_err());
+    }
 }

@@ -59,7 +59,8 @@ impl FabricOptions {
     pub(crate) fn new(provider: Provider, interface: Option<&str>, wait_fd: bool, rx_slots: usize) -> Self {
         let interfaces = interface_list(interface);
         let domain = if interfaces.len() == 1 { Some(interfaces[0].clone()) } else { None };
-        FabricOptions { provider, info: InfoRequest { domain, hmem: false }, interfaces, wait_fd, rx_slots }
+        let info = InfoRequest { domain, ..InfoRequest::default() };
+        FabricOptions { provider, info, interfaces, wait_fd, rx_slots }
     }
 }
 
@@ -67,46 +68,19 @@ impl FabricOptions {
 /// and shm have one domain, opened once per NIC to stand for several NICs.
 pub(crate) fn open_group(options: &FabricOptions, count: usize) -> Result<(ProviderKind, Vec<FabricNic>)> {
     let (kind, list) = info::select(options.provider, &options.info)?;
-    let mut entries: Vec<*mut sys::fi_info> = Vec::new();
-    let mut seen = Vec::new();
+    let all: Vec<*mut sys::fi_info> = list.iter().collect();
+    let names: Vec<info::EntryNames> = all.iter().map(|&i| info::EntryNames::of(i)).collect();
+    // libfabric treats the domain-name hint loosely for layered providers,
+    // and the fabric-name hint may be ignored by libraries that predate
+    // efa-direct: `pick` keeps exactly what was asked for, so that a test
+    // bound to `lo` never opens an endpoint on another interface and an
+    // EFA engine never opens the other fabric.
     let wanted: &[String] = if kind == ProviderKind::Tcp { &options.interfaces } else { &[] };
-    let matching = list.iter().filter(|&i| {
-        // libfabric treats the domain-name hint loosely for layered
-        // providers: keep only the interfaces asked for, so that a test
-        // bound to `lo` never opens an endpoint on another interface.
-        info::provider_name(i).starts_with(kind.fabric_name())
-            && (wanted.is_empty() || wanted.iter().any(|d| info::domain_name(i) == *d))
-    });
-    for i in matching {
-        let name = info::domain_name(i);
-        if !seen.contains(&name) {
-            seen.push(name);
-            entries.push(i);
-        }
-    }
-    // With interfaces named, NIC n opens on the n-th (cycling), each of
-    // which must exist.
-    if !wanted.is_empty() {
-        let mut ordered = Vec::with_capacity(wanted.len());
-        for d in wanted {
-            match seen.iter().position(|s| s == d) {
-                Some(at) => ordered.push(entries[at]),
-                None => {
-                    return Err(Error::BackendUnavailable {
-                        backend: kind.fabric_name(),
-                        reason: format!("no domain named {d:?} (domains here: {seen:?})"),
-                    })
-                }
-            }
-        }
-        entries = ordered;
-    }
-    let Some(&first) = entries.first() else {
-        return Err(Error::BackendUnavailable {
-            backend: kind.fabric_name(),
-            reason: format!("no domain named {wanted:?}"),
-        });
-    };
+    let fabric = (kind == ProviderKind::Efa).then(|| options.info.efa_fabric.name());
+    let entries: Vec<*mut sys::fi_info> =
+        info::pick(&names, kind, fabric, wanted)?.into_iter().map(|i| all[i]).collect();
+    let seen: Vec<String> = entries.iter().map(|&i| info::domain_name(i)).collect();
+    let first = entries[0];
     let mut fabric_ptr = ptr::null_mut();
     let lib =
         sys::Library::get().map_err(|e| Error::BackendUnavailable { backend: "libfabric", reason: e.to_string() })?;

@@ -32,9 +32,32 @@ pub mod ops;
 pub use bindings::*;
 pub use library::{check_version, Library, LoadError, ENV_LIBRARY_PATH, MIN_LIBRARY_VERSION, SEARCH_PATHS};
 
-/// The API version strait asks libfabric for: the one its bindings were
-/// generated from. Newer libraries keep this version's structure layouts.
-pub const API_VERSION: u32 = fi_version(1, 17);
+/// The API version the bindings' structures were generated from (1.17).
+pub const BINDINGS_VERSION: u32 = fi_version(1, 17);
+
+/// The newest API version strait asks for: 1.18, where the `efa` fabric
+/// turns device RDMA on by default (`efa_rdm_util.c`: with API < 1.18 it
+/// keeps RMA emulated on efa0/efa1 devices) and accepts
+/// `FI_OPT_EFA_USE_DEVICE_RDMA`. Asking for it keeps the 1.17 layouts
+/// valid: libfabric reads the user's `fi_mr_attr` by API version
+/// (`util_mr_map.c`, `ofi_mr_update_attr`), and the first field past the
+/// 1.17 layout it reads is `hmem_data`, from 1.19 (then the `dmabuf` union
+/// member from 1.20, `page_size` from 1.22, `base_mr`/`sub_mr_cnt` from
+/// 2.0). No other structure strait passes in changed between 1.17 and 1.18.
+/// Asking for 1.19 or later would need those fields declared.
+pub const NEWEST_API_VERSION: u32 = fi_version(1, 18);
+
+/// The API version to ask a library of version `library` for: the newest
+/// strait knows ([`NEWEST_API_VERSION`]) when the library has it, else the
+/// library's own (which [`check_version`] keeps at 1.17 or later). A
+/// library refuses an API version newer than itself.
+pub const fn api_version(library: u32) -> u32 {
+    if library >= NEWEST_API_VERSION {
+        NEWEST_API_VERSION
+    } else {
+        library
+    }
+}
 
 /// `FI_VERSION(major, minor)`.
 pub const fn fi_version(major: u32, minor: u32) -> u32 {
@@ -43,3 +66,27 @@ pub const fn fi_version(major: u32, minor: u32) -> u32 {
 
 /// `FI_ADDR_UNSPEC`: "no address" (a macro with a cast, which bindgen skips).
 pub const FI_ADDR_UNSPEC: fi_addr_t = u64::MAX;
+
+// Endpoint options newer than the 1.17 headers (`rdma/fi_endpoint.h`,
+// level `FI_OPT_ENDPOINT`; a provider that does not know one answers
+// `-FI_ENOPROTOOPT`).
+/// bool: the provider may call the CUDA API (1.18).
+pub const FI_OPT_CUDA_API_PERMITTED: i32 = 10;
+/// bool: the provider may use shared memory for peers on this host (1.18).
+pub const FI_OPT_SHARED_MEMORY_PERMITTED: i32 = 11;
+/// size_t: the largest message (libfabric 2.0).
+pub const FI_OPT_MAX_MSG_SIZE: i32 = 12;
+/// size_t: the largest RMA (libfabric 2.0).
+pub const FI_OPT_MAX_RMA_SIZE: i32 = 14;
+
+/// The efa provider's endpoint options (`fi_ext.h`: negative, from
+/// `-FI_PROV_SPECIFIC_EFA`).
+const FI_PROV_SPECIFIC_EFA: i32 = 0xefa << 16;
+/// size_t: RNR retries.
+pub const FI_OPT_EFA_RNR_RETRY: i32 = -FI_PROV_SPECIFIC_EFA;
+/// bool, read-only: reads are emulated (no device RDMA read).
+pub const FI_OPT_EFA_EMULATED_READ: i32 = -FI_PROV_SPECIFIC_EFA + 1;
+/// bool, read-only: writes are emulated (no device RDMA write).
+pub const FI_OPT_EFA_EMULATED_WRITE: i32 = -FI_PROV_SPECIFIC_EFA + 2;
+/// bool: use device RDMA (API 1.18 or later).
+pub const FI_OPT_EFA_USE_DEVICE_RDMA: i32 = -FI_PROV_SPECIFIC_EFA + 4;

@@ -60,6 +60,10 @@ pub struct Library {
     pub fi_fabric: FabricFn,
     pub fi_strerror: StrErrorFn,
     pub fi_version: VersionFn,
+    /// The library's version (`fi_version()`).
+    pub version: u32,
+    /// The API version strait asks it for ([`api_version`](crate::api_version)).
+    pub api_version: u32,
 }
 
 impl fmt::Debug for Library {
@@ -103,7 +107,7 @@ impl Library {
         // SAFETY: each symbol is resolved from the handle just opened and
         // transmuted to the C signature libfabric declares for it in
         // fabric.h (the version named is the one those headers describe).
-        let library = unsafe {
+        let mut library = unsafe {
             Library {
                 path: path.to_owned(),
                 fi_getinfo: std::mem::transmute::<*mut c_void, GetInfoFn>(symbol(
@@ -132,10 +136,14 @@ impl Library {
                     c"fi_version",
                     c"FABRIC_1.0",
                 )?),
+                version: 0,
+                api_version: 0,
             }
         };
         // SAFETY: fi_version takes nothing and returns the library's version.
-        check_version(unsafe { (library.fi_version)() })?;
+        library.version = unsafe { (library.fi_version)() };
+        check_version(library.version)?;
+        library.api_version = crate::api_version(library.version);
         Ok(library)
     }
 
@@ -155,8 +163,10 @@ impl Library {
 }
 
 /// The oldest libfabric strait runs on: the version its bindings were
-/// generated from ([`API_VERSION`](crate::API_VERSION)), which it asks
-/// `fi_getinfo` for. An older library would not know that API version.
+/// generated from ([`BINDINGS_VERSION`](crate::BINDINGS_VERSION)). An older
+/// library would not know that API version. (EFA's zero-byte writes, which
+/// carry an immediate alone, need the `efa` fabric of 1.19 or later; see
+/// the engine's EFA docs.)
 pub const MIN_LIBRARY_VERSION: (u32, u32) = (1, 17);
 
 /// Refuses a library older than [`MIN_LIBRARY_VERSION`], naming both.
@@ -202,5 +212,16 @@ mod tests {
         let old = check_version(crate::fi_version(1, 14)).unwrap_err();
         assert!(old.contains("1.14") && old.contains("1.17"), "{old}");
         assert!(check_version(crate::fi_version(0, 99)).is_err());
+    }
+
+    /// 1.18 where the library has it (EFA's device RDMA), never newer than
+    /// the library (it would refuse), never past the bindings' layouts.
+    #[test]
+    fn the_api_version_asked_for_fits_library_and_bindings() {
+        use crate::{api_version, fi_version};
+        assert_eq!(api_version(fi_version(1, 17)), fi_version(1, 17));
+        assert_eq!(api_version(fi_version(1, 18)), fi_version(1, 18));
+        assert_eq!(api_version(fi_version(1, 22)), fi_version(1, 18));
+        assert_eq!(api_version(fi_version(2, 3)), fi_version(1, 18));
     }
 }

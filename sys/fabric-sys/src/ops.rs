@@ -178,6 +178,23 @@ pub unsafe fn fi_enable(ep: *mut fid_ep) -> c_int {
     unsafe { fi_control(&mut (*ep).fid, FI_ENABLE as c_int, std::ptr::null_mut()) }
 }
 
+/// `fi_setopt(&ep->fid, level, optname, optval, optlen)`.
+///
+/// # Safety
+/// See the module docs; `optval` points at `optlen` bytes of the option's
+/// C type.
+pub unsafe fn fi_setopt(ep: *mut fid_ep, level: c_int, optname: c_int, optval: *const c_void, optlen: usize) -> c_int {
+    call_op!((*ep).ops, setopt(&mut (*ep).fid, level, optname, optval, optlen))
+}
+
+/// `fi_getopt(&ep->fid, level, optname, optval, &optlen)`.
+///
+/// # Safety
+/// See the module docs; `optval` has room for `*optlen` bytes.
+pub unsafe fn fi_getopt(ep: *mut fid_ep, level: c_int, optname: c_int, optval: *mut c_void, optlen: *mut usize) -> c_int {
+    call_op!((*ep).ops, getopt(&mut (*ep).fid, level, optname, optval, optlen))
+}
+
 /// `fi_getname(fid, addr, &addrlen)`.
 ///
 /// # Safety
