@@ -33,6 +33,22 @@ pub(crate) struct Faults {
     pub violations: AtomicU64,
     /// Writes whose bytes have landed (copied at completion).
     pub landed: AtomicU64,
+    /// Report [`Nic::needs_introduction`], as EFA's efa-direct does.
+    pub introduction: bool,
+    /// Behave like efa-direct: an RMA target must know the initiator. The
+    /// double learns it when it delivers the engine's hello (a target
+    /// inserts the initiator when it takes one); a write or read posted
+    /// before that fails as efa-direct's would, and is counted in
+    /// `unknown_peer`.
+    pub require_introduction: bool,
+    /// Writes and reads posted before the target knew the initiator: must
+    /// stay 0.
+    pub unknown_peer: AtomicU64,
+    /// A hello was delivered (through any NIC: the target inserts the
+    /// initiator on all of its NICs).
+    pub known: AtomicBool,
+    /// The longest send ([`Nic::max_message`]); 0: unlimited.
+    pub max_message: u64,
 }
 
 struct Pending {
@@ -41,8 +57,9 @@ struct Pending {
     fail: bool,
     /// A write: (source, destination, bytes), copied when it completes.
     copy: Option<(usize, usize, usize)>,
-    /// A send: its bytes, delivered into a posted receive buffer.
-    message: Option<Vec<u8>>,
+    /// A send: its bytes, delivered into a posted receive buffer with its
+    /// immediate (the engine's control messages carry one).
+    message: Option<(Vec<u8>, Option<u32>)>,
 }
 
 pub(crate) struct FaultNic {
@@ -116,7 +133,13 @@ impl Nic for FaultNic {
             self.faults.violations.fetch_add(1, Ordering::Relaxed);
         }
         *outstanding += 1;
-        let fail = self.faults.killed.load(Ordering::Relaxed) || self.next() % 1000 < self.faults.fail_per_mille;
+        let unknown =
+            self.faults.require_introduction && !self.faults.known.load(Ordering::SeqCst) && op.kind != OpKind::Send;
+        if unknown {
+            self.faults.unknown_peer.fetch_add(1, Ordering::Relaxed);
+        }
+        let fail =
+            unknown || self.faults.killed.load(Ordering::Relaxed) || self.next() % 1000 < self.faults.fail_per_mille;
         let len = op.len as usize;
         let copy = match self.regions.get(&op.key) {
             Some(&(base, region_len))
@@ -129,7 +152,7 @@ impl Nic for FaultNic {
         let message = (op.kind == OpKind::Send).then(|| {
             // SAFETY: the engine keeps the source of a posted send valid
             // until its completion, and it is `len` bytes long.
-            unsafe { std::slice::from_raw_parts(op.local, len) }.to_vec()
+            (unsafe { std::slice::from_raw_parts(op.local, len) }.to_vec(), op.imm)
         });
         self.pending.push(Pending { token: op.token, imm, fail, copy, message });
         Ok(Posted::Accepted)
@@ -166,13 +189,17 @@ impl Nic for FaultNic {
                     unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, len) };
                     self.faults.landed.fetch_add(1, Ordering::SeqCst);
                 }
-                if let Some(bytes) = p.message {
+                if let Some((bytes, imm)) = p.message {
+                    use crate::engine::access::Control;
+                    if matches!(Control::decode(&bytes), Ok(Control::Hello { .. })) {
+                        self.faults.known.store(true, Ordering::SeqCst);
+                    }
                     if let Some((buf, cap, token)) = self.receives.pop_front() {
                         let n = bytes.len().min(cap);
                         // SAFETY: a posted receive buffer of `cap` bytes,
                         // the NIC's until it reports it.
                         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf as *mut u8, n) };
-                        events.push(Event::Received { token, len: n, message: true, imm: None });
+                        events.push(Event::Received { token, len: n, message: true, imm });
                     }
                 }
                 events.push(Event::Done { token: p.token });
@@ -182,6 +209,17 @@ impl Nic for FaultNic {
             }
         }
         events.len() - before
+    }
+
+    fn needs_introduction(&self) -> bool {
+        self.faults.introduction
+    }
+
+    fn max_message(&self) -> u64 {
+        match self.faults.max_message {
+            0 => u64::MAX,
+            n => n,
+        }
     }
 
     fn wait_fd(&self) -> Option<RawFd> {

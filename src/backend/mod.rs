@@ -193,6 +193,21 @@ pub(crate) trait Nic: Send {
     fn max_piece(&self) -> u64 {
         u64::MAX
     }
+    /// Whether an RMA target must already have this NIC in its address
+    /// vector (EFA's efa-direct: a write or read from an initiator the
+    /// target has not inserted fails with an unknown-peer error). Then the
+    /// engine introduces itself to each new peer with a two-sided hello,
+    /// answered, before its first write or read (see the worker's
+    /// `Intro`). False by default.
+    fn needs_introduction(&self) -> bool {
+        false
+    }
+    /// The largest two-sided message (bytes) the NIC sends: the engine
+    /// refuses longer sends. Unlimited by default (the receive buffers'
+    /// size is the engine's own limit).
+    fn max_message(&self) -> u64 {
+        u64::MAX
+    }
     /// The engine gave up on operations to `peer` (an [`Op::peer`] value):
     /// its requests expired without progress. A NIC whose transport can
     /// leave later operations queued behind ones that will never complete

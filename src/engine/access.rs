@@ -31,6 +31,11 @@
 //!   the region's first byte), length (u64 LE), then the asking engine's
 //!   address (as [`EngineAddress`] encodes it), nothing after.
 //! * Answer: `"STV" 1`, verdict (0 granted, 1 denied), cookie (u64 LE).
+//! * Hello: `"STH" 1`, cookie (u64 LE), the introducing engine's address;
+//!   answered by Welcome: `"STW" 1`, cookie (u64 LE). See the worker's
+//!   `Intro`: on transports whose RMA targets must know the initiator
+//!   beforehand (EFA's efa-direct), an engine introduces itself this way
+//!   before its first write or read to a peer.
 
 use std::time::Duration;
 
@@ -58,6 +63,8 @@ pub(crate) const ANSWER_LEN: usize = 4 + 1 + 8;
 
 const QUERY_MAGIC: &[u8; 3] = b"STQ";
 const ANSWER_MAGIC: &[u8; 3] = b"STV";
+const HELLO_MAGIC: &[u8; 3] = b"STH";
+const WELCOME_MAGIC: &[u8; 3] = b"STW";
 const VERSION: u8 = 1;
 
 /// The access a query asks about.
@@ -90,6 +97,16 @@ pub(crate) struct Answer {
 pub(crate) enum Control {
     Query(Query),
     Answer(Answer),
+    /// "Put me in your address vector, then say so": `reply_to` is the
+    /// introducing engine.
+    Hello {
+        cookie: u64,
+        reply_to: EngineAddress,
+    },
+    /// The answer to the hello with this cookie.
+    Welcome {
+        cookie: u64,
+    },
 }
 
 impl Query {
@@ -127,6 +144,21 @@ impl Control {
                 out
             }
             Control::Answer(a) => a.encode().to_vec(),
+            Control::Hello { cookie, reply_to } => {
+                let mut out = Vec::with_capacity(12 + reply_to.encoded().len());
+                out.extend_from_slice(HELLO_MAGIC);
+                out.push(VERSION);
+                out.extend_from_slice(&cookie.to_le_bytes());
+                out.extend_from_slice(reply_to.encoded());
+                out
+            }
+            Control::Welcome { cookie } => {
+                let mut out = Vec::with_capacity(12);
+                out.extend_from_slice(WELCOME_MAGIC);
+                out.push(VERSION);
+                out.extend_from_slice(&cookie.to_le_bytes());
+                out
+            }
         }
     }
 
@@ -152,6 +184,17 @@ impl Control {
             r.finish()?;
             let reply_to = EngineAddress::new(provider, nics);
             Ok(Control::Query(Query { wanted, cookie, key, addr, len, reply_to }))
+        } else if magic == HELLO_MAGIC {
+            r.header(HELLO_MAGIC, VERSION)?;
+            let cookie = r.u64("cookie")?;
+            let (provider, nics) = EngineAddress::read(&mut r)?;
+            r.finish()?;
+            Ok(Control::Hello { cookie, reply_to: EngineAddress::new(provider, nics) })
+        } else if magic == WELCOME_MAGIC {
+            r.header(WELCOME_MAGIC, VERSION)?;
+            let cookie = r.u64("cookie")?;
+            r.finish()?;
+            Ok(Control::Welcome { cookie })
         } else {
             r.header(ANSWER_MAGIC, VERSION)?;
             let denied = match r.u8("verdict")? {
@@ -166,7 +209,6 @@ impl Control {
     }
 }
 
-/// One registration as the owner checks queries against it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Grant {
     /// The key peers use through NIC 0.
@@ -215,6 +257,20 @@ mod tests {
         assert_eq!(Control::decode(&out).unwrap(), Control::Query(q));
         let a = Answer { cookie: u64::MAX, denied: true };
         assert_eq!(Control::decode(&a.encode()).unwrap(), Control::Answer(a));
+        for c in [
+            Control::Hello { cookie: 3, reply_to: address(MAX_NICS, MAX_NIC_ADDRESS_LEN) },
+            Control::Welcome { cookie: u64::MAX },
+        ] {
+            let bytes = c.encode();
+            assert!(bytes.len() <= MAX_QUERY);
+            assert_eq!(Control::decode(&bytes).unwrap(), c);
+            for n in 0..bytes.len() {
+                assert!(Control::decode(&bytes[..n]).is_err(), "{c:?} cut to {n} accepted");
+            }
+            let mut trailing = bytes.clone();
+            trailing.push(0);
+            assert!(Control::decode(&trailing).is_err());
+        }
     }
 
     #[test]

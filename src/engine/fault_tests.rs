@@ -162,3 +162,54 @@ fn no_kv_byte_lands_after_a_confirmed_cancel() {
     assert!(some_landed > 0, "no run had writes land before its cancel: the test exercised nothing");
     eprintln!("{some_landed} of 24 cancels came after some layers had landed");
 }
+
+/// efa-direct's rule on the double: a target must know the initiator
+/// before its first write or read. With the NICs saying so, the engine
+/// holds every request until its hello went through, and none is refused;
+/// without (the double enforcing the rule on an engine that does not know
+/// it), the first write fails as it would on efa-direct.
+#[test]
+fn requests_wait_for_the_introduction_where_targets_must_know_the_initiator() {
+    for announced in [true, false] {
+        let faults = Arc::new(Faults { introduction: announced, require_introduction: true, ..Faults::default() });
+        let e = engine(2, 7, &faults);
+        let region = e.alloc(1 << 20, Access::REMOTE_READ_WRITE).unwrap();
+        let dst = region.descriptor().clone();
+        let transfers: Vec<_> = (0..16u64)
+            .map(|i| {
+                if i % 4 == 3 {
+                    e.read(&region, i * 4096, &dst, 0, 4096).unwrap()
+                } else {
+                    e.write(&region, 0, &dst, i * 65536, 65536, None).unwrap()
+                }
+            })
+            .collect();
+        let outcomes: Vec<_> = transfers.iter().map(|t| t.wait_timeout(Duration::from_secs(20))).collect();
+        let refused = faults.unknown_peer.load(Ordering::SeqCst);
+        if announced {
+            assert_eq!(refused, 0, "an operation was posted before the introduction");
+            assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
+            // Later requests go at once (the peer is known).
+            e.write(&region, 0, &dst, 0, 4096, None).unwrap().wait_timeout(Duration::from_secs(20)).unwrap();
+        } else {
+            assert!(refused > 0, "the double did not enforce the rule");
+            assert!(outcomes.iter().any(|o| o.is_err()));
+        }
+        e.shutdown();
+    }
+}
+
+/// A NIC's message limit (efa-direct: the MTU) is the engine's.
+#[test]
+fn sends_longer_than_the_transport_takes_are_refused() {
+    let faults = Arc::new(Faults { max_message: 8192, ..Faults::default() });
+    let e = engine(1, 3, &faults);
+    assert_eq!(e.max_send_size(), 8192);
+    let region = e.alloc(16384, Access::LOCAL).unwrap();
+    let me = e.address().clone();
+    let err = e.send(&me, &region, 0, 8193).unwrap_err();
+    assert!(matches!(&err, Error::InvalidRequest(m) if m.contains("8192")), "{err}");
+    e.send(&me, &region, 0, 8192).unwrap().wait_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(e.recv_timeout(Duration::from_secs(5)).unwrap().len(), 8192);
+    e.shutdown();
+}

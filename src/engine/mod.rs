@@ -5,6 +5,8 @@ mod completion;
 #[cfg(test)]
 mod fault_tests;
 mod imm;
+#[cfg(test)]
+mod intro_tests;
 mod link;
 mod mailbox;
 mod memory;
@@ -316,6 +318,7 @@ impl EngineBuilder {
         // Pieces never longer than the smallest NIC takes (the transport's
         // own limit, e.g. EFA's largest RDMA), whatever ShardConfig says.
         let max_piece = nics.iter().map(|n| n.max_piece()).min().unwrap_or(u64::MAX).max(1);
+        let max_send = nics.iter().map(|n| n.max_message()).min().unwrap_or(u64::MAX);
         let mut shard = self.shard;
         shard.max_piece = shard.max_piece.min(max_piece);
         shard.min_piece = shard.min_piece.min(shard.max_piece);
@@ -364,6 +367,7 @@ impl EngineBuilder {
                 nic_count,
                 virtual_addresses,
                 max_rows,
+                max_send,
                 imm,
                 shard,
                 rotation: AtomicUsize::new(0),
@@ -469,6 +473,8 @@ struct Shared {
     virtual_addresses: bool,
     /// Runs one work item may carry (the NICs' `max_rows`).
     max_rows: u32,
+    /// The longest send the NICs take (efa-direct: the MTU).
+    max_send: u64,
     imm: Arc<ImmTable>,
     shard: ShardConfig,
     rotation: AtomicUsize,
@@ -959,6 +965,13 @@ impl TransferEngine {
         self.check_local(src)?;
         self.check_peer(peer)?;
         check_range("source", offset, len, src.len())?;
+        if len > self.shared.max_send {
+            return Err(Error::InvalidRequest(format!(
+                "a send of {len} bytes is longer than this transport's largest message, {} bytes (EFA's \
+                 efa-direct fabric: the device's MTU); write larger payloads into a peer's region instead",
+                self.shared.max_send
+            )));
+        }
         self.submit(RequestOp::Send {
             peer: peer.clone(),
             src: src.inner.clone(),
@@ -966,6 +979,14 @@ impl TransferEngine {
             len,
             rotation: self.rotation(),
         })
+    }
+
+    /// The longest message [`send`](Self::send) takes on this transport:
+    /// unlimited (`u64::MAX`) except on EFA's efa-direct fabric, where it is
+    /// the device's MTU (about 8 KiB). A peer's receive buffers
+    /// ([`EngineBuilder::receive_buffers`]) bound it too.
+    pub fn max_send_size(&self) -> u64 {
+        self.shared.max_send
     }
 
     /// The next two-sided message received, waiting up to `timeout`.

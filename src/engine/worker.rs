@@ -204,6 +204,8 @@ struct Active {
     imm_posted: bool,
     /// Operations in flight per local NIC.
     in_flight: [u16; crate::wire::MAX_NICS],
+    /// Waits for the peer's welcome before posting (see [`Intro`]).
+    held: bool,
 }
 
 /// One question to a region's owner, and the failed requests waiting on it.
@@ -226,14 +228,42 @@ enum QueryState {
     Delivered,
 }
 
-/// An answer to a key query that could not be posted yet.
+/// An answer (to a key query, or a welcome) that could not be posted yet.
 struct PendingAnswer {
     nic: usize,
     to: u64,
-    answer: Answer,
+    answer: Control,
     deadline: Instant,
     retry_at: Instant,
 }
+
+/// Whether a peer can be the target of this engine's writes and reads.
+///
+/// On transports whose RMA target must already have the initiator in its
+/// address vector ([`Nic::needs_introduction`]: EFA's efa-direct, where a
+/// write from an unknown initiator fails with an unknown-peer error), an
+/// engine introduces itself before anything else goes to a new peer: a
+/// hello control message carrying its address (two-sided messages need no
+/// such entry at the receiver), which the peer answers, after inserting
+/// the address on every NIC, with a welcome. Requests to the peer wait
+/// until then (`Active::held`); they expire as usual if no welcome comes.
+/// An engine that received a hello knows its sender knows it (the sender
+/// inserted it before saying hello), so it needs no hello of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Intro {
+    /// The peer knows this engine (or the transport needs no introduction).
+    Known,
+    /// Not introduced yet: the next request sends a hello.
+    Unknown,
+    /// A hello (`cookie`) is out or due at `retry_at`; `sending` is the
+    /// token of its send in flight.
+    Hello { cookie: u64, sending: Option<u64>, retry_at: Instant },
+}
+
+/// A hello that was delivered but not answered is sent again after this
+/// (the welcome is idempotent); one that could not be posted or failed,
+/// after `access::RETRY`.
+const HELLO_RESEND: Duration = Duration::from_millis(200);
 
 /// Send buffers for control messages, per NIC, registered on first use.
 struct ControlPool {
@@ -260,6 +290,9 @@ struct Peer {
     addrs: Vec<u64>,
     address: EngineAddress,
     stats: PeerCounters,
+    intro: Intro,
+    /// Requests held for the welcome (see [`Intro`]).
+    held: u32,
 }
 
 /// A peer's counters (see `stats::PeerStats`), the worker's alone.
@@ -332,6 +365,10 @@ pub(crate) struct Worker<N: Nic> {
     /// NICs do not report rejected keys themselves); then `grants` holds
     /// what this engine's remotely accessible regions grant, to answer.
     diagnose: bool,
+    /// Whether peers must be introduced before RMA (see [`Intro`]), and
+    /// how many introductions are under way.
+    introduce: bool,
+    introducing: usize,
     grants: HashMap<u64, Grant>,
     address: EngineAddress,
     diagnoses: Vec<Diagnosis>,
@@ -370,9 +407,12 @@ impl<N: Nic> Worker<N> {
         let nic_count = nics.len();
         let now = Instant::now();
         let diagnose = !nics.iter().all(|n| n.reports_rejected_keys());
+        let introduce = nics.iter().any(|n| n.needs_introduction());
         let control = nics.iter().map(|_| None).collect();
         Worker {
             diagnose,
+            introduce,
+            introducing: 0,
             grants: HashMap::new(),
             address: config.address,
             diagnoses: Vec::new(),
@@ -556,6 +596,9 @@ impl<N: Nic> Worker<N> {
         if !self.diagnoses.is_empty() || !self.answers.is_empty() {
             self.tend_diagnoses();
         }
+        if self.introducing > 0 {
+            self.tend_introductions();
+        }
         busy
     }
 
@@ -588,12 +631,20 @@ impl<N: Nic> Worker<N> {
                 Some(n) if self.nics.len() > 1 => format!(" through NIC {n}"),
                 _ => String::new(),
             };
-            let error = Error::PeerUnreachable(format!(
-                "no operation to the peer{through} completed within the request timeout of {timeout:?} \
-                 (the peer is dead, stalled or unreachable, or that link is down); {} operation(s) of this request \
-                 were still in flight",
-                a.seq.in_flight()
-            ));
+            let error = if a.held {
+                Error::PeerUnreachable(format!(
+                    "the peer did not answer this engine's introduction (a hello, which efa-direct needs before \
+                     the first write or read to a peer) within the request timeout of {timeout:?}: it is dead, \
+                     stalled or unreachable, or runs on another EFA fabric"
+                ))
+            } else {
+                Error::PeerUnreachable(format!(
+                    "no operation to the peer{through} completed within the request timeout of {timeout:?} \
+                     (the peer is dead, stalled or unreachable, or that link is down); {} operation(s) of this \
+                     request were still in flight",
+                    a.seq.in_flight()
+                ))
+            };
             if !matches!(a.error, Some(Error::RemoteAccess(_))) {
                 a.error = Some(error);
             }
@@ -782,6 +833,8 @@ impl<N: Nic> Worker<N> {
             addrs,
             address: address.clone(),
             stats: PeerCounters::default(),
+            intro: if self.introduce { Intro::Unknown } else { Intro::Known },
+            held: 0,
         });
         self.peer_index.insert(address.clone(), self.peers.len() - 1);
         Ok(self.peers.len() - 1)
@@ -821,7 +874,9 @@ impl<N: Nic> Worker<N> {
             ops: 0,
             imm_posted: false,
             in_flight: [0; crate::wire::MAX_NICS],
+            held: self.peers[peer].intro != Intro::Known,
         };
+        let held = active.held;
         let index = match self.free.pop() {
             Some(i) => {
                 self.active[i] = Some(active);
@@ -832,7 +887,68 @@ impl<N: Nic> Worker<N> {
                 self.active.len() - 1
             }
         };
-        self.ready.push_back(index);
+        if held {
+            self.peers[peer].held += 1;
+            if self.peers[peer].intro == Intro::Unknown {
+                self.start_intro(peer);
+            }
+        } else {
+            self.ready.push_back(index);
+        }
+    }
+
+    /// Starts introducing this engine to `peer` (see [`Intro`]).
+    fn start_intro(&mut self, peer: usize) {
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        self.peers[peer].intro = Intro::Hello { cookie, sending: None, retry_at: self.now };
+        self.introducing += 1;
+        tracing::debug!(peer = %self.peers[peer].address, "introducing this engine to a new peer");
+        self.send_hello(peer);
+    }
+
+    /// Sends the hello of `peer`'s introduction (again), to its NIC 0.
+    fn send_hello(&mut self, peer: usize) {
+        let Intro::Hello { cookie, .. } = self.peers[peer].intro else { return };
+        let bytes = Control::Hello { cookie, reply_to: self.address.clone() }.encode();
+        let to = self.peers[peer].addrs[0];
+        let sent = self.send_control(0, to, &bytes);
+        if let Intro::Hello { sending, retry_at, .. } = &mut self.peers[peer].intro {
+            *sending = sent;
+            *retry_at = self.now + access::RETRY;
+        }
+    }
+
+    /// `peer` knows this engine now: its held requests go.
+    fn introduced(&mut self, peer: usize) {
+        if matches!(self.peers[peer].intro, Intro::Hello { .. }) {
+            self.introducing -= 1;
+        }
+        self.peers[peer].intro = Intro::Known;
+        if std::mem::take(&mut self.peers[peer].held) == 0 {
+            return;
+        }
+        for (index, slot) in self.active.iter_mut().enumerate() {
+            if let Some(a) = slot.as_mut().filter(|a| a.peer == peer && a.held) {
+                a.held = false;
+                a.queued = true;
+                self.ready.push_back(index);
+            }
+        }
+    }
+
+    /// Resends hellos that are due; gives up on introductions no request
+    /// waits for any more (they expired), until the next request.
+    fn tend_introductions(&mut self) {
+        for peer in 0..self.peers.len() {
+            let Intro::Hello { sending, retry_at, .. } = self.peers[peer].intro else { continue };
+            if self.peers[peer].held == 0 {
+                self.peers[peer].intro = Intro::Unknown;
+                self.introducing -= 1;
+            } else if sending.is_none() && self.now >= retry_at {
+                self.send_hello(peer);
+            }
+        }
     }
 
     /// Posts what the ready requests may post. Returns whether anything moved.
@@ -867,7 +983,7 @@ impl<N: Nic> Worker<N> {
     /// Posts pieces of one request until it blocks. Returns (posted, busy).
     fn post_some(&mut self, index: usize) -> (u64, bool) {
         let local_nics = self.nics.len();
-        let Some(a) = self.active[index].as_mut() else { return (0, false) };
+        let Some(a) = self.active[index].as_mut().filter(|a| !a.held) else { return (0, false) };
         a.queued = false;
         let remote_nics = self.peers[a.peer].remote_nics;
         let mut posted = 0;
@@ -970,6 +1086,9 @@ impl<N: Nic> Worker<N> {
         }
         let mut a = self.active[index].take().expect("finishing a live request");
         self.free.push(index);
+        if a.held {
+            self.peers[a.peer].held -= 1;
+        }
         let result = match a.error.take() {
             Some(e) => Err(e),
             None => Ok(()),
@@ -1031,7 +1150,7 @@ impl<N: Nic> Worker<N> {
                 let (nic, index) = recv_slot(token);
                 if message && imm.is_some() {
                     // Only the engine's control messages carry an immediate.
-                    if imm == Some(CONTROL_IMM) && self.diagnose {
+                    if imm == Some(CONTROL_IMM) && (self.diagnose || self.introduce) {
                         let pool = &self.pools[nic];
                         // SAFETY: as for messages below.
                         let bytes = unsafe {
@@ -1201,7 +1320,7 @@ impl<N: Nic> Worker<N> {
     fn on_control(&mut self, nic: usize, control: Control) {
         match control {
             Control::Query(q) => {
-                if q.reply_to.provider() != self.address.provider() {
+                if !self.diagnose || q.reply_to.provider() != self.address.provider() {
                     return;
                 }
                 let denied = !self.grants.values().any(|g| g.grants(&q));
@@ -1210,7 +1329,7 @@ impl<N: Nic> Worker<N> {
                     Err(e) => return tracing::debug!(error = %e, "cannot answer a key query"),
                 };
                 let to = self.peers[peer].addrs[nic * self.peers[peer].remote_nics];
-                let answer = Answer { cookie: q.cookie, denied };
+                let answer = Control::Answer(Answer { cookie: q.cookie, denied });
                 if self.send_control(nic, to, &answer.encode()).is_none() {
                     // A peer new to this NIC may need connecting first.
                     let (deadline, retry_at) = (self.now + access::WINDOW, self.now + access::RETRY);
@@ -1220,6 +1339,31 @@ impl<N: Nic> Worker<N> {
             Control::Answer(a) => {
                 if let Some(pos) = self.diagnoses.iter().position(|d| d.query.cookie == a.cookie) {
                     self.end_diagnosis(pos, a.denied);
+                }
+            }
+            Control::Hello { cookie, reply_to } => {
+                if reply_to.provider() != self.address.provider() {
+                    return;
+                }
+                // Inserting the sender on every NIC is what it asked for.
+                let peer = match self.resolve_peer(&reply_to) {
+                    Ok(p) => p,
+                    Err(e) => return tracing::debug!(error = %e, "cannot take a hello"),
+                };
+                self.introduced(peer);
+                let to = self.peers[peer].addrs[nic * self.peers[peer].remote_nics];
+                let welcome = Control::Welcome { cookie };
+                if self.send_control(nic, to, &welcome.encode()).is_none() {
+                    let (deadline, retry_at) = (self.now + access::WINDOW, self.now + access::RETRY);
+                    self.answers.push(PendingAnswer { nic, to, answer: welcome, deadline, retry_at });
+                }
+            }
+            Control::Welcome { cookie } => {
+                let peer =
+                    self.peers.iter().position(|p| matches!(p.intro, Intro::Hello { cookie: c, .. } if c == cookie));
+                if let Some(peer) = peer {
+                    tracing::debug!(peer = %self.peers[peer].address, "introduced to a peer");
+                    self.introduced(peer);
                 }
             }
         }
@@ -1278,6 +1422,20 @@ impl<N: Nic> Worker<N> {
         let (nic, slot) = (((token & !CONTROL_TOKEN) >> 32) as usize, (token & 0xffff_ffff) as usize);
         if let Some(pool) = self.control.get_mut(nic).and_then(Option::as_mut) {
             pool.free.push(slot);
+        }
+        if self.introducing > 0 {
+            let now = self.now;
+            for p in &mut self.peers {
+                if let Intro::Hello { sending: sending @ Some(_), retry_at, .. } = &mut p.intro {
+                    if *sending == Some(token) {
+                        *sending = None;
+                        *retry_at = now + if error.is_none() { HELLO_RESEND } else { access::RETRY };
+                        if let Some(e) = &error {
+                            tracing::debug!(error = %e, "a hello was not delivered; trying again");
+                        }
+                    }
+                }
+            }
         }
         if let Some(d) = self.diagnoses.iter_mut().find(|d| d.state == QueryState::Sending(token)) {
             match error {

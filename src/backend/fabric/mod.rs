@@ -31,7 +31,7 @@ pub(crate) use self::info::{probe, InfoRequest};
 use super::{Event, Nic, NicRegion, Op, OpKind, Posted};
 use crate::descriptor::Access;
 use crate::error::{Error, Result};
-use crate::provider::{Provider, ProviderKind};
+use crate::provider::{EfaFabric, Provider, ProviderKind};
 
 /// How a group of fabric NICs is opened.
 #[derive(Clone, Debug)]
@@ -45,6 +45,10 @@ pub(crate) struct FabricOptions {
     pub wait_fd: bool,
     /// Receive buffers the engine will post per NIC.
     pub rx_slots: usize,
+    /// Introduce peers before RMA (see [`Nic::needs_introduction`]) even
+    /// where the fabric does not need it (efa-direct always does): lets
+    /// tests run the protocol over tcp and shm.
+    pub introduce: bool,
 }
 
 /// The interfaces of a comma-separated list, in order (empty: none).
@@ -60,7 +64,7 @@ impl FabricOptions {
         let interfaces = interface_list(interface);
         let domain = if interfaces.len() == 1 { Some(interfaces[0].clone()) } else { None };
         let info = InfoRequest { domain, ..InfoRequest::default() };
-        FabricOptions { provider, info, interfaces, wait_fd, rx_slots }
+        FabricOptions { provider, info, interfaces, wait_fd, rx_slots, introduce: false }
     }
 }
 
@@ -242,10 +246,16 @@ pub(crate) struct NicObjects {
     in_order: bool,
     /// See [`Nic::max_rows`].
     max_rows: u32,
-    /// See [`Nic::max_piece`]: the endpoint's `max_msg_size`.
+    /// See [`Nic::max_piece`]: the largest RMA.
     max_msg: u64,
+    /// See [`Nic::max_message`]: the largest send.
+    max_send: u64,
     /// The efa provider (its own error codes: see `completion_error`).
     efa: bool,
+    /// EFA's efa-direct fabric: the device reports rejected keys itself.
+    efa_direct: bool,
+    /// See [`Nic::needs_introduction`].
+    introduce: bool,
     slots: Slots,
     entries: Box<[sys::fi_cq_data_entry; CQ_BATCH]>,
 }
@@ -335,6 +345,14 @@ impl NicObjects {
                 None
             };
 
+            // The largest operation: the endpoint's max_msg_size, unless the
+            // provider answers the per-kind options of libfabric 2.0
+            // (efa-direct: sends up to the MTU, RMA up to the device's
+            // largest RDMA, while max_msg_size is the larger of the two).
+            let ep_max_msg = match (*(*info).ep_attr).max_msg_size as u64 {
+                0 => u64::MAX,
+                n => n,
+            };
             let mut buf = [0u8; 256];
             let mut len = buf.len();
             check("fi_getname", fi::fi_getname(ep_ptr, buf.as_mut_ptr().cast(), &mut len) as isize)?;
@@ -362,10 +380,10 @@ impl NicObjects {
                 delivery_complete: true,
                 in_order: info::provider_name(info) == "shm",
                 efa: info::provider_name(info) == "efa",
-                max_msg: match (*(*info).ep_attr).max_msg_size as u64 {
-                    0 => u64::MAX,
-                    n => n,
-                },
+                efa_direct: efa_direct(info),
+                introduce: options.introduce || efa_direct(info),
+                max_msg: get_size(ep_ptr, sys::FI_OPT_MAX_RMA_SIZE).unwrap_or(ep_max_msg),
+                max_send: get_size(ep_ptr, sys::FI_OPT_MAX_MSG_SIZE).unwrap_or(ep_max_msg),
                 max_rows: {
                     let tx = &*(*info).tx_attr;
                     tx.iov_limit.min(tx.rma_iov_limit).clamp(1, MAX_ROWS) as u32
@@ -422,6 +440,11 @@ impl NicObjects {
     }
 }
 
+/// Whether `info` is an entry of EFA's efa-direct fabric.
+fn efa_direct(info: *mut sys::fi_info) -> bool {
+    info::provider_name(info) == "efa" && info::fabric_name(info) == EfaFabric::EfaDirect.name()
+}
+
 /// Opens an endpoint on `domain` bound to `cq` (transmit and receive) and
 /// `av`, enabled. shm endpoints get a unique name (see `shm_name`).
 ///
@@ -445,9 +468,88 @@ unsafe fn open_endpoint(
         let transmit_recv = (sys::FI_TRANSMIT | sys::FI_RECV) as u64;
         check("fi_ep_bind(cq)", fi::fi_ep_bind(ep_ptr, cq.fid(), transmit_recv) as isize)?;
         check("fi_ep_bind(av)", fi::fi_ep_bind(ep_ptr, av.fid(), 0) as isize)?;
+        if info::provider_name(info) == "efa" {
+            before_enable_efa(ep_ptr, (*info).caps & sys::FI_HMEM as u64 != 0);
+        }
         check("fi_enable", fi::fi_enable(ep_ptr) as isize)?;
+        if info::provider_name(info) == "efa" && get_bool(ep_ptr, sys::FI_OPT_EFA_EMULATED_WRITE) == Some(true) {
+            tracing::warn!(
+                "EFA: writes are emulated by the provider (this device has no RDMA write): they take a \
+                 protocol of sends and reads, slower than device writes, and their sources are registered \
+                 remotely readable for it"
+            );
+        }
         Ok(ep)
     }
+}
+
+/// EFA endpoint options, set before `fi_enable` as the provider requires
+/// (what Perplexity's fabric-lib and NCCL's plugin set too):
+/// * shared memory off: with it on (the default when the entry has
+///   `FI_LOCAL_COMM`), same-host peers go through the provider's internal
+///   shm, and its CQs refuse `FI_WAIT_FD`, so the worker could not sleep
+///   on them. strait's own `shm` provider is the same-host path.
+/// * CUDA API use off unless device memory was asked for: the provider
+///   would otherwise call into CUDA (API 1.18 turns it on by default).
+///
+/// A library older than 1.18 knows neither (`-FI_ENOPROTOOPT`), and a host
+/// without CUDA refuses the second (`-FI_EINVAL`): both are normal.
+///
+/// # Safety
+/// `ep` is a live endpoint, not yet enabled.
+unsafe fn before_enable_efa(ep: *mut sys::fid_ep, hmem: bool) {
+    // SAFETY: forwarded from the caller.
+    let rc = unsafe { set_bool(ep, sys::FI_OPT_SHARED_MEMORY_PERMITTED, false) };
+    tracing::debug!(rc, "EFA: FI_OPT_SHARED_MEMORY_PERMITTED = false");
+    if !hmem {
+        // SAFETY: forwarded from the caller.
+        let rc = unsafe { set_bool(ep, sys::FI_OPT_CUDA_API_PERMITTED, false) };
+        tracing::debug!(rc, "EFA: FI_OPT_CUDA_API_PERMITTED = false");
+    }
+}
+
+/// Sets a `bool` endpoint option; the provider's return code.
+///
+/// # Safety
+/// `ep` is a live endpoint.
+unsafe fn set_bool(ep: *mut sys::fid_ep, name: i32, value: bool) -> c_int {
+    // SAFETY: the option is a C bool, one byte, read during the call.
+    unsafe {
+        fi::fi_setopt(
+            ep,
+            sys::FI_OPT_ENDPOINT as c_int,
+            name,
+            (&value as *const bool).cast(),
+            std::mem::size_of::<bool>(),
+        )
+    }
+}
+
+/// A `bool` endpoint option, if the provider knows it.
+///
+/// # Safety
+/// `ep` is a live endpoint.
+unsafe fn get_bool(ep: *mut sys::fid_ep, name: i32) -> Option<bool> {
+    let mut value = false;
+    let mut len = std::mem::size_of::<bool>();
+    // SAFETY: value has room for the C bool the option holds.
+    let rc =
+        unsafe { fi::fi_getopt(ep, sys::FI_OPT_ENDPOINT as c_int, name, (&mut value as *mut bool).cast(), &mut len) };
+    (rc == 0).then_some(value)
+}
+
+/// A `size_t` endpoint option, if the provider knows it (libfabric 2.0's
+/// `FI_OPT_MAX_MSG_SIZE`, `FI_OPT_MAX_RMA_SIZE`).
+///
+/// # Safety
+/// `ep` is a live endpoint.
+unsafe fn get_size(ep: *mut sys::fid_ep, name: i32) -> Option<u64> {
+    let mut value: usize = 0;
+    let mut len = std::mem::size_of::<usize>();
+    // SAFETY: value has room for the size_t the option holds.
+    let rc =
+        unsafe { fi::fi_getopt(ep, sys::FI_OPT_ENDPOINT as c_int, name, (&mut value as *mut usize).cast(), &mut len) };
+    (rc == 0 && value > 0).then_some(value as u64)
 }
 
 /// Maps a CQ error entry to the engine's error kinds.
@@ -741,9 +843,19 @@ impl Nic for FabricNic {
 
     /// libfabric 1.17: tcp drops the connection on a rejected key (the
     /// rejection itself may or may not reach the initiator first) and shm
-    /// never answers the operation.
+    /// never answers the operation. EFA's efa-direct passes the device's
+    /// completion status through: a bad or revoked key is `prov_errno` 7
+    /// (`REMOTE_ERROR_BAD_ADDRESS`, see `completion_error`), so no key query
+    /// is needed. The `efa` fabric reports the same where the device does
+    /// the write, but its emulated protocols (devices without RDMA write)
+    /// were not verified to: it keeps the query.
     fn reports_rejected_keys(&self) -> bool {
-        false
+        self.objects.efa_direct
+    }
+
+    /// efa-direct (see [`Nic::needs_introduction`]), or when asked for.
+    fn needs_introduction(&self) -> bool {
+        self.objects.introduce
     }
 
     /// shm: every operation to a peer goes through that peer's own transmit
@@ -764,10 +876,18 @@ impl Nic for FabricNic {
         self.objects.max_rows
     }
 
-    /// The endpoint's `max_msg_size` (EFA: its largest RDMA; a user
-    /// `ShardConfig::max_piece` above it would fail on the device).
+    /// The largest RMA: `FI_OPT_MAX_RMA_SIZE` where the provider answers
+    /// it (libfabric 2.0+), else the endpoint's `max_msg_size` (EFA: its
+    /// largest RDMA; a user `ShardConfig::max_piece` above it would fail on
+    /// the device).
     fn max_piece(&self) -> u64 {
         self.objects.max_msg
+    }
+
+    /// The largest send: `FI_OPT_MAX_MSG_SIZE` where the provider answers it
+    /// (efa-direct: the device's MTU, about 8 KiB), else `max_msg_size`.
+    fn max_message(&self) -> u64 {
+        self.objects.max_send
     }
 
     /// shm: libfabric 1.17's shm completes a transmit endpoint's operations

@@ -191,7 +191,13 @@ pub unsafe fn fi_setopt(ep: *mut fid_ep, level: c_int, optname: c_int, optval: *
 ///
 /// # Safety
 /// See the module docs; `optval` has room for `*optlen` bytes.
-pub unsafe fn fi_getopt(ep: *mut fid_ep, level: c_int, optname: c_int, optval: *mut c_void, optlen: *mut usize) -> c_int {
+pub unsafe fn fi_getopt(
+    ep: *mut fid_ep,
+    level: c_int,
+    optname: c_int,
+    optval: *mut c_void,
+    optlen: *mut usize,
+) -> c_int {
     call_op!((*ep).ops, getopt(&mut (*ep).fid, level, optname, optval, optlen))
 }
 
