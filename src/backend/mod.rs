@@ -135,6 +135,16 @@ pub(crate) trait Nic: Send {
     /// # Safety
     /// The memory must stay valid until [`deregister`](Self::deregister).
     unsafe fn register(&mut self, addr: *mut u8, len: u64, access: Access) -> Result<NicRegion>;
+    /// Registers the engine's receive pool: memory only ever posted as
+    /// receive buffers (libfabric: `FI_RECV` access alone). The default
+    /// registers it as local-only memory.
+    ///
+    /// # Safety
+    /// As for [`register`](Self::register).
+    unsafe fn register_receive_pool(&mut self, addr: *mut u8, len: u64) -> Result<NicRegion> {
+        // SAFETY: forwarded with the caller's guarantee.
+        unsafe { self.register(addr, len, Access::LOCAL) }
+    }
     /// Releases a registration; peers lose access.
     fn deregister(&mut self, region: NicRegion);
     /// Makes a peer NIC reachable; the result is passed as [`Op::peer`].

@@ -6,7 +6,7 @@ mod completion;
 mod fault_tests;
 mod imm;
 #[cfg(test)]
-mod intro_tests;
+mod efa_tests;
 mod link;
 mod mailbox;
 mod memory;
@@ -287,6 +287,7 @@ impl EngineBuilder {
         let wait_fd = matches!(self.poll_mode, PollMode::Adaptive { .. });
         let mut options = FabricOptions::new(provider, self.interface.as_deref(), wait_fd, self.recv.count);
         options.info.efa_fabric = self.efa_fabric;
+        options.rx_size = self.recv.size;
         options
     }
 

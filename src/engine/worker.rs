@@ -457,7 +457,7 @@ impl<N: Nic> Worker<N> {
             let memory = AlignedBuf::zeroed((count * size) as u64)?;
             // SAFETY: the pool memory lives in self.pools until it is
             // deregistered at shutdown.
-            let region = unsafe { self.nics[nic].register(memory.as_ptr(), (count * size) as u64, Access::LOCAL)? };
+            let region = unsafe { self.nics[nic].register_receive_pool(memory.as_ptr(), (count * size) as u64)? };
             self.pools.push(RecvPool { memory, region, size });
             for i in 0..count {
                 self.post_recv(nic, i)?;

@@ -43,12 +43,17 @@ pub(crate) struct FabricOptions {
     pub interfaces: Vec<String>,
     /// Open CQs with a wait descriptor (adaptive polling) or without (busy).
     pub wait_fd: bool,
-    /// Receive buffers the engine will post per NIC.
+    /// Receive buffers the engine will post per NIC, and their size.
     pub rx_slots: usize,
+    pub rx_size: usize,
     /// Introduce peers before RMA (see [`Nic::needs_introduction`]) even
     /// where the fabric does not need it (efa-direct always does): lets
     /// tests run the protocol over tcp and shm.
     pub introduce: bool,
+    /// Send from the NIC's own staging buffers (see [`Staging`]) even where
+    /// the provider does not need it (EFA always does): lets tests run that
+    /// path over tcp and shm.
+    pub stage_sends: bool,
 }
 
 /// The interfaces of a comma-separated list, in order (empty: none).
@@ -64,7 +69,7 @@ impl FabricOptions {
         let interfaces = interface_list(interface);
         let domain = if interfaces.len() == 1 { Some(interfaces[0].clone()) } else { None };
         let info = InfoRequest { domain, ..InfoRequest::default() };
-        FabricOptions { provider, info, interfaces, wait_fd, rx_slots, introduce: false }
+        FabricOptions { provider, info, interfaces, wait_fd, rx_slots, rx_size: 64 << 10, introduce: false, stage_sends: false }
     }
 }
 
@@ -110,7 +115,11 @@ struct Slot {
     ctx: sys::fi_context2,
     token: u64,
     rx: bool,
+    /// The staging buffer its send went from ([`Staging`]), or `NOT_STAGED`.
+    staged: u32,
 }
+
+const NOT_STAGED: u32 = u32::MAX;
 
 /// Fixed arena of contexts: no allocation per operation, and a natural bound
 /// on operations in flight.
@@ -123,7 +132,12 @@ struct Slots {
 impl Slots {
     fn new(tx: usize, rx: usize) -> Self {
         let slots = (0..tx + rx)
-            .map(|i| Slot { ctx: sys::fi_context2 { internal: [ptr::null_mut(); 8] }, token: 0, rx: i >= tx })
+            .map(|i| Slot {
+                ctx: sys::fi_context2 { internal: [ptr::null_mut(); 8] },
+                token: 0,
+                rx: i >= tx,
+                staged: NOT_STAGED,
+            })
             .collect();
         Slots { slots, tx_free: (0..tx as u32).rev().collect(), rx_free: (tx as u32..(tx + rx) as u32).rev().collect() }
     }
@@ -132,16 +146,27 @@ impl Slots {
         let index = if rx { self.rx_free.pop()? } else { self.tx_free.pop()? };
         let slot = &mut self.slots[index as usize];
         slot.token = token;
+        slot.staged = NOT_STAGED;
         Some(slot as *mut Slot as *mut c_void)
     }
 
-    fn give_back(&mut self, ctx: *mut c_void) {
+    /// Marks the operation of `ctx` as sent from staging buffer `buffer`.
+    fn stage(&mut self, ctx: *mut c_void, buffer: u32) {
         let index = self.index(ctx);
-        if self.slots[index].rx {
+        self.slots[index].staged = buffer;
+    }
+
+    /// Frees the slot; returns the staging buffer its operation used.
+    fn give_back(&mut self, ctx: *mut c_void) -> Option<u32> {
+        let index = self.index(ctx);
+        let slot = &mut self.slots[index];
+        let staged = std::mem::replace(&mut slot.staged, NOT_STAGED);
+        if slot.rx {
             self.rx_free.push(index as u32);
         } else {
             self.tx_free.push(index as u32);
         }
+        (staged != NOT_STAGED).then_some(staged)
     }
 
     fn index(&self, ctx: *mut c_void) -> usize {
@@ -162,6 +187,59 @@ impl Slots {
         let slot = &self.slots[self.index(ctx)];
         Some((slot.token, slot.rx))
     }
+}
+
+/// EFA: the buffers sends go from. The efa provider registers `FI_SEND`
+/// memory remotely readable (its read-based protocols for long messages
+/// read the sender's buffer: `efa_mr.c` turns `FI_SEND` into
+/// `IBV_ACCESS_REMOTE_READ`), so user regions are registered without it and
+/// each send is copied into one of these, registered for sending only: no
+/// user memory becomes readable by peers because it was sent from. A send
+/// waits ([`Posted::Busy`]) while every buffer is in flight. The copy is of
+/// at most one receive buffer's size (64 KiB by default), small next to
+/// the network's cost of the message.
+struct Staging {
+    region: NicRegion,
+    memory: crate::engine::AlignedBuf,
+    size: usize,
+    free: Vec<u32>,
+}
+
+/// Buffers in [`Staging`].
+const STAGING_BUFFERS: usize = 16;
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // SAFETY: the MR is live and closed once, here, before the memory it
+        // covers is freed (fields drop after this).
+        let rc = unsafe { fi::fi_close(self.region.handle.cast()) };
+        if rc != 0 {
+            tracing::warn!(error = %fabric_error("fi_close(mr)", rc), "closing the staging registration failed");
+        }
+    }
+}
+
+/// The access bits a registration asks for: what the region is used for,
+/// nothing more. Every region may be the local side of a write (`FI_WRITE`)
+/// or read (`FI_READ`); the receive pool only receives. Sends go from user
+/// regions (`FI_SEND`) unless they are staged (EFA, where that bit makes
+/// memory remotely readable: see [`Staging`]). Remote access only as
+/// granted.
+fn mr_access(access: Access, receive_pool: bool, staged_sends: bool) -> u64 {
+    if receive_pool {
+        return sys::FI_RECV as u64;
+    }
+    let mut bits = (sys::FI_READ | sys::FI_WRITE) as u64;
+    if !staged_sends {
+        bits |= sys::FI_SEND as u64;
+    }
+    if access.remote_write {
+        bits |= sys::FI_REMOTE_WRITE as u64;
+    }
+    if access.remote_read {
+        bits |= sys::FI_REMOTE_READ as u64;
+    }
+    bits
 }
 
 const CQ_BATCH: usize = 64;
@@ -233,6 +311,13 @@ pub(crate) struct NicObjects {
     retired: Vec<Owned<sys::fid_ep, Domain>>,
     tx_info: Option<shm::Named>,
     ep: Owned<sys::fid_ep, Domain>,
+    /// EFA: the send buffers, registered on the first send (after the
+    /// endpoints close, before the domain).
+    staging: Option<Staging>,
+    /// Size of a staging buffer: the engine's receive buffer size.
+    staging_size: usize,
+    /// Sends go through `staging` (EFA, or when asked for).
+    stage_sends: bool,
     av: Owned<sys::fid_av, Domain>,
     cq: Owned<sys::fid_cq, Domain>,
     domain: Domain,
@@ -369,6 +454,9 @@ impl NicObjects {
                 retired: Vec::new(),
                 tx_info,
                 ep,
+                staging: None,
+                staging_size: options.rx_size,
+                stage_sends: options.stage_sends || info::provider_name(info) == "efa",
                 av,
                 cq,
                 domain,
@@ -417,12 +505,101 @@ impl NicObjects {
         let error = completion_error(&err, message, self.efa);
         match self.slots.lookup(err.op_context) {
             Some((token, rx)) => {
-                self.slots.give_back(err.op_context);
+                self.release(err.op_context);
                 events.push(if rx { Event::ReceiveFailed { token, error } } else { Event::Failed { token, error } });
             }
             None => tracing::warn!(%error, "completion error with no operation attached"),
         }
         true
+    }
+
+    /// Frees an operation's context, and its staging buffer if it had one.
+    fn release(&mut self, ctx: *mut c_void) {
+        if let Some(buffer) = self.slots.give_back(ctx) {
+            if let Some(staging) = &mut self.staging {
+                staging.free.push(buffer);
+            }
+        }
+    }
+
+    /// A staging buffer holding a copy of the `len` bytes at `src`, with
+    /// its descriptor; `Ok(None)` when all are in flight. Registers the
+    /// buffers on first use.
+    ///
+    /// # Safety
+    /// `src` is valid for `len` bytes.
+    unsafe fn stage_send(&mut self, src: *const u8, len: usize) -> Result<Option<(u32, *mut u8, *mut c_void)>> {
+        if len > self.staging_size {
+            return Err(Error::InvalidRequest(format!(
+                "a send of {len} bytes is longer than the receive buffers ({} bytes), which size EFA's send \
+                 buffers",
+                self.staging_size
+            )));
+        }
+        if self.staging.is_none() {
+            let size = self.staging_size.max(64);
+            let memory = crate::engine::AlignedBuf::zeroed((size * STAGING_BUFFERS) as u64)?;
+            // SAFETY: the memory lives in the Staging value, whose Drop
+            // closes the registration before freeing it.
+            let region = unsafe {
+                self.register_bits(memory.as_ptr(), (size * STAGING_BUFFERS) as u64, sys::FI_SEND as u64)
+            }?;
+            self.staging = Some(Staging { region, memory, size, free: (0..STAGING_BUFFERS as u32).rev().collect() });
+        }
+        let staging = self.staging.as_mut().expect("registered above");
+        let Some(buffer) = staging.free.pop() else { return Ok(None) };
+        // SAFETY: the buffer lies inside the staging memory and is free (no
+        // operation uses it); src is valid for len <= size bytes (caller).
+        let dst = unsafe { staging.memory.as_ptr().add(buffer as usize * staging.size) };
+        // SAFETY: as above; the two never overlap (ours vs the caller's).
+        unsafe { ptr::copy_nonoverlapping(src, dst, len) };
+        Ok(Some((buffer, dst, staging.region.desc)))
+    }
+
+    /// Registers `len` bytes at `addr` with `access` bits, bound and
+    /// enabled where the provider wants it (`FI_MR_ENDPOINT`).
+    ///
+    /// # Safety
+    /// The memory stays valid until the registration is closed.
+    unsafe fn register_bits(&mut self, addr: *mut u8, len: u64, access: u64) -> Result<NicRegion> {
+        let iov = sys::iovec { iov_base: addr.cast(), iov_len: len as usize };
+        // SAFETY: zeroed is a valid fi_mr_attr (null pointers, system iface).
+        let mut attr: sys::fi_mr_attr = unsafe { std::mem::zeroed() };
+        attr.mr_iov = &iov;
+        attr.iov_count = 1;
+        attr.access = access;
+        attr.iface = sys::fi_hmem_iface_FI_HMEM_SYSTEM;
+        if self.mr_mode & sys::FI_MR_PROV_KEY == 0 {
+            attr.requested_key = self.next_key;
+            self.next_key += 1;
+        }
+        let register_error = |reason: String| Error::RegisterMemory { addr: addr as usize, len, reason };
+        let mut mr = ptr::null_mut();
+        // SAFETY: the domain is live; attr points at iov for this call; the
+        // caller keeps the memory valid until the registration is closed.
+        let rc = unsafe { fi::fi_mr_regattr(self.domain.as_ptr(), &attr, 0, &mut mr) };
+        if rc != 0 {
+            return Err(register_error(fabric_error("fi_mr_regattr", rc).to_string()));
+        }
+        let region = NicRegion {
+            handle: mr.cast(),
+            // SAFETY: mr was just registered.
+            key: unsafe { fi::fi_mr_key(mr) },
+            // SAFETY: as above.
+            desc: unsafe { fi::fi_mr_desc(mr) },
+        };
+        if self.mr_mode & sys::FI_MR_ENDPOINT != 0 {
+            // SAFETY: mr and the endpoint are live.
+            let rc = unsafe { fi::fi_mr_bind(mr, self.ep.fid(), 0) };
+            // SAFETY: as above.
+            let rc = if rc == 0 { unsafe { fi::fi_mr_enable(mr) } } else { rc };
+            if rc != 0 {
+                // SAFETY: mr is live and closed once, here.
+                unsafe { fi::fi_close(mr.cast()) };
+                return Err(register_error(fabric_error("fi_mr_bind/enable", rc).to_string()));
+            }
+        }
+        Ok(region)
     }
 
     fn cq_strerror(&self, err: &sys::fi_cq_err_entry) -> String {
@@ -609,49 +786,18 @@ impl Nic for FabricNic {
             // readable by any peer that guesses its key and address.
             return Ok(NicRegion { handle: ptr::null_mut(), key: 0, desc: ptr::null_mut() });
         }
-        let iov = sys::iovec { iov_base: addr.cast(), iov_len: len as usize };
-        // SAFETY: zeroed is a valid fi_mr_attr (null pointers, system iface).
-        let mut attr: sys::fi_mr_attr = unsafe { std::mem::zeroed() };
-        attr.mr_iov = &iov;
-        attr.iov_count = 1;
-        attr.access = (sys::FI_READ | sys::FI_WRITE | sys::FI_SEND | sys::FI_RECV) as u64;
-        if access.remote_write {
-            attr.access |= sys::FI_REMOTE_WRITE as u64;
+        let bits = mr_access(access, false, self.stage_sends);
+        // SAFETY: forwarded with the caller's guarantee.
+        unsafe { self.objects.register_bits(addr, len, bits) }
+    }
+
+    unsafe fn register_receive_pool(&mut self, addr: *mut u8, len: u64) -> Result<NicRegion> {
+        if self.mr_mode & (sys::FI_MR_LOCAL | sys::FI_MR_HMEM) == 0 {
+            return Ok(NicRegion { handle: ptr::null_mut(), key: 0, desc: ptr::null_mut() });
         }
-        if access.remote_read {
-            attr.access |= sys::FI_REMOTE_READ as u64;
-        }
-        attr.iface = sys::fi_hmem_iface_FI_HMEM_SYSTEM;
-        if self.mr_mode & sys::FI_MR_PROV_KEY == 0 {
-            attr.requested_key = self.next_key;
-            self.next_key += 1;
-        }
-        let register_error = |reason: String| Error::RegisterMemory { addr: addr as usize, len, reason };
-        let mut mr = ptr::null_mut();
-        // SAFETY: the domain is live; attr points at iov for this call; the
-        // caller keeps the memory valid until deregister.
-        let rc = unsafe { fi::fi_mr_regattr(self.domain.as_ptr(), &attr, 0, &mut mr) };
-        if rc != 0 {
-            return Err(register_error(fabric_error("fi_mr_regattr", rc).to_string()));
-        }
-        let region = NicRegion {
-            handle: mr.cast(),
-            // SAFETY: mr was just registered.
-            key: unsafe { fi::fi_mr_key(mr) },
-            // SAFETY: as above.
-            desc: unsafe { fi::fi_mr_desc(mr) },
-        };
-        if self.mr_mode & sys::FI_MR_ENDPOINT != 0 {
-            // SAFETY: mr and the endpoint are live.
-            let rc = unsafe { fi::fi_mr_bind(mr, self.ep.fid(), 0) };
-            // SAFETY: as above.
-            let rc = if rc == 0 { unsafe { fi::fi_mr_enable(mr) } } else { rc };
-            if rc != 0 {
-                self.deregister(region);
-                return Err(register_error(fabric_error("fi_mr_bind/enable", rc).to_string()));
-            }
-        }
-        Ok(region)
+        let bits = mr_access(Access::LOCAL, true, self.stage_sends);
+        // SAFETY: as above.
+        unsafe { self.objects.register_bits(addr, len, bits) }
     }
 
     fn deregister(&mut self, region: NicRegion) {
@@ -783,6 +929,25 @@ impl Nic for FabricNic {
                 }
             }
             OpKind::Send => {
+                let mut iov = iov;
+                if self.stage_sends && op.len > 0 {
+                    // SAFETY: the engine keeps op.local valid for op.len bytes.
+                    match unsafe { self.stage_send(op.local, op.len as usize) } {
+                        Ok(Some((buffer, at, staged_desc))) => {
+                            self.slots.stage(context, buffer);
+                            iov.iov_base = at.cast();
+                            desc = staged_desc;
+                        }
+                        Ok(None) => {
+                            self.slots.give_back(context);
+                            return Ok(Posted::Busy);
+                        }
+                        Err(e) => {
+                            self.slots.give_back(context);
+                            return Err(e);
+                        }
+                    }
+                }
                 let data = op.imm.unwrap_or(0) as u64;
                 let msg = sys::fi_msg { msg_iov: &iov, desc: &mut desc, iov_count, addr: op.peer, context, data };
                 let mut flags = sys::FI_COMPLETION as u64;
@@ -796,7 +961,7 @@ impl Nic for FabricNic {
         if rc == 0 {
             return Ok(Posted::Accepted);
         }
-        self.slots.give_back(context);
+        self.release(context);
         if rc == -(sys::FI_EAGAIN as isize) {
             return Ok(Posted::Busy);
         }
@@ -946,7 +1111,7 @@ impl Nic for FabricNic {
                         events.push(Event::Received { token, len: e.len, message, imm });
                     }
                     Some((token, false)) => {
-                        self.slots.give_back(e.op_context);
+                        self.release(e.op_context);
                         events.push(Event::Done { token });
                     }
                     None => match imm {
@@ -988,6 +1153,25 @@ mod tests {
         e.prov_errno = prov_errno;
         e.flags = flags;
         e
+    }
+
+    /// Each kind of region asks for what it is used for: on EFA no user
+    /// region gets `FI_SEND` (which the provider turns into remote read),
+    /// the receive pool only `FI_RECV`, remote bits only as granted.
+    #[test]
+    fn registrations_ask_for_the_access_their_use_needs() {
+        let local = (sys::FI_READ | sys::FI_WRITE) as u64;
+        let send = sys::FI_SEND as u64;
+        let (rw, rr) = (sys::FI_REMOTE_WRITE as u64, sys::FI_REMOTE_READ as u64);
+        assert_eq!(mr_access(Access::LOCAL, false, true), local);
+        assert_eq!(mr_access(Access::REMOTE_WRITE, false, true), local | rw);
+        assert_eq!(mr_access(Access::REMOTE_READ, false, true), local | rr);
+        assert_eq!(mr_access(Access::REMOTE_READ_WRITE, false, true), local | rw | rr);
+        assert_eq!(mr_access(Access::LOCAL, false, false), local | send);
+        assert_eq!(mr_access(Access::REMOTE_WRITE, false, false), local | send | rw);
+        for efa in [true, false] {
+            assert_eq!(mr_access(Access::LOCAL, true, efa), sys::FI_RECV as u64);
+        }
     }
 
     /// The errno table, including EFA's codes (`efa_errno.h`).
