@@ -49,6 +49,11 @@ pub(crate) struct Faults {
     pub known: AtomicBool,
     /// The longest send ([`Nic::max_message`]); 0: unlimited.
     pub max_message: u64,
+    /// Receive pools deregistered, and how many of them while the NIC's
+    /// endpoints were still open ([`Nic::close_endpoints`] not yet called)
+    /// or with anything posted after the close: must stay 0.
+    pub pools_released: AtomicU64,
+    pub teardown_violations: AtomicU64,
 }
 
 struct Pending {
@@ -73,6 +78,9 @@ pub(crate) struct FaultNic {
     regions: std::collections::HashMap<u64, (usize, u64)>,
     /// Posted receive buffers: (address, length, token).
     receives: std::collections::VecDeque<(usize, usize, u64)>,
+    /// The receive pool's key, and whether the endpoints were closed.
+    pool_key: Option<u64>,
+    closed: bool,
 }
 
 impl FaultNic {
@@ -85,6 +93,8 @@ impl FaultNic {
             in_flight: Default::default(),
             regions: Default::default(),
             receives: Default::default(),
+            pool_key: None,
+            closed: false,
         }
     }
 
@@ -114,7 +124,20 @@ impl Nic for FaultNic {
         Ok(region)
     }
 
+    unsafe fn register_receive_pool(&mut self, addr: *mut u8, len: u64) -> Result<NicRegion> {
+        // SAFETY: forwarded with the caller's guarantees.
+        let region = unsafe { self.register(addr, len, Access::LOCAL) }?;
+        self.pool_key = Some(region.key);
+        Ok(region)
+    }
+
     fn deregister(&mut self, region: NicRegion) {
+        if Some(region.key) == self.pool_key {
+            self.faults.pools_released.fetch_add(1, Ordering::SeqCst);
+            if !self.closed {
+                self.faults.teardown_violations.fetch_add(1, Ordering::SeqCst);
+            }
+        }
         self.regions.remove(&region.key);
         self.base.deregister(region)
     }
@@ -124,6 +147,9 @@ impl Nic for FaultNic {
     }
 
     unsafe fn post(&mut self, op: &Op) -> Result<Posted> {
+        if self.closed {
+            self.faults.teardown_violations.fetch_add(1, Ordering::SeqCst);
+        }
         if self.next().is_multiple_of(8) {
             return Ok(Posted::Busy);
         }
@@ -213,6 +239,10 @@ impl Nic for FaultNic {
 
     fn needs_introduction(&self) -> bool {
         self.faults.introduction
+    }
+
+    fn close_endpoints(&mut self) {
+        self.closed = true;
     }
 
     fn max_message(&self) -> u64 {

@@ -225,6 +225,11 @@ pub(crate) trait Nic: Send {
     /// wait behind them. Operations already posted keep their tokens until
     /// they complete, as always. The default does nothing.
     fn reset_peer(&mut self, _peer: u64) {}
+    /// The engine is shutting down: close the endpoints (no operation is
+    /// posted or polled after this), so that the registrations, receive
+    /// pool included, are released with nothing posted on them. The
+    /// default does nothing.
+    fn close_endpoints(&mut self) {}
     /// Reads available completions into `events`; returns how many.
     fn poll(&mut self, events: &mut Vec<Event>) -> usize;
     /// A file descriptor that becomes readable when `poll` has work, if the

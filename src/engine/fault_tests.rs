@@ -213,3 +213,23 @@ fn sends_longer_than_the_transport_takes_are_refused() {
     assert_eq!(e.recv_timeout(Duration::from_secs(5)).unwrap().len(), 8192);
     e.shutdown();
 }
+
+/// Shutting down with requests in flight and regions alive: the NICs'
+/// endpoints close before any receive pool is deregistered (fi_efa: a
+/// registration with a posted receive must not be closed), and nothing is
+/// posted after.
+#[test]
+fn endpoints_close_before_the_receive_pools_are_released() {
+    let faults = Arc::new(Faults::default());
+    let e = engine(3, 11, &faults);
+    let region = e.alloc(1 << 20, Access::REMOTE_WRITE).unwrap();
+    let dst = region.descriptor().clone();
+    let in_flight: Vec<_> = (0..8).map(|i| e.write(&region, 0, &dst, i * 65536, 65536, None).unwrap()).collect();
+    e.shutdown();
+    for t in &in_flight {
+        let _ = t.wait_timeout(Duration::from_secs(20));
+    }
+    assert_eq!(faults.pools_released.load(Ordering::SeqCst), 3, "one receive pool per NIC");
+    assert_eq!(faults.teardown_violations.load(Ordering::SeqCst), 0);
+    drop(region);
+}

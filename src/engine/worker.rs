@@ -1508,6 +1508,11 @@ impl<N: Nic> Worker<N> {
                 drop(a);
             }
         }
+        // Endpoints first: nothing may still be posted on the memory
+        // deregistered below (the receive pool's buffers, on EFA).
+        for nic in &mut self.nics {
+            nic.close_endpoints();
+        }
         for (_, regions) in self.regions.drain() {
             for (nic, region) in regions.into_iter().enumerate() {
                 self.nics[nic].deregister(region);
@@ -1523,7 +1528,7 @@ impl<N: Nic> Worker<N> {
                 self.nics[nic].deregister(pool.region);
             }
         }
-        // Close the endpoints before any memory they may still touch (posted
+        // Close the NICs before any memory they may still touch (posted
         // receives, operations of the requests failed above) is freed.
         self.nics.clear();
         drop(pools);

@@ -289,10 +289,22 @@ impl Drop for FabricNic {
     }
 }
 
+impl Drop for NicObjects {
+    fn drop(&mut self) {
+        if !self.ep_closed {
+            // SAFETY: dropped once: here, or in close_endpoints (then
+            // ep_closed is set).
+            unsafe { ManuallyDrop::drop(&mut self.ep) };
+        }
+    }
+}
+
 /// What a [`FabricNic`] owns.
 pub(crate) struct NicObjects {
-    // Declaration order is drop order: endpoints before the objects bound to
-    // them, everything before the domain (held by each), domain before fabric.
+    // Declaration order is drop order (after `Drop::drop`, which closes
+    // `ep`): endpoints before the objects bound to them and the memory
+    // registered for them, everything before the domain (held by each),
+    // domain before fabric.
     /// shm only: one transmit endpoint per peer, indexed by the peer's AV
     /// index. libfabric 1.17's shm completes an endpoint's operations in
     /// order, so one peer that dies or stops with operations pending would
@@ -310,7 +322,9 @@ pub(crate) struct NicObjects {
     /// its slot) until the NIC closes; at most [`MAX_RETIRED`].
     retired: Vec<Owned<sys::fid_ep, Domain>>,
     tx_info: Option<shm::Named>,
-    ep: Owned<sys::fid_ep, Domain>,
+    /// Closed by [`Nic::close_endpoints`] or, if it was not, by `Drop`.
+    ep: ManuallyDrop<Owned<sys::fid_ep, Domain>>,
+    ep_closed: bool,
     /// EFA: the send buffers, registered on the first send (after the
     /// endpoints close, before the domain).
     staging: Option<Staging>,
@@ -453,7 +467,8 @@ impl NicObjects {
                 round: 0,
                 retired: Vec::new(),
                 tx_info,
-                ep,
+                ep: ManuallyDrop::new(ep),
+                ep_closed: false,
                 staging: None,
                 staging_size: options.rx_size,
                 stage_sends: options.stage_sends || info::provider_name(info) == "efa",
@@ -1016,6 +1031,28 @@ impl Nic for FabricNic {
     /// were not verified to: it keeps the query.
     fn reports_rejected_keys(&self) -> bool {
         self.objects.efa_direct
+    }
+
+    /// Closes the endpoints, so that the receive pool and the other
+    /// regions can be deregistered with nothing posted on them: fi_efa(7)
+    /// calls closing a registration with a posted receive undefined. shm
+    /// keeps its endpoints (no registration of its is local, so none has a
+    /// posted receive; and a NIC peered with another of this process stays
+    /// open for it: see `shm::retire`), and so do providers whose
+    /// registrations are bound to the endpoint (`FI_MR_ENDPOINT`).
+    fn close_endpoints(&mut self) {
+        let objects = &mut *self.objects;
+        // FI_MR_ENDPOINT registrations are bound to the endpoint: those
+        // close first, as before.
+        if objects.tx_info.is_some() || objects.ep_closed || objects.mr_mode & sys::FI_MR_ENDPOINT != 0 {
+            return;
+        }
+        objects.tx.clear();
+        objects.retired.clear();
+        objects.ep_closed = true;
+        // SAFETY: dropped once (ep_closed is now set); the NIC is not used
+        // for operations after this (the engine is shutting down).
+        unsafe { ManuallyDrop::drop(&mut objects.ep) };
     }
 
     /// efa-direct (see [`Nic::needs_introduction`]), or when asked for.
