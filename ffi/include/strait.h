@@ -564,6 +564,14 @@ enum strait_status strait_builder_set_nics(struct strait_builder *builder,
 enum strait_status strait_builder_set_interface(struct strait_builder *builder,
                                                 const char *interface);
 
+// EFA only: the fabric to open, `"efa"` (the default: the provider's RDM
+// protocol) or `"efa-direct"` (libfabric 2.1+: device-direct; an engine
+// introduces itself before its first write or read to a peer, and sends
+// are limited to the device's MTU). Every engine of a job must open the
+// same one.
+enum strait_status strait_builder_set_efa_fabric(struct strait_builder *builder,
+                                                 const char *fabric);
+
 // Busy polling: the worker never sleeps (lowest latency, one core).
 enum strait_status strait_builder_set_poll_busy(struct strait_builder *builder);
 

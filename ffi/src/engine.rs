@@ -119,6 +119,7 @@ pub(crate) struct BuilderState {
     provider: Option<Provider>,
     nics: Option<usize>,
     interface: Option<String>,
+    efa_fabric: Option<strait_rs::EfaFabric>,
     poll: Option<PollMode>,
     cpu: Option<usize>,
     timeout: Option<Option<Duration>>,
@@ -141,6 +142,9 @@ impl BuilderState {
         }
         if let Some(i) = &self.interface {
             b = b.interface(i.clone());
+        }
+        if let Some(f) = self.efa_fabric {
+            b = b.efa_fabric(f);
         }
         if let Some(p) = self.poll {
             b = b.poll_mode(p);
@@ -241,6 +245,25 @@ pub unsafe extern "C" fn strait_builder_set_interface(
     unsafe {
         with_builder(builder, |b| {
             b.interface = if interface.is_null() { None } else { Some(string(interface, "interface")?.to_owned()) };
+            Ok(())
+        })
+    }
+}
+
+/// EFA only: the fabric to open, `"efa"` (the default: the provider's RDM
+/// protocol) or `"efa-direct"` (libfabric 2.1+: device-direct; an engine
+/// introduces itself before its first write or read to a peer, and sends
+/// are limited to the device's MTU). Every engine of a job must open the
+/// same one.
+#[no_mangle]
+pub unsafe extern "C" fn strait_builder_set_efa_fabric(
+    builder: *mut strait_builder,
+    fabric: *const c_char,
+) -> strait_status {
+    // SAFETY: header contract; `fabric` is NUL-terminated.
+    unsafe {
+        with_builder(builder, |b| {
+            b.efa_fabric = Some(string(fabric, "fabric")?.parse()?);
             Ok(())
         })
     }

@@ -789,6 +789,15 @@ static void test_errors(strait_engine *a, strait_engine *b) {
     OK(strait_mr_destroy(NULL));
     OK(strait_engine_destroy(NULL));
 
+    /* EFA's fabric: the two names, nothing else (set, not opened here). */
+    strait_builder *fb = NULL;
+    OK(strait_builder_create(&fb));
+    OK(strait_builder_set_efa_fabric(fb, "efa-direct"));
+    OK(strait_builder_set_efa_fabric(fb, "efa"));
+    FAILS(STRAIT_STATUS_INVALID_REQUEST, strait_builder_set_efa_fabric(fb, "efa-indirect"));
+    FAILS(STRAIT_STATUS_NULL_ARGUMENT, strait_builder_set_efa_fabric(fb, NULL));
+    OK(strait_builder_destroy(fb));
+
     /* A handle of another type. */
     FAILS(STRAIT_STATUS_WRONG_HANDLE, strait_write(a, (strait_mr *)rd, 0, rd, 0, 16, NULL, &t));
     FAILS(STRAIT_STATUS_WRONG_HANDLE, strait_write((strait_engine *)mr, mr, 0, rd, 0, 16, NULL, &t));

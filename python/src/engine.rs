@@ -358,7 +358,10 @@ impl ScatterTarget {
 /// On ConnectX, ``verbs_devices`` (e.g. ``["mlx5_0", "mlx5_3"]``; default
 /// every device with an active port), ``verbs_port`` and ``verbs_gid_index``
 /// (default: the IPv4-mapped RoCE v2 GID on RoCE, GID 0 on InfiniBand)
-/// choose what the verbs backend opens.
+/// choose what the verbs backend opens. On EFA, ``efa_fabric`` is ``"efa"``
+/// (the default: the provider's RDM protocol) or ``"efa-direct"``
+/// (libfabric 2.1+; sends limited to the device's MTU); every engine of a
+/// job must open the same one.
 ///
 /// Use it as a context manager, or call ``shutdown()``: requests in flight
 /// then end with ``strait.ShutdownError``. Every method releases the GIL
@@ -436,7 +439,7 @@ impl TransferEngine {
     #[pyo3(signature = (
         provider="auto", nics=1, *, interface=None, poll="adaptive", spin_us=50, pin_worker=None,
         receive_buffers=None, on_message=None, unclaimed_imm=None, request_timeout=10.0,
-        verbs_devices=None, verbs_port=1, verbs_gid_index=None
+        verbs_devices=None, verbs_port=1, verbs_gid_index=None, efa_fabric="efa"
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -454,6 +457,7 @@ impl TransferEngine {
         verbs_devices: Option<Vec<String>>,
         verbs_port: u8,
         verbs_gid_index: Option<u8>,
+        efa_fabric: &str,
     ) -> PyResult<Self> {
         let request_timeout = crate::handles::parse_timeout(py, request_timeout)?;
         let provider = match provider {
@@ -481,11 +485,15 @@ impl TransferEngine {
                 ))
             }
         };
+        let efa_fabric: strait::EfaFabric = efa_fabric.parse().map_err(|e: strait::Error| {
+            raise(py, "InvalidRequestError", format!("efa_fabric must be \"efa\" or \"efa-direct\": {e}"))
+        })?;
         let mut builder = strait::TransferEngine::builder()
             .provider(provider)
             .nics(nics)
             .poll_mode(poll)
-            .request_timeout(request_timeout);
+            .request_timeout(request_timeout)
+            .efa_fabric(efa_fabric);
         if let Some(interface) = interface {
             builder = builder.interface(interface);
         }

@@ -100,6 +100,7 @@ class TransferEngine:
         verbs_devices: Optional[List[str]] = None,
         verbs_port: int = 1,
         verbs_gid_index: Optional[int] = None,
+        efa_fabric: str = "efa",
     ) -> None: ...
     @property
     def address(self) -> bytes: ...

@@ -138,6 +138,10 @@ def test_bad_arguments():
         strait.TransferEngine("tcp", 0, interface="lo")
     with pytest.raises(strait.BackendUnavailableError):
         strait.TransferEngine("tcp", interface="no-such-interface0")
+    with pytest.raises(strait.InvalidRequestError, match="efa-direct"):
+        strait.TransferEngine("tcp", interface="lo", efa_fabric="efa-indirect")
+    # The fabric is EFA's alone: a tcp engine takes either and ignores it.
+    strait.TransferEngine("tcp", interface="lo", efa_fabric="efa-direct").shutdown()
 
 
 def test_verbs_without_a_device_is_backend_unavailable():

@@ -3,10 +3,10 @@
 pub(crate) mod access;
 mod completion;
 #[cfg(test)]
+mod efa_tests;
+#[cfg(test)]
 mod fault_tests;
 mod imm;
-#[cfg(test)]
-mod efa_tests;
 mod link;
 mod mailbox;
 mod memory;

@@ -89,6 +89,7 @@ pub fn node_options(base: &EngineOptions, nics: usize) -> EngineOptions {
         provider: strait::Provider::Tcp,
         nics,
         interface: Some((0..nics).map(|k| format!("nic{k}")).collect::<Vec<_>>().join(",")),
+        efa_fabric: Default::default(),
         poll: base.poll,
     }
 }

@@ -152,6 +152,9 @@ struct EngineArgs {
     /// tcp: the interface to use (e.g. lo, eth0). loopback defaults to lo.
     #[arg(long)]
     interface: Option<String>,
+    /// EFA: the fabric to open, efa (default) or efa-direct.
+    #[arg(long, default_value = "efa")]
+    efa_fabric: strait::EfaFabric,
     /// Worker polling mode.
     #[arg(long, value_enum, default_value = "adaptive")]
     poll: Poll,
@@ -241,6 +244,7 @@ pub struct EngineOptions {
     pub provider: Provider,
     pub nics: usize,
     pub interface: Option<String>,
+    pub efa_fabric: strait::EfaFabric,
     pub poll: PollMode,
 }
 
@@ -250,6 +254,7 @@ impl EngineOptions {
             provider: a.provider,
             nics: a.nics,
             interface: a.interface.clone(),
+            efa_fabric: a.efa_fabric,
             poll: match a.poll {
                 Poll::Adaptive => PollMode::Adaptive { spin: Duration::from_micros(a.spin_us) },
                 Poll::Busy => PollMode::Busy,
@@ -259,7 +264,11 @@ impl EngineOptions {
 
     /// Builds the engine.
     pub fn build(&self) -> Result<TransferEngine, String> {
-        let mut b = TransferEngine::builder().provider(self.provider).nics(self.nics).poll_mode(self.poll);
+        let mut b = TransferEngine::builder()
+            .provider(self.provider)
+            .nics(self.nics)
+            .poll_mode(self.poll)
+            .efa_fabric(self.efa_fabric);
         if let Some(i) = &self.interface {
             b = b.interface(i.clone());
         }
@@ -270,6 +279,9 @@ impl EngineOptions {
         let mut v = vec!["--provider".into(), self.provider.to_string(), "--nics".into(), self.nics.to_string()];
         if let Some(i) = &self.interface {
             v.extend(["--interface".into(), i.clone()]);
+        }
+        if self.efa_fabric != strait::EfaFabric::default() {
+            v.extend(["--efa-fabric".into(), self.efa_fabric.name().into()]);
         }
         match self.poll {
             PollMode::Busy => v.extend(["--poll".into(), "busy".into()]),
@@ -482,7 +494,13 @@ fn main() -> ExitCode {
         }
         Cmd::Moe { engine, moe } => moe::run(&loopback_options(engine), moe),
         Cmd::Cluster { cluster } => cluster::run(
-            &EngineOptions { provider: Provider::Tcp, nics: 1, interface: None, poll: PollMode::default() },
+            &EngineOptions {
+                provider: Provider::Tcp,
+                nics: 1,
+                interface: None,
+                efa_fabric: Default::default(),
+                poll: PollMode::default(),
+            },
             cluster,
         ),
         Cmd::Weights { engine, weights } => weights::run(&loopback_options(engine), weights),

@@ -159,8 +159,27 @@ pub(crate) fn pick(
 }
 
 /// Queries `kind` and returns its RDM entries, best first.
+/// The oldest libfabric whose `efa` provider strait opens: 1.19, the first
+/// whose `efa` fabric writes zero bytes (an immediate alone, which the
+/// engine sends after the pieces of a multi-piece request; 1.18 asserts on
+/// it, `rxr_op_entry_post_remote_write`).
+pub(crate) const MIN_EFA_VERSION: (u32, u32) = (1, 19);
+
 pub(crate) fn query(kind: ProviderKind, request: &InfoRequest) -> Result<InfoList> {
     if kind == ProviderKind::Efa {
+        let lib = sys::Library::get()
+            .map_err(|e| Error::BackendUnavailable { backend: "libfabric", reason: e.to_string() })?;
+        let (major, minor) = (lib.version >> 16, lib.version & 0xffff);
+        if (major, minor) < MIN_EFA_VERSION {
+            return Err(Error::BackendUnavailable {
+                backend: "efa",
+                reason: format!(
+                    "libfabric {major}.{minor} at {} is older than {}.{}, the oldest whose efa provider strait \
+                     uses (zero-byte writes)",
+                    lib.path, MIN_EFA_VERSION.0, MIN_EFA_VERSION.1
+                ),
+            });
+        }
         // Without FI_RX_CQ_DATA first: efa-direct then keeps unsolicited
         // write receives on (an immediate consumes no posted buffer), and
         // returns no entry without it only on devices that lack them

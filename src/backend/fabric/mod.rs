@@ -69,7 +69,16 @@ impl FabricOptions {
         let interfaces = interface_list(interface);
         let domain = if interfaces.len() == 1 { Some(interfaces[0].clone()) } else { None };
         let info = InfoRequest { domain, ..InfoRequest::default() };
-        FabricOptions { provider, info, interfaces, wait_fd, rx_slots, rx_size: 64 << 10, introduce: false, stage_sends: false }
+        FabricOptions {
+            provider,
+            info,
+            interfaces,
+            wait_fd,
+            rx_slots,
+            rx_size: 64 << 10,
+            introduce: false,
+            stage_sends: false,
+        }
     }
 }
 
@@ -243,6 +252,9 @@ fn mr_access(access: Access, receive_pool: bool, staged_sends: bool) -> u64 {
 }
 
 const CQ_BATCH: usize = 64;
+/// CQ depth on EFA when immediates arrive without posted buffers: a few
+/// hundred KiB of device entries, little next to the 4 MiB receive pool.
+const UNSOLICITED_CQ_DEPTH: usize = 16384;
 /// Most runs one operation carries (`Op::rows`), whatever the provider
 /// allows beyond it.
 const MAX_ROWS: usize = 4;
@@ -399,6 +411,14 @@ impl NicObjects {
 
             let mut cq_attr: sys::fi_cq_attr = std::mem::zeroed();
             cq_attr.size = tx_depth + options.rx_slots + 64;
+            if info::provider_name(info) == "efa" && (*info).mode & sys::FI_RX_CQ_DATA == 0 {
+                // Unsolicited write receives (efa-direct without
+                // FI_RX_CQ_DATA): immediates consume no posted buffer, so
+                // nothing bounds how many completions peers can queue
+                // between two polls, and the device has no CQ overrun
+                // protection. Room for a burst of them.
+                cq_attr.size = cq_attr.size.max(UNSOLICITED_CQ_DEPTH);
+            }
             cq_attr.format = sys::fi_cq_format_FI_CQ_FORMAT_DATA;
             let mut cq_ptr = ptr::null_mut();
             let mut wait_fd = None;
@@ -556,9 +576,8 @@ impl NicObjects {
             let memory = crate::engine::AlignedBuf::zeroed((size * STAGING_BUFFERS) as u64)?;
             // SAFETY: the memory lives in the Staging value, whose Drop
             // closes the registration before freeing it.
-            let region = unsafe {
-                self.register_bits(memory.as_ptr(), (size * STAGING_BUFFERS) as u64, sys::FI_SEND as u64)
-            }?;
+            let region =
+                unsafe { self.register_bits(memory.as_ptr(), (size * STAGING_BUFFERS) as u64, sys::FI_SEND as u64) }?;
             self.staging = Some(Staging { region, memory, size, free: (0..STAGING_BUFFERS as u32).rev().collect() });
         }
         let staging = self.staging.as_mut().expect("registered above");
@@ -661,7 +680,7 @@ unsafe fn open_endpoint(
         check("fi_ep_bind(cq)", fi::fi_ep_bind(ep_ptr, cq.fid(), transmit_recv) as isize)?;
         check("fi_ep_bind(av)", fi::fi_ep_bind(ep_ptr, av.fid(), 0) as isize)?;
         if info::provider_name(info) == "efa" {
-            before_enable_efa(ep_ptr, (*info).caps & sys::FI_HMEM as u64 != 0);
+            before_enable_efa(ep_ptr, (*info).caps & sys::FI_HMEM != 0);
         }
         check("fi_enable", fi::fi_enable(ep_ptr) as isize)?;
         if info::provider_name(info) == "efa" && get_bool(ep_ptr, sys::FI_OPT_EFA_EMULATED_WRITE) == Some(true) {
