@@ -1045,9 +1045,9 @@ impl VerbsNic {
                 self.submit(peer, lane);
             }
             let qp = self.peers[peer].lanes[lane as usize].as_mut().expect("checked above");
-            account(lib, qp, wc, events)
+            account(qp, wc, |kind| completion_error(lib, wc, op_name(kind)), events)
         } else if let Some(r) = self.retiring.iter_mut().find(|r| r.qp.qpn == wc.qp_num) {
-            account(lib, &mut r.qp, wc, events)
+            account(&mut r.qp, wc, |kind| completion_error(lib, wc, op_name(kind)), events)
         } else {
             return; // from a queue pair already destroyed (its work failed then)
         };
@@ -1201,7 +1201,8 @@ struct Accounted {
 /// ones, fails it and flushes every later one (a send queue completes in
 /// order, and a work request that completes in error always has a
 /// completion of its own).
-fn account(lib: &sys::Library, qp: &mut RcQp, wc: &sys::ibv_wc, events: &mut Vec<Event>) -> Accounted {
+/// `error` makes the failed request's error from its kind.
+fn account(qp: &mut RcQp, wc: &sys::ibv_wc, error: impl FnOnce(OpKind) -> Error, events: &mut Vec<Event>) -> Accounted {
     let mut out = Accounted { retired: 0, flushed: 0, flush_seen: 0, failed: false };
     let Some(seq) = qp.ring.resolve(wc.wr_id as u32) else {
         // A flush completion of a work request already failed.
@@ -1220,7 +1221,7 @@ fn account(lib: &sys::Library, qp: &mut RcQp, wc: &sys::ibv_wc, events: &mut Vec
     }
     out.failed = true;
     let kind = qp.ring.kind_at(seq);
-    let error = completion_error(lib, wc, op_name(kind));
+    let error = error(kind);
     let flushed = Error::Transport {
         op: op_name(kind),
         code: sys::ibv_wc_status_IBV_WC_WR_FLUSH_ERR as i32,
@@ -1575,5 +1576,85 @@ impl Drop for VerbsNic {
                 (lib.ibv_dealloc_pd)(self.pd);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_request_ids_never_collide() {
+        for (peer, lane, seq) in [(0, Lane::Rma, 0), (5, Lane::Msg, 0xffff_ffff), (PEER_MASK as usize, Lane::Msg, 7)] {
+            let id = rc_wr_id(KIND_RC_SEND, peer, lane, seq);
+            assert_eq!(rc_target(id), (peer, lane));
+            assert_eq!(id as u32 as u64, seq);
+            assert_eq!((id >> KIND_SHIFT) & 7, KIND_RC_SEND);
+            assert_ne!(id & INTERNAL, 0, "never an engine receive token");
+            let marker = rc_wr_id(KIND_MARKER, peer, lane, 0);
+            assert_eq!(((marker >> KIND_SHIFT) & 7, rc_target(marker)), (KIND_MARKER, (peer, lane)));
+        }
+        let ud = ud_wr_id(KIND_UD_RECV, 0xab, 31);
+        assert_eq!(((ud >> KIND_SHIFT) & 7, (ud >> 32) & 0xff, ud & 0xffff_ffff), (KIND_UD_RECV, 0xab, 31));
+        // Engine receive tokens use bit 63 and the low 36 bits only.
+        let token = 1u64 << 63 | 0xf_ffff_ffff;
+        assert_eq!(token & INTERNAL, 0);
+        const { assert!(KIND_MARKER < 8 && PEER_SHIFT + 24 <= KIND_SHIFT && KIND_SHIFT + 3 <= 62) };
+    }
+
+    fn qp(depth: usize) -> RcQp {
+        RcQp { ptr: ptr::null_mut(), qpn: 9, psn: 0, max_inline: 0, ring: SendRing::new(depth), flush_pending: 0 }
+    }
+
+    fn wc(seq: u64, status: sys::ibv_wc_status) -> sys::ibv_wc {
+        // SAFETY: plain data; all-zero valid.
+        let mut wc: sys::ibv_wc = unsafe { std::mem::zeroed() };
+        wc.wr_id = rc_wr_id(KIND_RC_SEND, 0, Lane::Rma, seq);
+        wc.status = status;
+        wc.qp_num = 9;
+        wc
+    }
+
+    fn fail(_: OpKind) -> Error {
+        Error::PeerUnreachable("test".into())
+    }
+
+    fn tokens(events: &[Event]) -> Vec<(u64, bool)> {
+        events
+            .iter()
+            .map(|e| match e {
+                Event::Done { token } => (*token, true),
+                Event::Failed { token, .. } => (*token, false),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    /// A queue pair moved to ERR with 20 work requests on it (every 16th
+    /// signalled): what completed before comes back done, the first flushed
+    /// one failed, the rest flushed; their own flush completions are then
+    /// absorbed, and nothing is reported twice.
+    #[test]
+    fn completions_of_a_retiring_queue_pair_retire_each_token_once() {
+        let mut q = qp(64);
+        for t in 0..20 {
+            q.ring.push(Entry { token: t, kind: OpKind::Write });
+        }
+        let mut events = Vec::new();
+        let a = account(&mut q, &wc(15, sys::ibv_wc_status_IBV_WC_SUCCESS), fail, &mut events);
+        assert_eq!((a.retired, a.failed), (16, false));
+        let a = account(&mut q, &wc(16, sys::ibv_wc_status_IBV_WC_WR_FLUSH_ERR), fail, &mut events);
+        assert_eq!((a.retired, a.flushed, a.failed), (4, 3, true));
+        assert_eq!(q.flush_pending, 3);
+        for seq in 17..20 {
+            let a = account(&mut q, &wc(seq, sys::ibv_wc_status_IBV_WC_WR_FLUSH_ERR), fail, &mut events);
+            assert_eq!((a.retired, a.flush_seen), (0, 1));
+        }
+        assert_eq!(q.flush_pending, 0);
+        // A stray duplicate changes nothing.
+        let a = account(&mut q, &wc(19, sys::ibv_wc_status_IBV_WC_WR_FLUSH_ERR), fail, &mut events);
+        assert_eq!((a.retired, a.flush_seen), (0, 0));
+        let expected: Vec<(u64, bool)> = (0..20).map(|t| (t, t < 16)).collect();
+        assert_eq!(tokens(&events), expected);
     }
 }
