@@ -37,12 +37,13 @@ pub struct VerbsConfig {
     /// not restocked its receives yet (it stalled, or is busy between
     /// polls). Immediates have their own receive queue of thousands of
     /// entries, so that happens only to a stalled target, and a finite
-    /// count would turn a pause of a few milliseconds (7 tries at the
-    /// default 0.64 ms timer) into a broken connection with every request
-    /// on it failed. The bound comes from the engine instead: requests that
-    /// make no progress expire after their timeout, and the engine then
-    /// resets the peer, which moves the queue pairs to the error state so
-    /// the stuck work flushes. pplx-garden and NCCL use 7 as well.
+    /// count would turn a pause of a few milliseconds (at most 6 retries
+    /// at the default 0.64 ms timer) into a broken connection with every
+    /// request on it failed. The bound comes from the engine instead:
+    /// requests that make no progress expire after their timeout, and the
+    /// engine then resets the peer, which moves the queue pairs to the
+    /// error state so the stuck work flushes. pplx-garden's fabric-lib uses
+    /// 7 as well (verbs_qp.rs, RTS attributes).
     pub rnr_retry: u8,
     /// Receive-not-ready timer we ask peers to wait (verbs code 0..=31,
     /// default 12: 0.64 ms).

@@ -33,7 +33,10 @@
 //!
 //! Completions polled meanwhile are handled as usual: sends retire their
 //! ring entries (done, failed or flushed), receives give their buffers
-//! back to the engine, immediates are delivered.
+//! back to the engine, immediates are delivered. Retirements advance only
+//! inside `poll`: a worker asleep on the completion channel finishes them
+//! when it next wakes (the marker's completion wakes it; the grace period
+//! does not), which only delays freeing the queue pair.
 
 use std::time::{Duration, Instant};
 
