@@ -4,8 +4,10 @@
 //! a network that loses, duplicates and reorders messages while queue pairs
 //! break.
 //!
-//! Each side has at most one queue pair per peer. A queue pair's identity
-//! is its generation: a number the side raises for every new queue pair.
+//! Each side has at most one queue pair per peer (in `nic.rs`, a pair of
+//! them created together, RMA and message, which the RMA one names here).
+//! A queue pair's identity is its generation: a number the side raises for
+//! every new queue pair.
 //! A request announces the sender's queue pair; the receiver connects its
 //! own to it (replacing its own first unless it is fresh, i.e. not yet
 //! connected) and replies; the requester connects on the reply that echoes
