@@ -31,8 +31,19 @@ pub struct VerbsConfig {
     /// after about 2 s.
     pub retry_count: u8,
     /// Retries when the peer has no receive buffer posted (0..=7; 7, the
-    /// default, retries forever; the engine's request timeout still ends
-    /// such a request).
+    /// default, retries forever).
+    ///
+    /// Unlimited is deliberate: an RNR NAK means the peer is alive but has
+    /// not restocked its receives yet (it stalled, or is busy between
+    /// polls). Immediates have their own receive queue of thousands of
+    /// entries, so that happens only to a stalled target, and a finite
+    /// count would turn a pause of a few milliseconds (at most 6 retries
+    /// at the default 0.64 ms timer) into a broken connection with every
+    /// request on it failed. The bound comes from the engine instead:
+    /// requests that make no progress expire after their timeout, and the
+    /// engine then resets the peer, which moves the queue pairs to the
+    /// error state so the stuck work flushes. pplx-garden's fabric-lib uses
+    /// 7 as well (verbs_qp.rs, RTS attributes).
     pub rnr_retry: u8,
     /// Receive-not-ready timer we ask peers to wait (verbs code 0..=31,
     /// default 12: 0.64 ms).

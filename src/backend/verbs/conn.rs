@@ -4,8 +4,10 @@
 //! a network that loses, duplicates and reorders messages while queue pairs
 //! break.
 //!
-//! Each side has at most one queue pair per peer. A queue pair's identity
-//! is its generation: a number the side raises for every new queue pair.
+//! Each side has at most one queue pair per peer (in `nic.rs`, a pair of
+//! them created together, RMA and message, which the RMA one names here).
+//! A queue pair's identity is its generation: a number the side raises for
+//! every new queue pair.
 //! A request announces the sender's queue pair; the receiver connects its
 //! own to it (replacing its own first unless it is fresh, i.e. not yet
 //! connected) and replies; the requester connects on the reply that echoes
@@ -48,6 +50,12 @@ pub(crate) struct Link {
     /// The highest generation seen from the peer.
     pub remote_seen: u32,
     pub phase: Phase,
+    /// When the current series of connection attempts began: the first
+    /// attempt since the link was last connected or gave up. Every attempt
+    /// of the series shares its connect timeout, so a handshake that keeps
+    /// failing after the reply (an RTR the device refuses, each retry
+    /// making a new queue pair) still ends with `Failed`.
+    pub attempts_since: Option<Instant>,
 }
 
 /// What to do with a request.
@@ -64,7 +72,7 @@ pub(crate) struct OnRequest {
 
 impl Link {
     pub(crate) const fn new() -> Self {
-        Link { local: None, remote: None, remote_seen: 0, phase: Phase::Idle }
+        Link { local: None, remote: None, remote_seen: 0, phase: Phase::Idle, attempts_since: None }
     }
 
     pub(crate) fn is_connecting(&self) -> bool {
@@ -94,6 +102,19 @@ impl Link {
         ours && self.remote.is_none() && remote.generation >= self.remote_seen && self.phase != Phase::Broken
     }
 
+    /// An attempt to connect starts at `now`: the phase it enters, with the
+    /// start of the series it belongs to.
+    pub(crate) fn attempt(&mut self, now: Instant, retry_after: Duration) -> Phase {
+        let started = *self.attempts_since.get_or_insert(now);
+        Phase::Connecting { started, last_sent: now, retry_after }
+    }
+
+    /// The series of attempts timed out: the next one starts a new series.
+    pub(crate) fn gave_up(&mut self, until: Instant) -> Phase {
+        self.attempts_since = None;
+        Phase::Failed { until }
+    }
+
     /// Our new queue pair (in INIT, connected to nothing).
     pub(crate) fn replaced(&mut self, local: End) {
         self.local = Some(local);
@@ -111,6 +132,7 @@ impl Link {
         self.remote = Some(remote);
         self.remote_seen = remote.generation;
         self.phase = Phase::Ready;
+        self.attempts_since = None;
     }
 }
 
@@ -165,8 +187,7 @@ mod tests {
             if matches!(self.links[side].phase, Phase::Idle | Phase::Broken | Phase::Failed { .. }) {
                 self.new_qp(side);
                 let now = self.now;
-                self.links[side].phase =
-                    Phase::Connecting { started: now, last_sent: now, retry_after: Duration::from_millis(50) };
+                self.links[side].phase = self.links[side].attempt(now, Duration::from_millis(50));
                 self.send(side, Kind::Request);
             }
         }
@@ -283,6 +304,52 @@ mod tests {
             }
             prop_assert!(w.consistent(), "{:?}", w.links);
         }
+    }
+
+    /// Finding 12 of the verbs review: when the handshake's answer arrives
+    /// but our side cannot use it (RTR refused: the link breaks and the next
+    /// post reconnects), the attempts keep the start of the first, so the
+    /// connect timeout still fires; a connection that worked, or a timeout,
+    /// starts a new series.
+    #[test]
+    fn repeated_setup_failures_share_one_connect_timeout() {
+        let timeout = Duration::from_secs(10);
+        let mut w = World::new();
+        let t0 = w.now;
+        w.connect(0);
+        for round in 1..=5u32 {
+            // The peer answers; our RTR fails, so the link breaks.
+            while !w.net.is_empty() {
+                let m = w.net.remove(0);
+                if let Kind::Reply { .. } = m.kind {
+                    w.links[0].phase = Phase::Broken;
+                } else {
+                    w.deliver(m);
+                }
+            }
+            w.now = t0 + Duration::from_secs(3) * round;
+            w.connect(0);
+            let Phase::Connecting { started, last_sent, .. } = w.links[0].phase else { panic!() };
+            assert_eq!(started, t0, "round {round}: the series keeps its start");
+            assert_eq!(last_sent, w.now);
+        }
+        let Phase::Connecting { started, .. } = w.links[0].phase else { panic!() };
+        assert!(w.now.duration_since(started) >= timeout, "the NIC's timeout check fires");
+        w.links[0].phase = w.links[0].gave_up(w.now + Duration::from_secs(1));
+        w.now += Duration::from_secs(2);
+        w.connect(0);
+        assert!(matches!(w.links[0].phase, Phase::Connecting { started, .. } if started == w.now), "a new series");
+        // A connection that comes up ends the series too.
+        while !w.net.is_empty() {
+            let m = w.net.remove(0);
+            w.deliver(m);
+        }
+        assert!(w.consistent());
+        assert_eq!(w.links[0].attempts_since, None);
+        w.links[0].phase = Phase::Broken;
+        w.now += Duration::from_secs(1);
+        w.connect(0);
+        assert!(matches!(w.links[0].phase, Phase::Connecting { started, .. } if started == w.now));
     }
 
     #[test]

@@ -97,7 +97,8 @@ impl Context {
     }
 
     pub(crate) fn port_attr(&self, port: u8) -> Result<sys::ibv_port_attr> {
-        // Room past the end: a newer library may fill a longer structure.
+        // Room past the end, in case a library's compat prefix is longer
+        // than this crate's `ibv_port_attr` (none is today).
         #[repr(C)]
         struct Padded {
             attr: sys::ibv_port_attr,
@@ -105,9 +106,10 @@ impl Context {
         }
         // SAFETY: plain data; all-zero valid.
         let mut padded: Padded = unsafe { std::mem::zeroed() };
-        // SAFETY: the context is open; the exported call takes the compat
-        // layout, a prefix of the zeroed full structure we pass (as
-        // verbs.h's ___ibv_query_port does).
+        // SAFETY: the context is open; the exported call writes the compat
+        // layout only (rdma-core verbs.c copies that prefix), which is a
+        // prefix of the zeroed full structure we pass, so the fields after
+        // it stay zero (strait reads none of them).
         let rc = unsafe { (self.lib.ibv_query_port)(self.ptr, port, ptr::from_mut(&mut padded.attr).cast()) };
         if rc != 0 {
             return Err(verbs_error("ibv_query_port", rc));
@@ -192,18 +194,26 @@ pub(crate) fn describe_port(ctx: &Context, port: u8, gid_index: Option<u8>) -> s
     ))
 }
 
-/// Every device's port 1, or why the backend is unavailable.
+/// Every port of every device, or why the backend is unavailable.
 pub(crate) fn probe() -> std::result::Result<Vec<(String, String)>, String> {
     let lib = library().map_err(|e| e.to_string())?;
     with_devices(lib, |devices| {
-        Ok(devices
-            .iter()
-            .map(|&d| {
-                let described =
-                    Context::open(lib, d).map_err(|e| e.to_string()).and_then(|c| describe_port(&c, 1, None));
-                ("verbs".to_string(), described.unwrap_or_else(|why| format!("{} unusable: {why}", name(lib, d))))
-            })
-            .collect())
+        let mut out = Vec::new();
+        for &d in devices {
+            let unusable = |why: String| ("verbs".to_string(), format!("{} unusable: {why}", name(lib, d)));
+            let ctx = match Context::open(lib, d) {
+                Ok(c) => c,
+                Err(e) => {
+                    out.push(unusable(e.to_string()));
+                    continue;
+                }
+            };
+            let ports = ctx.device_attr().map_or(1, |a| a.phys_port_cnt.max(1));
+            for port in 1..=ports {
+                out.push(describe_port(&ctx, port, None).map_or_else(unusable, |s| ("verbs".to_string(), s)));
+            }
+        }
+        Ok(out)
     })
     .map_err(|e| match e {
         Error::BackendUnavailable { reason, .. } => reason,

@@ -2,11 +2,15 @@
 //!
 //! Per NIC (one device port, opened as its own context): a protection
 //! domain, one completion queue (with a completion channel for adaptive
-//! polling), a shared receive queue that the engine keeps stocked with
-//! receive buffers (two-sided messages and the receive entries that RDMA
-//! writes with immediate consume), and one UD queue pair that carries the
-//! connection handshake. Per peer NIC: one RC queue pair, created on first
-//! use. See [`nic`] for the connection protocol and failure handling.
+//! polling), a shared receive queue that the engine keeps stocked with its
+//! message buffers, a second one of a few thousand zero-length receives
+//! that RDMA writes with immediate consume (`imm_recv`), and one UD queue
+//! pair that carries the connection handshake. Per peer NIC: two RC queue
+//! pairs (writes and reads on the immediate SRQ; sends on the message
+//! SRQ), created on first use, and retired by draining rather than
+//! destroyed outright (`drain`). See [`nic`] for the connection protocol,
+//! failure handling and the known limits (`delivery_complete` for GPU
+//! targets).
 //!
 //! The engine address of a verbs NIC is its port's LID and GID, its UD QPN
 //! and a nonce ([`wire::NicAddr`]); nothing besides the engine address the
@@ -17,7 +21,10 @@
 mod config;
 mod conn;
 mod device;
+mod drain;
+mod events;
 mod gid;
+mod imm_recv;
 mod nic;
 mod qp;
 mod sendq;
@@ -80,7 +87,7 @@ pub(crate) fn open_group(options: &VerbsOptions, count: usize) -> Result<Vec<Ver
             .map(|i| {
                 let (name, d) = &usable[i % usable.len()];
                 tracing::debug!(nic = i, device = %name, "opening verbs NIC");
-                VerbsNic::open(lib, *d, options)
+                VerbsNic::open(lib, *d, options, i)
             })
             .collect()
     })

@@ -6,7 +6,8 @@
 //! peer, its QPN and first PSN, path MTU, RDMA-read responder resources,
 //! RNR timer) → RTS (our first PSN, ACK timeout, retries, RDMA-read
 //! initiator depth). UD: RESET → INIT (port, P_Key index, Q_Key) → RTR →
-//! RTS (PSN).
+//! RTS (PSN). Any state → ERR (retiring a queue pair, `drain.rs`) and any
+//! state → RESET (recovering the handshake queue pair).
 
 use verbs_sys as sys;
 
@@ -121,6 +122,26 @@ pub(crate) fn rc_rts(psn: u32, rd_atomic: u8, config: &VerbsConfig) -> Transitio
     }
 }
 
+/// Any state → ERR: the device flushes what is outstanding and the queue
+/// pair accepts nothing more from the peer.
+pub(crate) fn to_error() -> Transition {
+    Transition { attr: blank(sys::ibv_qp_state_IBV_QPS_ERR), mask: sys::ibv_qp_attr_mask_IBV_QP_STATE }
+}
+
+/// Any state → RESET: the queue pair forgets its work requests and can be
+/// brought up again with [`ud_steps`].
+pub(crate) fn to_reset() -> Transition {
+    Transition { attr: blank(sys::ibv_qp_state_IBV_QPS_RESET), mask: sys::ibv_qp_attr_mask_IBV_QP_STATE }
+}
+
+/// The RDMA reads a connection keeps in flight (`max_rd_atomic` at RTS): as
+/// many as our device initiates, but no more than the peer's queue pair
+/// accepts (its `max_dest_rd_atomic`, carried in the handshake). Reads
+/// beyond what the responder has resources for are NAKed or stall.
+pub(crate) fn read_depth(local_initiator: u8, remote_responder: u8) -> u8 {
+    local_initiator.min(remote_responder).max(1)
+}
+
 /// The three UD steps, in order.
 pub(crate) fn ud_steps(port: u8, psn: u32) -> [Transition; 3] {
     let mut init = blank(sys::ibv_qp_state_IBV_QPS_INIT);
@@ -202,6 +223,20 @@ mod tests {
         assert_eq!((roce.sl, roce.port_num), (3, 1));
         let ib = path_to(&peer(false), 1, 0, false, &c);
         assert_eq!((ib.is_global, ib.dlid), (0, 12));
+    }
+
+    #[test]
+    fn error_and_reset_set_only_the_state() {
+        assert_eq!((to_error().attr.qp_state, to_error().mask), (sys::ibv_qp_state_IBV_QPS_ERR, 1));
+        assert_eq!((to_reset().attr.qp_state, to_reset().mask), (sys::ibv_qp_state_IBV_QPS_RESET, 1));
+    }
+
+    #[test]
+    fn read_depth_never_exceeds_the_responder() {
+        assert_eq!(read_depth(16, 16), 16, "ConnectX on both ends");
+        assert_eq!(read_depth(16, 4), 4, "a peer with fewer responder resources");
+        assert_eq!(read_depth(2, 16), 2);
+        assert_eq!(read_depth(0, 16), 1, "at least one read in flight");
     }
 
     #[test]

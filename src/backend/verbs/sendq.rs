@@ -155,9 +155,10 @@ pub(crate) fn fill(wr: &mut sys::ibv_send_wr, sge: &mut sys::ibv_sge, op: &Op, s
         (OpKind::Write, Some(_)) => sys::ibv_wr_opcode_IBV_WR_RDMA_WRITE_WITH_IMM,
         (OpKind::Write, None) => sys::ibv_wr_opcode_IBV_WR_RDMA_WRITE,
         (OpKind::Read, _) => sys::ibv_wr_opcode_IBV_WR_RDMA_READ,
-        (OpKind::Send, _) => sys::ibv_wr_opcode_IBV_WR_SEND,
+        (OpKind::Send, Some(_)) => sys::ibv_wr_opcode_IBV_WR_SEND_WITH_IMM,
+        (OpKind::Send, None) => sys::ibv_wr_opcode_IBV_WR_SEND,
     };
-    if let (OpKind::Write, Some(imm)) = (op.kind, op.imm) {
+    if let (OpKind::Write | OpKind::Send, Some(imm)) = (op.kind, op.imm) {
         // Immediates travel in network byte order; the target converts back.
         wr.__bindgen_anon_1.imm_data = imm.to_be();
     }
@@ -174,19 +175,31 @@ pub(crate) fn fill(wr: &mut sys::ibv_send_wr, sge: &mut sys::ibv_sge, op: &Op, s
     wr.send_flags = flags;
 }
 
+/// The work request that closes a retiring queue pair's send queue (see
+/// `drain.rs`): a signalled zero-length RDMA write, which in the error
+/// state completes (with a flush status) only after everything before it.
+/// It names no memory (no scatter/gather entry, remote address and key 0)
+/// and is never executed: the queue pair is in ERR when it is posted.
+pub(crate) fn marker(wr_id: u64) -> sys::ibv_send_wr {
+    // SAFETY: plain data; all-zero valid (see `fill`).
+    let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+    wr.wr_id = wr_id;
+    wr.opcode = sys::ibv_wr_opcode_IBV_WR_RDMA_WRITE;
+    wr.send_flags = sys::ibv_send_flags_IBV_SEND_SIGNALED;
+    wr
+}
+
 /// A batch of work requests for one queue pair, linked into a chain in
 /// fixed arrays (no allocation per work request).
 pub(crate) struct Chain {
     pub wrs: Box<[sys::ibv_send_wr; BATCH]>,
     pub sges: Box<[sys::ibv_sge; BATCH]>,
     pub len: usize,
-    /// The peer whose queue pair the chain is for.
-    pub peer: usize,
 }
 
 impl std::fmt::Debug for Chain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Chain").field("len", &self.len).field("peer", &self.peer).finish()
+        f.debug_struct("Chain").field("len", &self.len).finish()
     }
 }
 
@@ -194,7 +207,7 @@ impl Chain {
     pub(crate) fn new() -> Self {
         // SAFETY: arrays of plain data, all-zero valid (see `fill`).
         let (wrs, sges) = unsafe { (Box::new(std::mem::zeroed()), Box::new(std::mem::zeroed())) };
-        Chain { wrs, sges, len: 0, peer: usize::MAX }
+        Chain { wrs, sges, len: 0 }
     }
 
     pub(crate) fn is_full(&self) -> bool {
@@ -228,7 +241,6 @@ impl Chain {
 
     pub(crate) fn clear(&mut self) {
         self.len = 0;
-        self.peer = usize::MAX;
     }
 }
 
@@ -334,6 +346,19 @@ mod tests {
         assert_eq!(c.wrs[2].num_sge, 0);
     }
 
+    /// A send with an immediate carries it (the backend contract: the
+    /// engine's control messages are sends with an immediate).
+    #[test]
+    fn sends_carry_their_immediate() {
+        let mut c = Chain::new();
+        c.push(&op(OpKind::Send, 0x3000, 32, 0, 0, Some(0x5157)), spec(1));
+        c.push(&op(OpKind::Send, 0x3000, 32, 0, 0, None), spec(2));
+        let wrs = walk(&mut c);
+        assert_eq!((wrs[0].0, wrs[0].5), (sys::ibv_wr_opcode_IBV_WR_SEND_WITH_IMM, 0x5157));
+        assert_eq!((wrs[1].0, wrs[1].5), (sys::ibv_wr_opcode_IBV_WR_SEND, 0));
+        assert_eq!((wrs[0].3, wrs[0].4), (0, 0), "no remote address on a send");
+    }
+
     #[test]
     fn reads_sends_and_inline() {
         let mut c = Chain::new();
@@ -348,6 +373,16 @@ mod tests {
         assert_eq!(wrs[2].6, SIGNALED | sys::ibv_send_flags_IBV_SEND_INLINE);
         let third: *mut sys::ibv_send_wr = &mut c.wrs[2];
         assert_eq!(c.index_of(third), 2);
+    }
+
+    #[test]
+    fn the_drain_marker_is_a_signalled_empty_write() {
+        let m = marker(0x77);
+        assert_eq!((m.wr_id, m.opcode, m.send_flags, m.num_sge), (0x77, WRITE, SIGNALED, 0));
+        assert!(m.next.is_null() && m.sg_list.is_null());
+        // SAFETY: the union was zeroed whole.
+        let rdma = unsafe { m.wr.rdma };
+        assert_eq!((rdma.remote_addr, rdma.rkey), (0, 0));
     }
 
     fn e(token: u64) -> Entry {

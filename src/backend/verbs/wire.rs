@@ -8,8 +8,12 @@
 
 use std::fmt;
 
-/// Version byte at the start of a verbs NIC address.
-const ADDRESS_TAG: u8 = 0x56; // 'V'
+/// Version byte at the start of a verbs NIC address: 'W', the address of a
+/// NIC that speaks handshake v2 (two queue pairs per peer NIC).
+const ADDRESS_TAG: u8 = 0x57;
+/// The tag of the addresses of strait versions with handshake v1 (one
+/// queue pair per peer NIC), which cannot talk to this one.
+const ADDRESS_TAG_V1: u8 = 0x56; // 'V'
 /// Encoded length of a [`NicAddr`].
 pub(crate) const ADDRESS_LEN: usize = 31;
 
@@ -80,6 +84,11 @@ impl NicAddr {
         if bytes.len() != ADDRESS_LEN {
             return Err("a verbs NIC address is 31 bytes");
         }
+        if bytes[0] == ADDRESS_TAG_V1 {
+            return Err(
+                "a verbs NIC address of an older strait (handshake v1); run the same strait version on both sides",
+            );
+        }
         if bytes[0] != ADDRESS_TAG {
             return Err("not a verbs NIC address");
         }
@@ -117,10 +126,14 @@ impl NicAddr {
 /// Queue pair numbers and PSNs are 24-bit.
 pub(crate) const QPN_MAX: u32 = 0xff_ffff;
 
-/// The handshake's magic and version.
-const HANDSHAKE_MAGIC: [u8; 4] = *b"SVH1";
+/// The handshake's magic and version. Version 2 describes two queue pairs
+/// (writes and reads; sends) and the sender's RDMA-read responder depth.
+/// A version 1 message cannot come from a peer we accepted (its address
+/// tag differs), so it is refused as such rather than parsed.
+const HANDSHAKE_MAGIC: [u8; 4] = *b"SVH2";
+const HANDSHAKE_MAGIC_V1: [u8; 4] = *b"SVH1";
 /// Encoded length of a [`Handshake`], checksum included.
-pub(crate) const HANDSHAKE_LEN: usize = 4 + 1 + ADDRESS_LEN + 4 * 6 + 4;
+pub(crate) const HANDSHAKE_LEN: usize = 4 + 1 + ADDRESS_LEN + 4 * 8 + 1 + 4;
 
 /// Request (connect to me) or reply (connected to you).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,10 +142,11 @@ pub(crate) enum HandshakeKind {
     Reply = 2,
 }
 
-/// One handshake message. The sender describes its RC queue pair for this
-/// peer: number, first PSN, and its generation (a counter the sender raises
-/// each time it replaces the queue pair, so that a late or duplicated
-/// message about an older queue pair is recognised and ignored).
+/// One handshake message. The sender describes its two RC queue pairs for
+/// this peer (the RMA one, which names the pair, and the message one):
+/// numbers, first PSNs, and their generation (a counter the sender raises
+/// each time it replaces the pair, so that a late or duplicated message
+/// about an older pair is recognised and ignored).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Handshake {
     pub kind: HandshakeKind,
@@ -141,8 +155,15 @@ pub(crate) struct Handshake {
     /// The nonce of the NIC this message is for: a message meant for an
     /// earlier incarnation of the receiver is dropped.
     pub to_nonce: u32,
+    /// The RMA queue pair (writes, reads, immediates).
     pub qpn: u32,
     pub psn: u32,
+    /// The message queue pair (sends).
+    pub msg_qpn: u32,
+    pub msg_psn: u32,
+    /// RDMA reads the sender's queue pairs accept in flight (its
+    /// `max_dest_rd_atomic`): the peer's initiator depth must not exceed it.
+    pub rd_depth: u8,
     pub generation: u32,
     /// In a reply, the generation of the requester's queue pair it answers
     /// (0 in a request).
@@ -156,6 +177,8 @@ pub(crate) struct Handshake {
 pub(crate) enum BadHandshake {
     Length,
     Magic,
+    /// A handshake of another strait version.
+    Version,
     Checksum,
     Kind,
     Address(&'static str),
@@ -168,15 +191,28 @@ impl Handshake {
         out.extend_from_slice(&HANDSHAKE_MAGIC);
         out.push(self.kind as u8);
         self.from.encode(&mut out);
-        for v in [self.to_nonce, self.qpn, self.psn, self.generation, self.echo_generation, self.echo_qpn] {
+        for v in [
+            self.to_nonce,
+            self.qpn,
+            self.psn,
+            self.msg_qpn,
+            self.msg_psn,
+            self.generation,
+            self.echo_generation,
+            self.echo_qpn,
+        ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
+        out.push(self.rd_depth);
         let sum = checksum(&out);
         out.extend_from_slice(&sum.to_le_bytes());
         out.try_into().expect("handshake layout")
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self, BadHandshake> {
+        if bytes.len() >= 4 && bytes[..4] == HANDSHAKE_MAGIC_V1 {
+            return Err(BadHandshake::Version);
+        }
         if bytes.len() != HANDSHAKE_LEN {
             return Err(BadHandshake::Length);
         }
@@ -195,21 +231,31 @@ impl Handshake {
         let from = NicAddr::decode(&body[5..5 + ADDRESS_LEN]).map_err(BadHandshake::Address)?;
         let mut c = Cursor(&body[5 + ADDRESS_LEN..]);
         let mut next = || u32::from_le_bytes(c.array());
+        let (to_nonce, qpn, psn, msg_qpn, msg_psn) = (next(), next(), next(), next(), next());
+        let (generation, echo_generation, echo_qpn) = (next(), next(), next());
+        let rd_depth = c.byte();
         let m = Handshake {
             kind,
             from,
-            to_nonce: next(),
-            qpn: next(),
-            psn: next(),
-            generation: next(),
-            echo_generation: next(),
-            echo_qpn: next(),
+            to_nonce,
+            qpn,
+            psn,
+            msg_qpn,
+            msg_psn,
+            rd_depth,
+            generation,
+            echo_generation,
+            echo_qpn,
         };
-        if m.qpn == 0 || m.qpn > QPN_MAX || m.echo_qpn > QPN_MAX {
+        let qpn_ok = |q: u32| q != 0 && q <= QPN_MAX;
+        if !qpn_ok(m.qpn) || !qpn_ok(m.msg_qpn) || m.qpn == m.msg_qpn || m.echo_qpn > QPN_MAX {
             return Err(BadHandshake::Field("queue pair number out of range"));
         }
-        if m.psn > QPN_MAX {
+        if m.psn > QPN_MAX || m.msg_psn > QPN_MAX {
             return Err(BadHandshake::Field("PSN out of range"));
+        }
+        if m.rd_depth == 0 {
+            return Err(BadHandshake::Field("RDMA-read depth 0"));
         }
         if m.generation == 0 {
             return Err(BadHandshake::Field("generation 0"));
@@ -267,6 +313,9 @@ mod tests {
             to_nonce: 7,
             qpn: 0x55,
             psn: 0xabcdef,
+            msg_qpn: 0x56,
+            msg_psn: 0x123456,
+            rd_depth: 16,
             generation: 1,
             echo_generation: 0,
             echo_qpn: 0,
@@ -296,6 +345,14 @@ mod tests {
                     b
                 },
                 "not a verbs",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[0] = b'V';
+                    b
+                },
+                "older strait",
             ),
             (
                 {
@@ -370,6 +427,10 @@ mod tests {
         assert!(matches!(reseal(&|m| m.qpn = 0), Err(BadHandshake::Field(_))));
         assert!(matches!(reseal(&|m| m.qpn = 1 << 24), Err(BadHandshake::Field(_))));
         assert!(matches!(reseal(&|m| m.psn = 1 << 24), Err(BadHandshake::Field(_))));
+        assert!(matches!(reseal(&|m| m.msg_qpn = 0), Err(BadHandshake::Field(_))));
+        assert!(matches!(reseal(&|m| m.msg_qpn = m.qpn), Err(BadHandshake::Field(_))));
+        assert!(matches!(reseal(&|m| m.msg_psn = 1 << 24), Err(BadHandshake::Field(_))));
+        assert!(matches!(reseal(&|m| m.rd_depth = 0), Err(BadHandshake::Field(_))));
         assert!(matches!(reseal(&|m| m.generation = 0), Err(BadHandshake::Field(_))));
         assert!(matches!(reseal(&|m| m.echo_qpn = 5), Err(BadHandshake::Field(_))));
         assert!(matches!(
@@ -380,6 +441,10 @@ mod tests {
         let mut b = request().encode();
         b[4] = 3;
         assert_eq!(Handshake::decode(&b), Err(BadHandshake::Checksum));
+        // A version 1 handshake (72 bytes, magic SVH1) is recognised as such.
+        let mut v1 = vec![0u8; 72];
+        v1[..4].copy_from_slice(b"SVH1");
+        assert_eq!(Handshake::decode(&v1), Err(BadHandshake::Version));
     }
 
     proptest! {
@@ -389,6 +454,33 @@ mod tests {
             let mut b = request().encode();
             b[bit / 8] ^= 1 << (bit % 8);
             prop_assert!(Handshake::decode(&b).is_err());
+        }
+
+        /// Every valid v2 handshake survives encoding, the new fields too.
+        #[test]
+        fn valid_handshakes_round_trip(
+            qpn in 1..=QPN_MAX,
+            msg_qpn in 1..=QPN_MAX,
+            psn in 0..=QPN_MAX,
+            msg_psn in 0..=QPN_MAX,
+            rd_depth in 1u8..,
+            generation in 1u32..,
+            echo in proptest::option::of((1u32.., 1..=QPN_MAX)),
+        ) {
+            prop_assume!(qpn != msg_qpn);
+            let m = Handshake {
+                kind: if echo.is_some() { HandshakeKind::Reply } else { HandshakeKind::Request },
+                qpn,
+                msg_qpn,
+                psn,
+                msg_psn,
+                rd_depth,
+                generation,
+                echo_generation: echo.map_or(0, |e| e.0),
+                echo_qpn: echo.map_or(0, |e| e.1),
+                ..request()
+            };
+            prop_assert_eq!(Handshake::decode(&m.encode()), Ok(m));
         }
 
         #[test]

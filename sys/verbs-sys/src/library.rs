@@ -85,9 +85,12 @@ verbs_library! {
         ibv_open_device @ "IBVERBS_1.1": fn(*mut ibv_device) -> *mut ibv_context;
         ibv_close_device @ "IBVERBS_1.1": fn(*mut ibv_context) -> c_int;
         ibv_query_device @ "IBVERBS_1.1": fn(*mut ibv_context, *mut ibv_device_attr) -> c_int;
-        // The exported symbol takes the compat layout; providers fill the
-        // full `ibv_port_attr`, so callers pass a zeroed full one (as the
-        // header's `___ibv_query_port` does).
+        // The exported symbol takes the compat layout and copies only that
+        // prefix of the provider's answer (rdma-core verbs.c: it calls
+        // `__lib_query_port` with `sizeof(struct _compat_ibv_port_attr)`,
+        // which memcpys that many bytes), so fields after it (`port_cap_flags2`,
+        // `active_speed_ex`) stay as the caller left them. strait reads none
+        // of them; it passes a zeroed full `ibv_port_attr`.
         ibv_query_port @ "IBVERBS_1.1": fn(*mut ibv_context, u8, *mut _compat_ibv_port_attr) -> c_int;
         ibv_query_gid @ "IBVERBS_1.1": fn(*mut ibv_context, u8, c_int, *mut ibv_gid) -> c_int;
         ibv_alloc_pd @ "IBVERBS_1.1": fn(*mut ibv_context) -> *mut ibv_pd;
@@ -108,6 +111,8 @@ verbs_library! {
         ibv_create_ah @ "IBVERBS_1.1": fn(*mut ibv_pd, *mut ibv_ah_attr) -> *mut ibv_ah;
         ibv_destroy_ah @ "IBVERBS_1.1": fn(*mut ibv_ah) -> c_int;
         ibv_wc_status_str @ "IBVERBS_1.1": fn(ibv_wc_status) -> *const c_char;
+        ibv_get_async_event @ "IBVERBS_1.1": fn(*mut ibv_context, *mut ibv_async_event) -> c_int;
+        ibv_ack_async_event @ "IBVERBS_1.1": fn(*mut ibv_async_event) -> ();
     }
     optional {
         ibv_reg_mr_iova2 @ "IBVERBS_1.8": fn(*mut ibv_pd, *mut c_void, usize, u64, c_uint) -> *mut ibv_mr;
