@@ -287,6 +287,7 @@ impl RawGroup {
             key: 0,
             imm: None,
             delivery_complete: false,
+            host_memory: true,
             rows: crate::plan::Rows::ONE,
             token,
         })

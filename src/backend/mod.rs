@@ -93,6 +93,9 @@ pub(crate) struct Op {
     pub key: u64,
     pub imm: Option<u32>,
     pub delivery_complete: bool,
+    /// The local buffer is host memory, which the NIC may read with the CPU
+    /// at post time (verbs: inline sends); false for device memory.
+    pub host_memory: bool,
     pub token: u64,
 }
 

@@ -65,6 +65,9 @@ pub(crate) struct MrInner {
     /// Per-NIC local descriptors (for FI_MR_LOCAL providers).
     pub(crate) descs: Box<[*mut c_void]>,
     pub(crate) desc: MrDesc,
+    /// Host memory (every registration today; device memory comes with the
+    /// GPU registrations): NICs may read it with the CPU (verbs: inline).
+    pub(crate) host: bool,
     owned: Option<Owner>,
     pub(crate) link: Arc<Link>,
 }
@@ -87,7 +90,7 @@ impl MrInner {
         owned: Option<Owner>,
         link: Arc<Link>,
     ) -> Self {
-        MrInner { id, ptr, len, descs, desc, owned, link }
+        MrInner { id, ptr, len, descs, desc, host: true, owned, link }
     }
 }
 
@@ -117,7 +120,7 @@ impl Drop for MrInner {
 /// Created by [`TransferEngine::alloc`](crate::TransferEngine::alloc) (the
 /// engine owns a zeroed, page-aligned buffer) or
 /// [`TransferEngine::register_raw`](crate::TransferEngine::register_raw)
-/// (memory you own: host or, on providers with HMEM support, device memory).
+/// (host memory you own).
 ///
 /// Dropping the handle deregisters the memory and revokes remote access, but
 /// never while a request that uses the region is in flight: requests hold

@@ -579,8 +579,11 @@ impl TransferEngine {
     /// Registers memory you own with every NIC.
     ///
     /// # Safety
-    /// `ptr..ptr+len` must be valid memory (for the provider: host memory,
-    /// or device memory where the provider supports it) and stay valid until
+    /// `ptr..ptr+len` must be valid host memory (the engine treats every
+    /// region registered here as host memory: on verbs, payloads of up to
+    /// the queue pair's inline limit are copied from it by the CPU at post
+    /// time; GPU memory needs the device registration of the GPU work,
+    /// which marks it as such) and stay valid until
     /// the returned region and every request using it have ended, which is
     /// after the region is dropped and [`Transfer`]s using it have completed.
     pub unsafe fn register_raw(&self, ptr: *mut u8, len: u64, access: Access) -> Result<MemoryRegion> {

@@ -1401,6 +1401,7 @@ impl<N: Nic> Worker<N> {
             key: 0,
             imm: Some(CONTROL_IMM),
             delivery_complete: false,
+            host_memory: true,
             rows: Rows::ONE,
             token,
         };
@@ -1614,6 +1615,7 @@ fn build_op(op: &RequestOp, piece: &Piece, peer: u64, imm: Option<u32>, token: u
         Some(mr) if piece.len > 0 => (unsafe { mr.ptr.add(piece.src_offset as usize) }, mr.descs[piece.local_nic]),
         _ => (std::ptr::null_mut(), std::ptr::null_mut()),
     };
+    let host_memory = local.is_none_or(|mr| mr.host);
     Op {
         kind,
         local: ptr,
@@ -1624,6 +1626,7 @@ fn build_op(op: &RequestOp, piece: &Piece, peer: u64, imm: Option<u32>, token: u
         key: remote.map_or(0, |d| d.key(piece.remote_nic)),
         imm: if kind == OpKind::Write { imm } else { None },
         delivery_complete: kind == OpKind::Write && delivery,
+        host_memory,
         rows: piece.rows,
         token,
     }

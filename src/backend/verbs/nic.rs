@@ -1265,6 +1265,14 @@ fn flushed(kind: OpKind, why: &'static str) -> Error {
     }
 }
 
+/// Whether `op` may go inline (`IBV_SEND_INLINE`: the provider copies the
+/// payload with the CPU while posting): short enough for the queue pair,
+/// and from host memory. A device-memory buffer (registered through
+/// nvidia-peermem or dma-buf) must be read by the NIC itself.
+fn inline_ok(op: &Op, max_inline: u32) -> bool {
+    op.host_memory && op.len <= u64::from(max_inline)
+}
+
 fn op_name(kind: OpKind) -> &'static str {
     match kind {
         OpKind::Write => "write",
@@ -1402,7 +1410,9 @@ impl Nic for VerbsNic {
             return Ok(Posted::Busy);
         }
         let (seq, signaled) = qp.ring.push(Entry { token: op.token, kind: op.kind });
-        let inline = op.len <= u64::from(qp.max_inline);
+        // Inline copies the payload with the CPU at post time: host memory
+        // only (a device pointer would fault or read garbage).
+        let inline = inline_ok(op, qp.max_inline);
         // Allocated once per peer and lane, on first use.
         let chain = p.chains[lane as usize].get_or_insert_with(Chain::new);
         if chain.len == 0 {
@@ -1582,6 +1592,29 @@ impl Drop for VerbsNic {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Inline only from host memory, and only what fits.
+    #[test]
+    fn only_short_host_memory_payloads_go_inline() {
+        let op = |len: u64, host_memory: bool| Op {
+            kind: OpKind::Write,
+            local: 0x1000 as *mut u8,
+            len,
+            rows: crate::plan::Rows::ONE,
+            local_desc: ptr::null_mut(),
+            peer: 0,
+            remote_addr: 0,
+            key: 0,
+            imm: None,
+            delivery_complete: true,
+            host_memory,
+            token: 0,
+        };
+        assert!(inline_ok(&op(64, true), 64));
+        assert!(!inline_ok(&op(65, true), 64));
+        assert!(!inline_ok(&op(8, false), 64), "device memory is never read by the CPU");
+        assert!(!inline_ok(&op(1, true), 0));
+    }
 
     #[test]
     fn work_request_ids_never_collide() {

@@ -270,6 +270,7 @@ mod tests {
             key,
             imm,
             delivery_complete: kind == OpKind::Write,
+            host_memory: true,
             rows: crate::plan::Rows::ONE,
             token: 7,
         }
