@@ -17,9 +17,15 @@ pub struct ProviderReport {
     pub domains: Result<Vec<(String, String)>, String>,
 }
 
-/// The libfabric library that would be used (its path), or why none loads.
+/// The libfabric library that would be used (its path, its version and the
+/// API version strait asks it for), or why none loads.
 pub fn libfabric_library() -> Result<String, String> {
-    fabric_sys::Library::get().map(|l| l.path.clone()).map_err(|e| e.to_string())
+    fabric_sys::Library::get()
+        .map(|l| {
+            let v = |v: u32| format!("{}.{}", v >> 16, v & 0xffff);
+            format!("{} (version {}, API {} asked for)", l.path, v(l.version), v(l.api_version))
+        })
+        .map_err(|e| e.to_string())
 }
 
 /// The libibverbs library that would be used (its path), or why none loads.

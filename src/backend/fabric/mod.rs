@@ -11,6 +11,37 @@
 //! `FI_CONTEXT`/`FI_CONTEXT2` are met without allocating per operation.
 //! With `FI_RX_CQ_DATA`, immediates consume posted receive buffers; the
 //! engine keeps a pool posted and handles that case.
+//!
+//! # EFA
+//! Written against libfabric's `prov/efa` sources and `fi_efa(7)`, never run
+//! on a device (none here); the README's "EFA" section says what runs
+//! where. What the code does for it:
+//! * the fabric is named in the hints ([`EfaFabric`], default `efa`), and
+//!   only its entries are opened ([`info::pick`]); libfabric 1.19 or later;
+//! * efa-direct: peers are introduced before RMA
+//!   ([`Nic::needs_introduction`]), sends are limited to
+//!   `FI_OPT_MAX_MSG_SIZE` ([`Nic::max_message`]), rejected keys come from
+//!   the device ([`Nic::reports_rejected_keys`]);
+//! * shared memory and CUDA API use off before `fi_enable`, emulated
+//!   writes reported (`before_enable_efa`);
+//! * registrations ask only for the access their use needs ([`mr_access`]),
+//!   and sends go from [`Staging`] buffers;
+//! * queried without `FI_RX_CQ_DATA` first (unsolicited write receives on
+//!   efa-direct), with a CQ sized for bursts of immediates;
+//! * endpoints close before registrations ([`Nic::close_endpoints`]).
+//!
+//! Decided against, with the anchors' choices in mind: dropping
+//! `FI_DELIVERY_COMPLETE` (efa-direct ignores it and device writes on `efa`
+//! do too, so it costs only on emulated writes, where it is what makes a
+//! completed write mean "landed"); an immediate on every piece counted at
+//! the target instead of the trailing zero-byte write (Perplexity's
+//! fabric-lib does that; strait's contract is one immediate per request);
+//! `FI_MORE` (the worker does not know a round's last post to a NIC when
+//! it makes it; fabric-lib does not use it either, interleaving NICs
+//! instead, as the worker's round-robin over ready requests does). Progress
+//! on the `efa` fabric is manual: `PollMode::Busy` gives the lowest latency
+//! there, and with its shared memory off its CQs take wait descriptors
+//! (libfabric 2.3 and later) for the adaptive mode.
 
 mod handle;
 mod info;
