@@ -67,6 +67,16 @@ fn counters_match_a_known_workload_on_both_sides() {
         assert_eq!(b.stats().unwrap().latency.imm.count() - before_b.latency.imm.count(), 2, "{provider:?}");
         assert!(b.stats().unwrap().table().contains("imm counters: 2"));
         assert_eq!(sb.nics[0].posted.total(), before_b.nics[0].posted.total(), "the target posted nothing");
+        // Every receive buffer is posted again once its message was taken:
+        // a's 3 sends to b, each taking one of b's buffers for a moment.
+        for _ in 0..3 {
+            a.send(b.address(), &src, 0, 100).unwrap().wait_timeout(TIMEOUT).unwrap();
+            b.recv_timeout(TIMEOUT).unwrap();
+        }
+        let sb = b.stats().unwrap();
+        assert_eq!(sb.nics[0].messages_in - before_b.nics[0].messages_in, 3, "{provider:?}");
+        assert_eq!(sb.nics[0].receives_posted, sb.receive_buffers as u64, "{provider:?}");
+        assert!(b.stats().unwrap().prometheus("strait").contains("strait_receives_posted{nic=\"0\"} 64"));
 
         let table = sa.table();
         assert!(table.contains("target") && table.contains("write requests: 40"), "{table}");

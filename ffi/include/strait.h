@@ -499,6 +499,8 @@ typedef struct strait_nic_stats {
   uint64_t imms_in;
   // Two-sided messages received.
   uint64_t messages_in;
+  // Receive buffers posted now (a gauge, at most `receive_buffers`).
+  uint64_t receives_posted;
 } strait_nic_stats;
 
 // One peer's counters. Its address and label: `strait_stats_peer_address`

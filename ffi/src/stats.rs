@@ -61,6 +61,8 @@ pub struct strait_nic_stats {
     pub imms_in: u64,
     /// Two-sided messages received.
     pub messages_in: u64,
+    /// Receive buffers posted now (a gauge, at most `receive_buffers`).
+    pub receives_posted: u64,
 }
 
 /// One peer's counters. Its address and label: `strait_stats_peer_address`
@@ -220,6 +222,7 @@ pub unsafe extern "C" fn strait_stats_nic(
             imms_out: n.imms_out,
             imms_in: n.imms_in,
             messages_in: n.messages_in,
+            receives_posted: n.receives_posted,
         };
         // SAFETY: header contract.
         unsafe { put(out, c, "out") }

@@ -538,6 +538,7 @@ static void test_stats(strait_engine *a, strait_engine *b) {
     struct strait_nic_stats nic;
     OK(strait_stats_nic(st, 0, &nic));
     CHECK(nic.posted.writes > 0 && nic.bytes_posted > 0 && nic.posted.reads > 0 && nic.posted.sends > 0);
+    CHECK(nic.receives_posted > 0);
     FAILS(STRAIT_STATUS_OUT_OF_BOUNDS, strait_stats_nic(st, 1, &nic));
     int labelled = 0;
     for (uint32_t i = 0; i < sum.peers; i++) {

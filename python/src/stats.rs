@@ -47,6 +47,7 @@ pub fn to_dict<'py>(py: Python<'py>, s: &EngineStats) -> PyResult<Bound<'py, PyD
         x.set_item("imms_out", n.imms_out)?;
         x.set_item("imms_in", n.imms_in)?;
         x.set_item("messages_in", n.messages_in)?;
+        x.set_item("receives_posted", n.receives_posted)?;
         nics.push(x);
     }
     d.set_item("nics", nics)?;

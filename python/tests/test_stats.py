@@ -29,6 +29,8 @@ def test_stats_count_a_known_workload(provider):
         assert s["latency"]["write"]["count"] == 20
         assert 0 < s["latency"]["write"]["p50"] <= s["latency"]["write"]["max"]
         assert b.stats()["nics"][0]["imms_in"] >= 10
+        sb = b.stats()
+        assert sb["nics"][0]["receives_posted"] == sb["receive_buffers"]
         # The target timed its counter: armed to reached.
         assert b.stats()["latency"]["imm"]["count"] == 1 and a.stats()["latency"]["imm"]["count"] == 0
         table = a.stats_text()

@@ -81,6 +81,12 @@ pub struct NicStats {
     pub imms_in: u64,
     /// Two-sided messages that arrived here (the engine's own included).
     pub messages_in: u64,
+    /// Receive buffers posted now (a gauge; at most
+    /// [`EngineStats::receive_buffers`]). Each arriving message (and, where
+    /// the transport needs buffers for them, each immediate) takes one until
+    /// the worker posts it again; one that could not be posted again
+    /// (logged as an error) leaves it lower for good.
+    pub receives_posted: u64,
 }
 
 /// One peer engine (by address, with the label given by
@@ -300,6 +306,10 @@ impl EngineStats {
             for (i, n) in self.nics.iter().enumerate() {
                 let _ = writeln!(s, "{p}_{name}{{nic=\"{i}\"}} {}", get(n));
             }
+        }
+        help(&mut s, "receives_posted", "gauge", "Receive buffers posted now, by NIC.");
+        for (i, n) in self.nics.iter().enumerate() {
+            let _ = writeln!(s, "{p}_receives_posted{{nic=\"{i}\"}} {}", n.receives_posted);
         }
         help(&mut s, "errors_total", "counter", "Failed operations, by NIC and kind.");
         for (i, n) in self.nics.iter().enumerate() {

@@ -473,7 +473,10 @@ impl<N: Nic> Worker<N> {
         let token = RECV_TOKEN | (nic as u64) << 32 | index as u64;
         // SAFETY: the buffer is registered and stays valid until shutdown.
         match unsafe { self.nics[nic].post_recv(buf, pool.size, pool.region.desc, token)? } {
-            Posted::Accepted => Ok(()),
+            Posted::Accepted => {
+                self.nic_stats[nic].receives_posted += 1;
+                Ok(())
+            }
             Posted::Busy => Err(Error::InvalidRequest("receive queue smaller than the receive pool".into())),
         }
     }
@@ -1148,6 +1151,7 @@ impl<N: Nic> Worker<N> {
             }
             Event::Received { token, len, message, imm } => {
                 let (nic, index) = recv_slot(token);
+                self.nic_stats[nic].receives_posted = self.nic_stats[nic].receives_posted.saturating_sub(1);
                 if message && imm.is_some() {
                     // Only the engine's control messages carry an immediate.
                     if imm == Some(CONTROL_IMM) && (self.diagnose || self.introduce) {
@@ -1190,6 +1194,7 @@ impl<N: Nic> Worker<N> {
             Event::ReceiveFailed { token, error } => {
                 tracing::warn!(%error, "receive failed");
                 let (nic, index) = recv_slot(token);
+                self.nic_stats[nic].receives_posted = self.nic_stats[nic].receives_posted.saturating_sub(1);
                 self.repost(nic, index);
             }
         }

@@ -450,6 +450,7 @@ pub fn stats_json(s: &strait::stats::EngineStats) -> serde_json::Value {
         "nics": s.nics.iter().map(|n| json!({
             "posted": ops(&n.posted), "bytes_posted": n.bytes_posted, "busy": n.busy, "completed": n.completed,
             "errors": errors(&n.errors), "imms_out": n.imms_out, "imms_in": n.imms_in, "messages_in": n.messages_in,
+            "receives_posted": n.receives_posted,
         })).collect::<Vec<_>>(),
         "peers": s.peers.iter().map(|p| json!({
             "address": p.address.to_string(), "label": p.label, "posted": ops(&p.posted), "bytes_posted": p.bytes_posted,
