@@ -542,42 +542,47 @@ impl<N: Nic> Worker<N> {
         for nic in 0..self.nics.len() {
             let before = self.events.len();
             self.nics[nic].poll(&mut self.events);
-            // Per-NIC progress and in-flight counts (the request timeout's
-            // clock; see `Peer::nic_progress`).
+            // One pass over what the NIC reported: per-NIC progress and
+            // in-flight counts (the request timeout's clock; see
+            // `Peer::nic_progress`) and the NIC's counters.
+            let counters = &mut self.nic_stats[nic];
             for event in &self.events[before..] {
-                let (Event::Done { token } | Event::Failed { token, .. }) = event else { continue };
-                if token & CONTROL_TOKEN != 0 {
-                    continue;
-                }
-                if let Some(a) = self.active.get_mut(*token as usize).and_then(Option::as_mut) {
-                    a.in_flight[nic] = a.in_flight[nic].saturating_sub(1);
-                    if matches!(event, Event::Done { .. }) {
-                        self.peers[a.peer].nic_progress[nic] = self.now;
-                    }
-                }
-            }
-            counting! {
-            if self.events.len() > before {
-                let counters = &mut self.nic_stats[nic];
-                for event in &self.events[before..] {
-                    match event {
-                        Event::Done { .. } => counters.completed += 1,
-                        Event::Failed { error, .. } => {
+                match event {
+                    Event::Done { token } | Event::Failed { token, .. } => {
+                        counting! {
                             counters.completed += 1;
-                            counters.errors.0[error_kind(error)] += 1;
+                            if let Event::Failed { error, .. } = event {
+                                counters.errors.0[error_kind(error)] += 1;
+                            }
                         }
-                        Event::Imm { .. } => counters.imms_in += 1,
-                        Event::Received { message, imm, .. } => {
+                        if token & CONTROL_TOKEN != 0 {
+                            continue;
+                        }
+                        if let Some(a) = self.active.get_mut(*token as usize).and_then(Option::as_mut) {
+                            a.in_flight[nic] = a.in_flight[nic].saturating_sub(1);
+                            if matches!(event, Event::Done { .. }) {
+                                self.peers[a.peer].nic_progress[nic] = self.now;
+                            }
+                        }
+                    }
+                    Event::Imm { .. } => {
+                        counting! { counters.imms_in += 1; }
+                    }
+                    Event::Received { message, imm, .. } => {
+                        counting! {
                             if *message {
                                 counters.messages_in += 1;
                             } else if imm.is_some() {
                                 counters.imms_in += 1;
                             }
                         }
-                        Event::ReceiveFailed { error, .. } => counters.errors.0[error_kind(error)] += 1,
+                        let _ = (message, imm);
+                    }
+                    Event::ReceiveFailed { error, .. } => {
+                        counting! { counters.errors.0[error_kind(error)] += 1; }
+                        let _ = error;
                     }
                 }
-            }
             }
         }
         if !self.events.is_empty() {
