@@ -142,6 +142,7 @@ pub mod moe;
 pub mod plan;
 pub mod probe;
 mod provider;
+pub mod topology;
 pub mod weights;
 mod wire;
 

@@ -574,6 +574,13 @@ enum strait_status strait_builder_set_interface(struct strait_builder *builder,
 enum strait_status strait_builder_set_efa_fabric(struct strait_builder *builder,
                                                  const char *fabric);
 
+// Use the RDMA NICs nearest to GPU `gpu` (PCI address order), read from
+// sysfs when the engine is created: those behind its PCIe switch, else on
+// its NUMA node. Creating the engine fails with `INVALID_REQUEST` when the
+// machine has no such GPU.
+enum strait_status strait_builder_set_gpu(struct strait_builder *builder,
+                                          uint32_t gpu);
+
 // Busy polling: the worker never sleeps (lowest latency, one core).
 enum strait_status strait_builder_set_poll_busy(struct strait_builder *builder);
 

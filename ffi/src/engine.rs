@@ -120,6 +120,7 @@ pub(crate) struct BuilderState {
     nics: Option<usize>,
     interface: Option<String>,
     efa_fabric: Option<strait_rs::EfaFabric>,
+    gpu: Option<usize>,
     poll: Option<PollMode>,
     cpu: Option<usize>,
     timeout: Option<Option<Duration>>,
@@ -145,6 +146,9 @@ impl BuilderState {
         }
         if let Some(f) = self.efa_fabric {
             b = b.efa_fabric(f);
+        }
+        if let Some(g) = self.gpu {
+            b = b.for_gpu(g);
         }
         if let Some(p) = self.poll {
             b = b.poll_mode(p);
@@ -264,6 +268,21 @@ pub unsafe extern "C" fn strait_builder_set_efa_fabric(
     unsafe {
         with_builder(builder, |b| {
             b.efa_fabric = Some(string(fabric, "fabric")?.parse()?);
+            Ok(())
+        })
+    }
+}
+
+/// Use the RDMA NICs nearest to GPU `gpu` (PCI address order), read from
+/// sysfs when the engine is created: those behind its PCIe switch, else on
+/// its NUMA node. Creating the engine fails with `INVALID_REQUEST` when the
+/// machine has no such GPU.
+#[no_mangle]
+pub unsafe extern "C" fn strait_builder_set_gpu(builder: *mut strait_builder, gpu: u32) -> strait_status {
+    // SAFETY: header contract.
+    unsafe {
+        with_builder(builder, |b| {
+            b.gpu = Some(gpu as usize);
             Ok(())
         })
     }

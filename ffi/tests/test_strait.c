@@ -797,6 +797,11 @@ static void test_errors(strait_engine *a, strait_engine *b) {
     OK(strait_builder_set_efa_fabric(fb, "efa"));
     FAILS(STRAIT_STATUS_INVALID_REQUEST, strait_builder_set_efa_fabric(fb, "efa-indirect"));
     FAILS(STRAIT_STATUS_NULL_ARGUMENT, strait_builder_set_efa_fabric(fb, NULL));
+    /* A GPU no machine has: refused when the engine is created. */
+    strait_engine *none_engine = NULL;
+    OK(strait_builder_set_gpu(fb, 4096));
+    FAILS(STRAIT_STATUS_INVALID_REQUEST, strait_engine_create(fb, &none_engine));
+    CHECK(none_engine == NULL);
     OK(strait_builder_destroy(fb));
 
     /* A handle of another type. */

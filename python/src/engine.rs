@@ -361,7 +361,8 @@ impl ScatterTarget {
 /// choose what the verbs backend opens. On EFA, ``efa_fabric`` is ``"efa"``
 /// (the default: the provider's RDM protocol) or ``"efa-direct"``
 /// (libfabric 2.1+; sends limited to the device's MTU); every engine of a
-/// job must open the same one.
+/// job must open the same one. ``gpu=n`` uses the RDMA NICs nearest to GPU
+/// ``n`` (PCI order; ``strait.gpu_nic_map()`` shows them).
 ///
 /// Use it as a context manager, or call ``shutdown()``: requests in flight
 /// then end with ``strait.ShutdownError``. Every method releases the GIL
@@ -439,7 +440,7 @@ impl TransferEngine {
     #[pyo3(signature = (
         provider="auto", nics=1, *, interface=None, poll="adaptive", spin_us=50, pin_worker=None,
         receive_buffers=None, on_message=None, unclaimed_imm=None, request_timeout=10.0,
-        verbs_devices=None, verbs_port=1, verbs_gid_index=None, efa_fabric="efa"
+        verbs_devices=None, verbs_port=1, verbs_gid_index=None, efa_fabric="efa", gpu=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -458,6 +459,7 @@ impl TransferEngine {
         verbs_port: u8,
         verbs_gid_index: Option<u8>,
         efa_fabric: &str,
+        gpu: Option<usize>,
     ) -> PyResult<Self> {
         let request_timeout = crate::handles::parse_timeout(py, request_timeout)?;
         let provider = match provider {
@@ -496,6 +498,9 @@ impl TransferEngine {
             .efa_fabric(efa_fabric);
         if let Some(interface) = interface {
             builder = builder.interface(interface);
+        }
+        if let Some(gpu) = gpu {
+            builder = builder.for_gpu(gpu);
         }
         let mut verbs = strait::VerbsConfig::default();
         verbs.devices = verbs_devices.unwrap_or_default();

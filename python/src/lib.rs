@@ -38,6 +38,18 @@ fn probe(py: Python<'_>) -> Vec<(String, bool, String)> {
         .collect()
 }
 
+/// Which RDMA NICs serve which GPU here (PCIe topology from sysfs): a
+/// dict `{gpu: [nic, ...]}`, empty without GPUs or RDMA NICs. Raises
+/// `InvalidRequestError` when sysfs cannot be read.
+#[pyfunction]
+fn gpu_nic_map(py: Python<'_>) -> PyResult<std::collections::BTreeMap<usize, Vec<String>>> {
+    let topology = py.detach(strait::topology::Topology::discover);
+    match topology {
+        Ok(t) => Ok(t.gpu_nic_map().into_iter().map(|(g, (nics, _))| (g, nics)).collect()),
+        Err(e) => Err(crate::errors::raise(py, "InvalidRequestError", e.to_string())),
+    }
+}
+
 #[pymodule]
 fn _strait(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::TransferEngine>()?;
@@ -57,6 +69,7 @@ fn _strait(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<weights::WeightsRank>()?;
     m.add_class::<weights::WeightsGroup>()?;
     m.add_function(wrap_pyfunction!(probe, m)?)?;
+    m.add_function(wrap_pyfunction!(gpu_nic_map, m)?)?;
     m.add_function(wrap_pyfunction!(engine::_shutdown_all, m)?)?;
     m.add("PAGE_SIZE", strait::PAGE_SIZE)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -41,6 +41,7 @@ from ._strait import (
     TransferEngine,
     __version__,
     probe,
+    gpu_nic_map,
 )
 from .errors import (
     AbortedError,
@@ -71,6 +72,7 @@ __all__ = [
     "Transfer",
     "TransferEngine",
     "probe",
+    "gpu_nic_map",
     "errors",
     *errors.__all__,
 ]

@@ -1,7 +1,7 @@
 """Type stubs of strait's native module (see the docstrings for the
 behaviour)."""
 
-from typing import Any, Callable, Generator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tuple, Union
 
 PAGE_SIZE: int
 __version__: str
@@ -10,6 +10,7 @@ DescriptorLike = Union[bytes, bytearray, memoryview, "Descriptor", "Region"]
 AddressLike = Union[bytes, bytearray, str, "TransferEngine"]
 
 def probe() -> List[Tuple[str, bool, str]]: ...
+def gpu_nic_map() -> Dict[int, List[str]]: ...
 def _shutdown_all() -> None: ...
 
 class Descriptor:
@@ -101,6 +102,7 @@ class TransferEngine:
         verbs_port: int = 1,
         verbs_gid_index: Optional[int] = None,
         efa_fabric: str = "efa",
+        gpu: Optional[int] = None,
     ) -> None: ...
     @property
     def address(self) -> bytes: ...

@@ -142,6 +142,9 @@ def test_bad_arguments():
         strait.TransferEngine("tcp", interface="lo", efa_fabric="efa-indirect")
     # The fabric is EFA's alone: a tcp engine takes either and ignores it.
     strait.TransferEngine("tcp", interface="lo", efa_fabric="efa-direct").shutdown()
+    with pytest.raises(strait.InvalidRequestError, match="GPU 4096 not found"):
+        strait.TransferEngine("tcp", interface="lo", gpu=4096)
+    assert isinstance(strait.gpu_nic_map(), dict)
 
 
 def test_verbs_without_a_device_is_backend_unavailable():

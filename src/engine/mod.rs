@@ -76,6 +76,9 @@ pub struct EngineBuilder {
     request_timeout: Option<Duration>,
     verbs: VerbsConfig,
     efa_fabric: EfaFabric,
+    gpu: Option<usize>,
+    /// EFA: the domains to open (set by `for_gpu`); empty: all.
+    efa_domains: Vec<String>,
     messages: Option<MessageCallback>,
     unclaimed_imm: Option<UnclaimedImm>,
     imm_queue: Option<Arc<Mailbox<u32>>>,
@@ -107,6 +110,8 @@ impl Default for EngineBuilder {
             request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             verbs: VerbsConfig::default(),
             efa_fabric: EfaFabric::default(),
+            gpu: None,
+            efa_domains: Vec::new(),
             messages: None,
             unclaimed_imm: None,
             imm_queue: None,
@@ -158,6 +163,20 @@ impl EngineBuilder {
     /// [`EfaFabric::Efa`]; see [`EfaFabric`] for what each implies).
     pub fn efa_fabric(mut self, fabric: EfaFabric) -> Self {
         self.efa_fabric = fabric;
+        self
+    }
+
+    /// Uses the RDMA NICs nearest to GPU `gpu` (PCI address order, as
+    /// `CUDA_DEVICE_ORDER=PCI_BUS_ID` numbers them), read from sysfs when
+    /// the engine is built: those behind the GPU's PCIe switch, else on its
+    /// NUMA node (see [`topology`](crate::topology)). On EFA they are the
+    /// devices opened (domains `<device>-rdm`), on verbs the devices
+    /// (unless [`VerbsConfig::devices`] names some), and the group has one
+    /// NIC per device unless [`nics`](Self::nics) says otherwise. tcp and
+    /// shm are not placed by it. [`build`](Self::build) fails with
+    /// [`Error::InvalidRequest`] when the machine has no such GPU.
+    pub fn for_gpu(mut self, gpu: usize) -> Self {
+        self.gpu = Some(gpu);
         self
     }
 
@@ -251,6 +270,7 @@ impl EngineBuilder {
     /// takes the first that opens; when none does, the error lists why each
     /// was unavailable.
     pub fn build(mut self) -> Result<TransferEngine> {
+        self.place_for_gpu()?;
         self.check_nics()?;
         match self.provider {
             Provider::Verbs => {
@@ -283,11 +303,40 @@ impl EngineBuilder {
         }
     }
 
+    /// Applies [`for_gpu`](Self::for_gpu): the NICs nearest the GPU.
+    fn place_for_gpu(&mut self) -> Result<()> {
+        let Some(gpu) = self.gpu else { return Ok(()) };
+        let topology = crate::topology::Topology::discover()
+            .map_err(|e| Error::InvalidRequest(format!("placing the engine for GPU {gpu}: {e}")))?;
+        if gpu >= topology.gpus.len() {
+            return Err(Error::InvalidRequest(format!(
+                "GPU {gpu} not found: sysfs lists {} NVIDIA GPU(s) (PCI vendor 0x10de, display class)",
+                topology.gpus.len()
+            )));
+        }
+        let Some((nics, nearness)) = topology.nics_for_gpu(gpu) else {
+            tracing::info!(gpu, "no RDMA NIC on this machine: the engine is not placed for the GPU");
+            return Ok(());
+        };
+        let names: Vec<String> = nics.iter().map(|n| n.name.clone()).collect();
+        tracing::info!(gpu, nics = ?names, ?nearness, "engine placed for its GPU");
+        if !self.nics_set {
+            self.nics = names.len();
+            self.nics_set = true;
+        }
+        if self.verbs.devices.is_empty() {
+            self.verbs.devices = names.clone();
+        }
+        self.efa_domains = names.iter().map(|n| format!("{n}-rdm")).collect();
+        Ok(())
+    }
+
     fn fabric_options(&self, provider: Provider) -> FabricOptions {
         let wait_fd = matches!(self.poll_mode, PollMode::Adaptive { .. });
         let mut options = FabricOptions::new(provider, self.interface.as_deref(), wait_fd, self.recv.count);
         options.info.efa_fabric = self.efa_fabric;
         options.rx_size = self.recv.size;
+        options.efa_domains = self.efa_domains.clone();
         options
     }
 

@@ -90,6 +90,7 @@ pub fn node_options(base: &EngineOptions, nics: usize) -> EngineOptions {
         nics,
         interface: Some((0..nics).map(|k| format!("nic{k}")).collect::<Vec<_>>().join(",")),
         efa_fabric: Default::default(),
+        gpu: None,
         poll: base.poll,
     }
 }

@@ -155,6 +155,9 @@ struct EngineArgs {
     /// EFA: the fabric to open, efa (default) or efa-direct.
     #[arg(long, default_value = "efa")]
     efa_fabric: strait::EfaFabric,
+    /// Use the RDMA NICs nearest to this GPU (see `info` for the map).
+    #[arg(long)]
+    gpu: Option<usize>,
     /// Worker polling mode.
     #[arg(long, value_enum, default_value = "adaptive")]
     poll: Poll,
@@ -245,6 +248,7 @@ pub struct EngineOptions {
     pub nics: usize,
     pub interface: Option<String>,
     pub efa_fabric: strait::EfaFabric,
+    pub gpu: Option<usize>,
     pub poll: PollMode,
 }
 
@@ -255,6 +259,7 @@ impl EngineOptions {
             nics: a.nics,
             interface: a.interface.clone(),
             efa_fabric: a.efa_fabric,
+            gpu: a.gpu,
             poll: match a.poll {
                 Poll::Adaptive => PollMode::Adaptive { spin: Duration::from_micros(a.spin_us) },
                 Poll::Busy => PollMode::Busy,
@@ -269,6 +274,9 @@ impl EngineOptions {
             .nics(self.nics)
             .poll_mode(self.poll)
             .efa_fabric(self.efa_fabric);
+        if let Some(g) = self.gpu {
+            b = b.for_gpu(g);
+        }
         if let Some(i) = &self.interface {
             b = b.interface(i.clone());
         }
@@ -282,6 +290,9 @@ impl EngineOptions {
         }
         if self.efa_fabric != strait::EfaFabric::default() {
             v.extend(["--efa-fabric".into(), self.efa_fabric.name().into()]);
+        }
+        if let Some(g) = self.gpu {
+            v.extend(["--gpu".into(), g.to_string()]);
         }
         match self.poll {
             PollMode::Busy => v.extend(["--poll".into(), "busy".into()]),
@@ -477,6 +488,22 @@ fn info() {
     } else {
         println!("GPUs: {}", gpus.join(", "));
     }
+    match strait::topology::Topology::discover() {
+        Err(e) => println!("GPU -> NIC map: unavailable: {e}"),
+        Ok(t) if t.gpus.is_empty() => println!(
+            "GPU -> NIC map: empty: no NVIDIA GPU in /sys/bus/pci/devices ({} RDMA NIC(s) in /sys/class/infiniband)",
+            t.nics.len()
+        ),
+        Ok(t) if t.nics.is_empty() => {
+            println!("GPU -> NIC map: empty: {} GPU(s) but no RDMA NIC in /sys/class/infiniband", t.gpus.len())
+        }
+        Ok(t) => {
+            println!("GPU -> NIC map (nearest RDMA NICs; --gpu N uses them):");
+            for (g, (nics, near)) in t.gpu_nic_map() {
+                println!("  GPU {g} ({}): {} ({near:?})", t.gpus[g].pci.address, nics.join(", "));
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -499,6 +526,7 @@ fn main() -> ExitCode {
                 nics: 1,
                 interface: None,
                 efa_fabric: Default::default(),
+                gpu: None,
                 poll: PollMode::default(),
             },
             cluster,

@@ -346,6 +346,9 @@ mod tests {
             panic!("efa-direct picked from a list without it")
         };
         assert!(reason.contains("efa-direct") && reason.contains("\"efa\""), "{reason}");
+        // The devices nearest a GPU (`EngineBuilder::for_gpu`), as named.
+        let near = ["rdmap80s0-rdm".to_string()];
+        assert_eq!(pick(&host, ProviderKind::Efa, Some("efa"), &near).unwrap(), vec![3]);
     }
 
     #[test]

@@ -85,6 +85,9 @@ pub(crate) struct FabricOptions {
     /// the provider does not need it (EFA always does): lets tests run that
     /// path over tcp and shm.
     pub stage_sends: bool,
+    /// EFA: the domains (devices, `rdmap79s0-rdm`) NIC `i` opens on, `i`
+    /// cycling; empty: every device libfabric lists.
+    pub efa_domains: Vec<String>,
 }
 
 /// The interfaces of a comma-separated list, in order (empty: none).
@@ -109,6 +112,7 @@ impl FabricOptions {
             rx_size: 64 << 10,
             introduce: false,
             stage_sends: false,
+            efa_domains: Vec::new(),
         }
     }
 }
@@ -124,7 +128,11 @@ pub(crate) fn open_group(options: &FabricOptions, count: usize) -> Result<(Provi
     // efa-direct: `pick` keeps exactly what was asked for, so that a test
     // bound to `lo` never opens an endpoint on another interface and an
     // EFA engine never opens the other fabric.
-    let wanted: &[String] = if kind == ProviderKind::Tcp { &options.interfaces } else { &[] };
+    let wanted: &[String] = match kind {
+        ProviderKind::Tcp => &options.interfaces,
+        ProviderKind::Efa => &options.efa_domains,
+        _ => &[],
+    };
     let fabric = (kind == ProviderKind::Efa).then(|| options.info.efa_fabric.name());
     let entries: Vec<*mut sys::fi_info> =
         info::pick(&names, kind, fabric, wanted)?.into_iter().map(|i| all[i]).collect();
