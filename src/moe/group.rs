@@ -694,8 +694,13 @@ impl MoeGroup {
                 placed[s as usize] += 1;
             }
         }
+        // This rank's own rows stay where they are: the reduction reads them
+        // from `expert_y` (`local[p]`: the offset there of the row that
+        // position `p` of this rank's share of the combine region stands for).
+        let local_base = handle.combine_base[me as usize];
+        let mut local = vec![0u64; by_rank[me as usize].len()];
         for &(from, to) in &by_rank[me as usize] {
-            self.local.combine.write_at(to, &expert_y[from as usize..(from + rb) as usize])?;
+            local[(to / rb - local_base) as usize] = from;
         }
         // The others' rows, in rank order, through the staging region
         // `capacity` rows at a time; each rank's last request carries its
@@ -743,10 +748,13 @@ impl MoeGroup {
             }
         }
         self.wait_events(COMBINE, &others, started)?;
-        self.reduce(handle)
+        self.reduce(handle, expert_y, local_base, &local)
     }
 
-    fn reduce(&self, handle: &MoeHandle) -> Result<Vec<u8>> {
+    /// The weighted sums of the rows of this rank's tokens: from the combine
+    /// region, except this rank's own rows (positions `local_base..` of it),
+    /// read from `expert_y` at the offsets `local` gives.
+    fn reduce(&self, handle: &MoeHandle, expert_y: &[u8], local_base: u64, local: &[u64]) -> Result<Vec<u8>> {
         let c = &self.local.config;
         let (hidden, k) = (c.hidden as usize, c.top_k as usize);
         let rb = c.row_bytes() as usize;
@@ -765,7 +773,13 @@ impl MoeGroup {
                 }
                 let w = handle.topk_weights[t * k + kk];
                 let at = handle.combine_pos[t * k + kk] as usize;
-                let row = &rows[at * rb..(at + 1) * rb];
+                let row = match (at as u64).checked_sub(local_base).filter(|&p| p < local.len() as u64) {
+                    Some(p) => {
+                        let from = local[p as usize] as usize;
+                        &expert_y[from..from + rb]
+                    }
+                    None => &rows[at * rb..(at + 1) * rb],
+                };
                 accumulate(&mut acc, row, c.dtype, w, first);
                 first = false;
             }
