@@ -546,10 +546,35 @@ impl Shared {
             // On the worker, or on a thread that drives it (a callback that
             // dropped the last handle), joining would wait for this thread.
             if !self.link.on_worker() {
-                let _ = thread.join();
+                join_bounded(thread);
             }
         }
     }
+}
+
+/// How long shutdown waits for the worker to stop.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Joins the worker, unless it has not stopped within [`SHUTDOWN_LIMIT`]:
+/// then it is wedged inside a provider call that never returns (libfabric
+/// 1.17's shm spinning on the lock of a peer that died holding it), and is
+/// left running, logged, rather than hang the caller forever.
+fn join_bounded(thread: JoinHandle<()>) {
+    let start = Instant::now();
+    let mut nap = Duration::from_micros(50);
+    while !thread.is_finished() {
+        if start.elapsed() >= SHUTDOWN_LIMIT {
+            tracing::error!(
+                limit = ?SHUTDOWN_LIMIT,
+                "the engine's worker did not stop: it is stuck inside the provider (a dead shm peer's lock?); \
+                 leaving it"
+            );
+            return;
+        }
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(5));
+    }
+    let _ = thread.join();
 }
 
 impl Drop for Shared {
@@ -564,7 +589,9 @@ impl Drop for Shared {
 /// Cheap to clone (`Arc` inside), `Send + Sync`. The worker stops when the
 /// last clone is dropped or [`shutdown`](Self::shutdown) is called: requests
 /// still in flight then end with [`Error::Shutdown`], and drop returns once
-/// the worker has released every NIC.
+/// the worker has released every NIC (or, if the worker is stuck inside a
+/// provider call that never returns, after 10 s, leaving it: logged as an
+/// error).
 ///
 /// Every submit method checks its arguments (ranges against regions and
 /// descriptors, provider and NIC counts) before anything is posted, returning

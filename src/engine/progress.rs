@@ -89,6 +89,26 @@ impl<N: Nic> Core<N> {
         self.worker.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The worker, taken before `deadline` (or `None`: the deadline passed,
+    /// or `done` became true meanwhile). Yields the CPU between tries for
+    /// the first few, then sleeps 50 µs between them.
+    fn lock_until(&self, deadline: Instant, done: &dyn Fn() -> bool) -> Option<MutexGuard<'_, Option<Worker<N>>>> {
+        for tries in 0u32.. {
+            if let Some(g) = self.try_lock() {
+                return Some(g);
+            }
+            if done() || Instant::now() >= deadline {
+                return None;
+            }
+            if tries < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        None
+    }
+
     fn try_lock(&self) -> Option<MutexGuard<'_, Option<Worker<N>>>> {
         match self.worker.try_lock() {
             Ok(g) => Some(g),
@@ -109,8 +129,14 @@ impl<N: Nic + 'static> Progress for Core<N> {
             // The worker thread lets go after its current turn (it checks
             // for would-be drivers between turns). Block rather than spin:
             // on a small machine the worker may need this very core to get
-            // there.
-            None => Some(self.lock()),
+            // there. With a deadline, block in short sleeps instead, so that
+            // a turn that never ends (a provider wedged inside a call: shm
+            // spinning on the lock of a peer that died holding it) cannot
+            // keep the caller past its deadline.
+            None => match deadline {
+                None => Some(self.lock()),
+                Some(d) => self.lock_until(d, done),
+            },
         };
         let Some(mut guard) = guard else {
             link.want_drive(false);

@@ -927,11 +927,18 @@ impl Nic for FabricNic {
     unsafe fn post(&mut self, op: &Op) -> Result<Posted> {
         let round = self.objects.round;
         if let Some(Some(watch)) = self.objects.watches.get_mut(op.peer as usize) {
-            if watch.exited(round) {
-                return Err(Error::PeerUnreachable(format!(
-                    "the shm peer's process ({}) has exited; nothing is posted to it",
-                    watch.pid()
-                )));
+            match watch.check(round) {
+                shm::PeerState::Running => {}
+                shm::PeerState::Exited => {
+                    return Err(Error::PeerUnreachable(format!(
+                        "the shm peer's process ({}) has exited; nothing is posted to it",
+                        watch.pid()
+                    )))
+                }
+                // Posting could spin on a lock the stopped peer holds:
+                // wait, as for a full queue; its requests expire if it
+                // stays stopped.
+                shm::PeerState::Stopped => return Ok(Posted::Busy),
             }
         }
         let Some(context) = self.slots.take(op.token, false) else {

@@ -162,6 +162,17 @@ pub(super) fn retire(address: Box<[u8]>, objects: Box<dyn Send>) {
 /// every [`POSTS_PER_CHECK`] posts to the peer within a round. What remains
 /// is a post already spinning on the lock of a live peer that is killed
 /// within that critical section, or killed between two checks.
+///
+/// A peer *stopped* (`SIGSTOP`, a debugger, a frozen cgroup) while it holds
+/// the lock leaves it held until it runs again, with the same effect on
+/// the next post for as long as it is stopped (seen in the failure tests:
+/// the worker in `pthread_spin_lock` under `fi_writedata`). So the watch
+/// also reads the peer's scheduling state (`/proc/<pid>/stat`, kept open:
+/// one `pread` of about a microsecond) when the last reading is older than
+/// [`STATE_EVERY`], at the first post of a round: a stopped peer's posts
+/// wait as for a full queue, and its requests expire through the request
+/// timeout, with the worker free. What remains is a peer stopped, holding
+/// the lock, within [`STATE_EVERY`] before a post.
 pub(super) struct PeerWatch {
     pid: i32,
     pidfd: Option<std::os::fd::OwnedFd>,
@@ -170,7 +181,23 @@ pub(super) struct PeerWatch {
     checked: Option<u64>,
     /// Posts since the last check.
     posts: u32,
+    /// `/proc/<pid>/stat`, and when it was last read and what it said.
+    stat: Option<std::fs::File>,
+    state_read: Option<std::time::Instant>,
+    stopped: bool,
 }
+
+/// What a [`PeerWatch`] knows of its peer's process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum PeerState {
+    Running,
+    /// Stopped by a signal or a tracer (state `T` or `t`).
+    Stopped,
+    Exited,
+}
+
+/// How often a watch reads its peer's scheduling state at most.
+const STATE_EVERY: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Posts to one peer between two liveness checks within a round.
 const POSTS_PER_CHECK: u32 = 8;
@@ -191,12 +218,37 @@ impl PeerWatch {
             // SAFETY: a fresh descriptor that nothing else owns.
             unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) }
         });
-        Some(PeerWatch { pid, pidfd, exited: false, checked: None, posts: 0 })
+        let stat = std::fs::File::open(format!("/proc/{pid}/stat")).ok();
+        Some(PeerWatch { pid, pidfd, exited: false, checked: None, posts: 0, stat, state_read: None, stopped: false })
     }
 
     /// The peer's pid.
     pub(super) fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// The peer's state: whether it exited (checked as [`exited`] says) or
+    /// is stopped (read at most every [`STATE_EVERY`], at the first post of
+    /// a round).
+    ///
+    /// [`exited`]: Self::exited
+    pub(super) fn check(&mut self, round: u64) -> PeerState {
+        let first_of_round = self.checked != Some(round);
+        if self.exited(round) {
+            return PeerState::Exited;
+        }
+        if first_of_round || self.stopped {
+            let now = std::time::Instant::now();
+            if self.state_read.is_none_or(|at| now.duration_since(at) >= STATE_EVERY) {
+                self.state_read = Some(now);
+                self.stopped = self.stat.as_ref().is_some_and(stopped);
+            }
+        }
+        if self.stopped {
+            PeerState::Stopped
+        } else {
+            PeerState::Running
+        }
     }
 
     /// True once the peer's process has exited; checked at the first post
@@ -227,6 +279,21 @@ impl PeerWatch {
         };
         self.exited
     }
+}
+
+/// Whether the process whose `/proc/<pid>/stat` is open as `stat` is
+/// stopped: its state, the field after the command name's closing
+/// parenthesis, is `T` (stopped by a signal) or `t` (stopped by a tracer).
+fn stopped(stat: &std::fs::File) -> bool {
+    let mut buf = [0u8; 512];
+    let Ok(n) = std::os::unix::fs::FileExt::read_at(stat, &mut buf, 0) else { return false };
+    state_of(&buf[..n]).is_some_and(|s| s == b'T' || s == b't')
+}
+
+/// The state letter of a `/proc/<pid>/stat` line.
+fn state_of(line: &[u8]) -> Option<u8> {
+    let close = line.iter().rposition(|&b| b == b')')?;
+    line.get(close + 2).copied()
 }
 
 /// The pid in a region name `strait-<pid>-<random>:<uid>:<index>`.
@@ -309,6 +376,28 @@ mod tests {
         let own = format!("fi_shm://{PREFIX}{}-0badcafe:0:0", std::process::id());
         assert!(PeerWatch::for_address(own.as_bytes()).is_none(), "in-process peers are not watched");
         assert!(PeerWatch::for_address(b"fi_shm://1234:0:0").is_none(), "names of other naming are not");
+    }
+
+    #[test]
+    fn a_watched_peer_is_seen_stopped_and_running_again() {
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().expect("spawning sleep");
+        let address = format!("fi_shm://{PREFIX}{}-0badcafe:0:0", child.id());
+        let mut watch = PeerWatch::for_address(address.as_bytes()).expect("a strait shm name of another process");
+        assert_eq!(watch.check(1), PeerState::Running);
+        // SAFETY: signals to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(watch.check(2), PeerState::Stopped);
+        assert_eq!(watch.check(2), PeerState::Stopped, "within the round, what was read");
+        // SAFETY: as above.
+        unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(watch.check(3), PeerState::Running);
+        child.kill().unwrap();
+        let _ = child.wait();
+        assert_eq!(watch.check(4), PeerState::Exited);
+        assert_eq!(state_of(b"42 (a b) c) T 1 2"), Some(b'T'), "the command name may hold ') '");
+        assert_eq!(state_of(b"42 (x"), None);
     }
 
     #[test]
