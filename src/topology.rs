@@ -184,35 +184,59 @@ impl Topology {
     /// The NICs nearest to GPU `gpu` (see the module docs), in name order,
     /// and how near they are; `None` when there is no such GPU or no NIC.
     pub fn nics_for_gpu(&self, gpu: usize) -> Option<(Vec<&RdmaNic>, Nearness)> {
+        self.nics_for_gpu_where(gpu, |_| true)
+    }
+
+    /// As [`nics_for_gpu`](Self::nics_for_gpu), among the NICs `keep`
+    /// accepts (e.g. [`RdmaNic::is_efa`] for an EFA engine), at most
+    /// [`MAX_NICS`](crate::MAX_NICS) of them. At every level the NICs are
+    /// divided among the GPUs that level pairs with them: those behind the
+    /// same switch, or, without one, of the same NUMA node, or of the
+    /// machine.
+    pub fn nics_for_gpu_where(&self, gpu: usize, keep: impl Fn(&RdmaNic) -> bool) -> Option<(Vec<&RdmaNic>, Nearness)> {
         let g = self.gpus.get(gpu)?;
-        if self.nics.is_empty() {
+        let nics: Vec<&RdmaNic> = self.nics.iter().filter(|n| keep(n)).collect();
+        if nics.is_empty() {
             return None;
         }
         // Depth 1: the same root complex; 2: the same root port; more: a
         // switch below it.
-        let depth = |n: &RdmaNic| g.pci.common_depth(&n.pci);
-        let best = self.nics.iter().map(depth).max().unwrap_or(0);
-        if best >= 1 {
-            let near: Vec<&RdmaNic> = self.nics.iter().filter(|n| depth(n) == best).collect();
+        let best_of = |o: &Gpu| nics.iter().map(|n| o.pci.common_depth(&n.pci)).max().unwrap_or(0);
+        let best = best_of(g);
+        let (near, sharing, nearness): (Vec<&RdmaNic>, Vec<&Gpu>, Nearness) = if best >= 1 {
+            let near = nics.iter().copied().filter(|n| g.pci.common_depth(&n.pci) == best).collect();
             // The GPUs for which the same ancestor is the nearest to NICs:
             // they share these NICs.
             let ancestor = &g.pci.path[..best];
-            let sharing: Vec<&Gpu> = self
+            let sharing = self
                 .gpus
                 .iter()
-                .filter(|o| o.pci.path.len() >= best && o.pci.path[..best] == *ancestor)
-                .filter(|o| self.nics.iter().map(|n| o.pci.common_depth(&n.pci)).max() == Some(best))
+                .filter(|o| o.pci.path.len() >= best && o.pci.path[..best] == *ancestor && best_of(o) == best)
                 .collect();
-            let share = sharing.iter().position(|o| o.index == g.index).unwrap_or(0);
-            let nearness = if best >= 2 { Nearness::Switch } else { Nearness::RootComplex };
-            return Some((divide(&near, sharing.len(), share), nearness));
-        }
-        let numa: Vec<&RdmaNic> =
-            self.nics.iter().filter(|n| g.pci.numa_node.is_some() && n.pci.numa_node == g.pci.numa_node).collect();
-        if !numa.is_empty() {
-            return Some((numa, Nearness::NumaNode));
-        }
-        Some((self.nics.iter().collect(), Nearness::Machine))
+            (near, sharing, if best >= 2 { Nearness::Switch } else { Nearness::RootComplex })
+        } else {
+            let node = g.pci.numa_node;
+            let numa: Vec<&RdmaNic> =
+                nics.iter().copied().filter(|n| node.is_some() && n.pci.numa_node == node).collect();
+            // The GPUs left to the same fallback.
+            let unplaced = |o: &&Gpu| best_of(o) == 0;
+            if numa.is_empty() {
+                let sharing = self
+                    .gpus
+                    .iter()
+                    .filter(unplaced)
+                    .filter(|o| !nics.iter().any(|n| o.pci.numa_node.is_some() && n.pci.numa_node == o.pci.numa_node))
+                    .collect();
+                (nics.clone(), sharing, Nearness::Machine)
+            } else {
+                let sharing = self.gpus.iter().filter(unplaced).filter(|o| o.pci.numa_node == node).collect();
+                (numa, sharing, Nearness::NumaNode)
+            }
+        };
+        let share = sharing.iter().position(|o| o.index == g.index).unwrap_or(0);
+        let mut picked = divide(&near, sharing.len(), share);
+        picked.truncate(crate::wire::MAX_NICS);
+        Some((picked, nearness))
     }
 
     /// Every GPU's NICs, by GPU index: `(gpu, NIC names, nearness)`.
@@ -374,6 +398,14 @@ mod tests {
         assert_eq!(names(0), (vec!["mlx5_0".to_string()], Nearness::NumaNode));
         assert_eq!(names(1), (vec!["mlx5_1".to_string()], Nearness::NumaNode));
         assert_eq!(topo.nics[2].pci.numa_node, None);
+        // Only ConnectX wanted, and none there: no NIC for the GPU.
+        assert!(topo.nics_for_gpu_where(0, RdmaNic::is_efa).is_none());
+        // A second GPU on node 0 shares its NICs with the first: divided.
+        t.function(&["pci0000:10", "0000:10:01.0", "0000:11:00.0"], NVIDIA, 0x030200, 0);
+        t.rdma("mlx5_3", &["pci0000:48", "0000:48:01.0", "0000:49:00.0"], 0x15b3, 0);
+        let topo = Topology::from_sysfs(&t.root).unwrap();
+        let names = |g| topo.nics_for_gpu(g).unwrap().0.iter().map(|n| n.name.clone()).collect::<Vec<_>>();
+        assert_eq!((names(0), names(1)), (vec!["mlx5_0".to_string()], vec!["mlx5_3".to_string()]));
     }
 
     #[test]

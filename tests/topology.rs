@@ -19,5 +19,6 @@ fn engines_are_placed_for_gpus_the_machine_has_and_refused_for_others() {
     }
     // tcp is not placed by the GPU's NICs: the engine opens as usual.
     let e = TransferEngine::builder().provider(Provider::Tcp).interface("lo").for_gpu(0).build().unwrap();
+    assert_eq!(e.nic_count(), 1, "tcp keeps its own NIC count");
     e.shutdown();
 }

@@ -314,20 +314,35 @@ impl EngineBuilder {
                 topology.gpus.len()
             )));
         }
-        let Some((nics, nearness)) = topology.nics_for_gpu(gpu) else {
-            tracing::info!(gpu, "no RDMA NIC on this machine: the engine is not placed for the GPU");
-            return Ok(());
+        // Each backend opens its own kind of device: EFA's (vendor 0x1d0f)
+        // on efa, the others (ConnectX) on verbs; tcp and shm are not
+        // placed.
+        let names = |efa: bool| -> Vec<String> {
+            topology
+                .nics_for_gpu_where(gpu, |n| n.is_efa() == efa)
+                .map(|(nics, nearness)| {
+                    tracing::info!(gpu, efa, nics = ?nics.iter().map(|n| &n.name).collect::<Vec<_>>(), ?nearness,
+                        "RDMA NICs nearest the engine's GPU");
+                    nics.iter().map(|n| n.name.clone()).collect()
+                })
+                .unwrap_or_default()
         };
-        let names: Vec<String> = nics.iter().map(|n| n.name.clone()).collect();
-        tracing::info!(gpu, nics = ?names, ?nearness, "engine placed for its GPU");
-        if !self.nics_set {
-            self.nics = names.len();
+        let (efa, others) = (names(true), names(false));
+        let count = match self.provider {
+            Provider::Efa => efa.len(),
+            Provider::Verbs => others.len(),
+            Provider::Auto if !efa.is_empty() => efa.len(),
+            Provider::Auto => others.len(),
+            _ => 0,
+        };
+        if count > 0 && !self.nics_set {
+            self.nics = count;
             self.nics_set = true;
         }
         if self.verbs.devices.is_empty() {
-            self.verbs.devices = names.clone();
+            self.verbs.devices = others;
         }
-        self.efa_domains = names.iter().map(|n| format!("{n}-rdm")).collect();
+        self.efa_domains = efa.iter().map(|n| format!("{n}-rdm")).collect();
         Ok(())
     }
 
@@ -369,6 +384,14 @@ impl EngineBuilder {
         // own limit, e.g. EFA's largest RDMA), whatever ShardConfig says.
         let max_piece = nics.iter().map(|n| n.max_piece()).min().unwrap_or(u64::MAX).max(1);
         let max_send = nics.iter().map(|n| n.max_message()).min().unwrap_or(u64::MAX);
+        if nics.iter().any(|n| n.needs_introduction()) && self.recv.size < access::MAX_QUERY {
+            // A peer's hello must fit this engine's receive buffers.
+            return Err(Error::InvalidRequest(format!(
+                "receive buffers of {} bytes are too small for efa-direct's introductions: at least {} bytes",
+                self.recv.size,
+                access::MAX_QUERY
+            )));
+        }
         let mut shard = self.shard;
         shard.max_piece = shard.max_piece.min(max_piece);
         shard.min_piece = shard.min_piece.min(shard.max_piece);
@@ -662,6 +685,8 @@ impl TransferEngine {
     /// which marks it as such) and stay valid until
     /// the returned region and every request using it have ended, which is
     /// after the region is dropped and [`Transfer`]s using it have completed.
+    /// (If the engine's drop logged that its worker did not stop, the worker
+    /// still holds the registrations: such memory must not be freed.)
     pub unsafe fn register_raw(&self, ptr: *mut u8, len: u64, access: Access) -> Result<MemoryRegion> {
         self.register_inner(ptr, len, access, None)
     }

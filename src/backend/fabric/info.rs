@@ -210,6 +210,14 @@ fn query_with(kind: ProviderKind, request: &InfoRequest, mode: u64) -> Result<In
         if request.hmem {
             h.caps |= sys::FI_HMEM;
         }
+        if kind == ProviderKind::Efa {
+            // Remote peers only: without FI_LOCAL_COMM (which the efa
+            // provider adds by default) it opens no shm domain of its own,
+            // whose presence makes its CQs refuse FI_WAIT_FD
+            // (`efa_rdm_cq_configure_wait`); same-host peers then go through
+            // the device. strait's `shm` provider is the same-host path.
+            h.caps |= sys::FI_REMOTE_COMM;
+        }
         h.mode = mode;
         (*h.ep_attr).type_ = sys::fi_ep_type_FI_EP_RDM;
         let d = &mut *h.domain_attr;

@@ -40,8 +40,10 @@
 //! it makes it; fabric-lib does not use it either, interleaving NICs
 //! instead, as the worker's round-robin over ready requests does). Progress
 //! on the `efa` fabric is manual: `PollMode::Busy` gives the lowest latency
-//! there, and with its shared memory off its CQs take wait descriptors
-//! (libfabric 2.3 and later) for the adaptive mode.
+//! there. Its CQs take wait descriptors (libfabric 2.3 and later) only when
+//! the domain has no shm domain of its own, which the hints see to by
+//! asking for `FI_REMOTE_COMM` without `FI_LOCAL_COMM` (`efa_shm.c`: no shm
+//! then; same-host peers loop back through the device).
 
 mod handle;
 mod info;
@@ -603,7 +605,7 @@ impl NicObjects {
     /// # Safety
     /// `src` is valid for `len` bytes.
     unsafe fn stage_send(&mut self, src: *const u8, len: usize) -> Result<Option<(u32, *mut u8, *mut c_void)>> {
-        if len > self.staging_size {
+        if len > self.staging_size.max(crate::engine::access::MAX_QUERY) {
             return Err(Error::InvalidRequest(format!(
                 "a send of {len} bytes is longer than the receive buffers ({} bytes), which size EFA's send \
                  buffers",
@@ -611,7 +613,9 @@ impl NicObjects {
             )));
         }
         if self.staging.is_none() {
-            let size = self.staging_size.max(64);
+            // At least the engine's largest control message (a hello or
+            // key query), whatever the receive buffers' size.
+            let size = self.staging_size.max(crate::engine::access::MAX_QUERY);
             let memory = crate::engine::AlignedBuf::zeroed((size * STAGING_BUFFERS) as u64)?;
             // SAFETY: the memory lives in the Staging value, whose Drop
             // closes the registration before freeing it.
@@ -1011,6 +1015,14 @@ impl Nic for FabricNic {
             OpKind::Send => {
                 let mut iov = iov;
                 if self.stage_sends && op.len > 0 {
+                    if !op.host_memory {
+                        self.slots.give_back(context);
+                        return Err(Error::InvalidRequest(
+                            "a send from device memory on EFA (sends are copied into host staging buffers by the \
+                             CPU): not supported yet"
+                                .into(),
+                        ));
+                    }
                     // SAFETY: the engine keeps op.local valid for op.len bytes.
                     match unsafe { self.stage_send(op.local, op.len as usize) } {
                         Ok(Some((buffer, at, staged_desc))) => {

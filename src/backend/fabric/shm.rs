@@ -172,7 +172,11 @@ pub(super) fn retire(address: Box<[u8]>, objects: Box<dyn Send>) {
 /// [`STATE_EVERY`], at the first post of a round: a stopped peer's posts
 /// wait as for a full queue, and its requests expire through the request
 /// timeout, with the worker free. What remains is a peer stopped, holding
-/// the lock, within [`STATE_EVERY`] before a post.
+/// the lock, within [`STATE_EVERY`] before a post; and stops that do not
+/// show in the main thread's state: a frozen cgroup (`docker pause`: the
+/// tasks read as sleeping) or a tracer stopping another thread. Those still
+/// wedge the worker until the peer runs again; waits with a deadline and
+/// the engine's drop stay bounded (see `engine::progress`).
 pub(super) struct PeerWatch {
     pid: i32,
     pidfd: Option<std::os::fd::OwnedFd>,
