@@ -1087,9 +1087,11 @@ impl TransferEngine {
     }
 
     /// The longest message [`send`](Self::send) takes on this transport:
-    /// unlimited (`u64::MAX`) except on EFA's efa-direct fabric, where it is
-    /// the device's MTU (about 8 KiB). A peer's receive buffers
-    /// ([`EngineBuilder::receive_buffers`]) bound it too.
+    /// unlimited (`u64::MAX`) except on EFA, where sends go from staging
+    /// buffers of the receive buffers' size (see
+    /// [`EngineBuilder::receive_buffers`]), and on its efa-direct fabric at
+    /// most the device's MTU (about 8 KiB). A peer's receive buffers bound
+    /// it too.
     pub fn max_send_size(&self) -> u64 {
         self.shared.max_send
     }

@@ -576,11 +576,9 @@ impl<N: Nic> Worker<N> {
                                 counters.imms_in += 1;
                             }
                         }
-                        let _ = (message, imm);
                     }
                     Event::ReceiveFailed { error, .. } => {
                         counting! { counters.errors.0[error_kind(error)] += 1; }
-                        let _ = error;
                     }
                 }
             }

@@ -158,13 +158,13 @@ pub(crate) fn pick(
         .collect()
 }
 
-/// Queries `kind` and returns its RDM entries, best first.
 /// The oldest libfabric whose `efa` provider strait opens: 1.19, the first
 /// whose `efa` fabric writes zero bytes (an immediate alone, which the
 /// engine sends after the pieces of a multi-piece request; 1.18 asserts on
 /// it, `rxr_op_entry_post_remote_write`).
 pub(crate) const MIN_EFA_VERSION: (u32, u32) = (1, 19);
 
+/// Queries `kind` and returns its RDM entries, best first.
 pub(crate) fn query(kind: ProviderKind, request: &InfoRequest) -> Result<InfoList> {
     if kind == ProviderKind::Efa {
         let lib = sys::Library::get()

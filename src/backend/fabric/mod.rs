@@ -381,7 +381,8 @@ pub(crate) struct NicObjects {
     /// EFA: the send buffers, registered on the first send (after the
     /// endpoints close, before the domain).
     staging: Option<Staging>,
-    /// Size of a staging buffer: the engine's receive buffer size.
+    /// Size of a staging buffer: the engine's receive buffer size (at
+    /// least a control message's): the longest send when sends are staged.
     staging_size: usize,
     /// Sends go through `staging` (EFA, or when asked for).
     stage_sends: bool,
@@ -449,10 +450,12 @@ impl NicObjects {
             let domain: Domain = Arc::new(Owned::new(dom, "domain", fabric.clone()));
             let tx_depth = ((*(*info).tx_attr).size).clamp(16, 1024);
             let mr_mode = (*(*info).domain_attr).mr_mode as u32;
+            let provider = info::provider_name(info);
+            let (efa, shm) = (provider == "efa", provider == "shm");
 
             let mut cq_attr: sys::fi_cq_attr = std::mem::zeroed();
             cq_attr.size = tx_depth + options.rx_slots + 64;
-            if info::provider_name(info) == "efa" && (*info).mode & sys::FI_RX_CQ_DATA == 0 {
+            if efa && (*info).mode & sys::FI_RX_CQ_DATA == 0 {
                 // Unsolicited write receives (efa-direct without
                 // FI_RX_CQ_DATA): immediates consume no posted buffer, so
                 // nothing bounds how many completions peers can queue
@@ -493,7 +496,7 @@ impl NicObjects {
             let ep_ptr = ep.as_ptr();
             // shm: operations to each peer go through an endpoint of their
             // own (see `tx`); keep the entry to open them with.
-            let tx_info = if info::provider_name(info) == "shm" {
+            let tx_info = if shm {
                 let lib = sys::Library::get()
                     .map_err(|e| Error::BackendUnavailable { backend: "libfabric", reason: e.to_string() })?;
                 let copy = (lib.fi_dupinfo)(info);
@@ -531,8 +534,10 @@ impl NicObjects {
                 ep: ManuallyDrop::new(ep),
                 ep_closed: false,
                 staging: None,
-                staging_size: options.rx_size,
-                stage_sends: options.stage_sends || info::provider_name(info) == "efa",
+                // At least the engine's largest control message (a hello
+                // or key query), whatever the receive buffers' size.
+                staging_size: options.rx_size.max(crate::engine::access::MAX_QUERY),
+                stage_sends: options.stage_sends || efa,
                 av,
                 cq,
                 domain,
@@ -542,8 +547,8 @@ impl NicObjects {
                 next_key: 1,
                 wait_fd,
                 delivery_complete: true,
-                in_order: info::provider_name(info) == "shm",
-                efa: info::provider_name(info) == "efa",
+                in_order: shm,
+                efa,
                 efa_direct: efa_direct(info),
                 introduce: options.introduce || efa_direct(info),
                 max_msg: get_size(ep_ptr, sys::FI_OPT_MAX_RMA_SIZE).unwrap_or(ep_max_msg),
@@ -589,6 +594,12 @@ impl NicObjects {
         true
     }
 
+    /// Whether local buffers need registrations (`FI_MR_LOCAL`, or
+    /// `FI_MR_HMEM`): else local-only memory is not registered at all.
+    fn registers_local(&self) -> bool {
+        self.mr_mode & (sys::FI_MR_LOCAL | sys::FI_MR_HMEM) != 0
+    }
+
     /// Frees an operation's context, and its staging buffer if it had one.
     fn release(&mut self, ctx: *mut c_void) {
         if let Some(buffer) = self.slots.give_back(ctx) {
@@ -605,17 +616,16 @@ impl NicObjects {
     /// # Safety
     /// `src` is valid for `len` bytes.
     unsafe fn stage_send(&mut self, src: *const u8, len: usize) -> Result<Option<(u32, *mut u8, *mut c_void)>> {
-        if len > self.staging_size.max(crate::engine::access::MAX_QUERY) {
+        // The engine refuses longer sends (`Nic::max_message`); control
+        // messages fit by construction.
+        if len > self.staging_size {
             return Err(Error::InvalidRequest(format!(
-                "a send of {len} bytes is longer than the receive buffers ({} bytes), which size EFA's send \
-                 buffers",
+                "a send of {len} bytes is longer than EFA's send buffers ({} bytes)",
                 self.staging_size
             )));
         }
         if self.staging.is_none() {
-            // At least the engine's largest control message (a hello or
-            // key query), whatever the receive buffers' size.
-            let size = self.staging_size.max(crate::engine::access::MAX_QUERY);
+            let size = self.staging_size;
             let memory = crate::engine::AlignedBuf::zeroed((size * STAGING_BUFFERS) as u64)?;
             // SAFETY: the memory lives in the Staging value, whose Drop
             // closes the registration before freeing it.
@@ -722,11 +732,12 @@ unsafe fn open_endpoint(
         let transmit_recv = (sys::FI_TRANSMIT | sys::FI_RECV) as u64;
         check("fi_ep_bind(cq)", fi::fi_ep_bind(ep_ptr, cq.fid(), transmit_recv) as isize)?;
         check("fi_ep_bind(av)", fi::fi_ep_bind(ep_ptr, av.fid(), 0) as isize)?;
-        if info::provider_name(info) == "efa" {
+        let efa = info::provider_name(info) == "efa";
+        if efa {
             before_enable_efa(ep_ptr, (*info).caps & sys::FI_HMEM != 0);
         }
         check("fi_enable", fi::fi_enable(ep_ptr) as isize)?;
-        if info::provider_name(info) == "efa" && get_bool(ep_ptr, sys::FI_OPT_EFA_EMULATED_WRITE) == Some(true) {
+        if efa && get_bool(ep_ptr, sys::FI_OPT_EFA_EMULATED_WRITE) == Some(true) {
             tracing::warn!(
                 "EFA: writes are emulated by the provider (this device has no RDMA write): they take a \
                  protocol of sends and reads, slower than device writes, and their sources are registered \
@@ -739,10 +750,12 @@ unsafe fn open_endpoint(
 
 /// EFA endpoint options, set before `fi_enable` as the provider requires
 /// (what Perplexity's fabric-lib and NCCL's plugin set too):
-/// * shared memory off: with it on (the default when the entry has
-///   `FI_LOCAL_COMM`), same-host peers go through the provider's internal
-///   shm, and its CQs refuse `FI_WAIT_FD`, so the worker could not sleep
-///   on them. strait's own `shm` provider is the same-host path.
+/// * shared memory off: same-host peers do not go through the provider's
+///   internal shm (strait's own `shm` provider is the same-host path). The
+///   hints' `FI_REMOTE_COMM` without `FI_LOCAL_COMM` already keeps the
+///   domain from opening an shm domain (whose presence makes its CQs refuse
+///   `FI_WAIT_FD`: `efa_rdm_cq_configure_wait`); this says the same to the
+///   endpoint, for libraries that open one anyway.
 /// * CUDA API use off unless device memory was asked for: the provider
 ///   would otherwise call into CUDA (API 1.18 turns it on by default).
 ///
@@ -854,7 +867,7 @@ impl Nic for FabricNic {
     }
 
     unsafe fn register(&mut self, addr: *mut u8, len: u64, access: Access) -> Result<NicRegion> {
-        if !access.remote_write && !access.remote_read && self.mr_mode & (sys::FI_MR_LOCAL | sys::FI_MR_HMEM) == 0 {
+        if !access.remote_write && !access.remote_read && !self.registers_local() {
             // Local-only memory on a provider that needs no registration for
             // local buffers (tcp, shm) is not registered at all: no key
             // exists that a peer could use. This matters on tcp, where
@@ -869,7 +882,8 @@ impl Nic for FabricNic {
     }
 
     unsafe fn register_receive_pool(&mut self, addr: *mut u8, len: u64) -> Result<NicRegion> {
-        if self.mr_mode & (sys::FI_MR_LOCAL | sys::FI_MR_HMEM) == 0 {
+        if !self.registers_local() {
+            // As for local-only memory in `register`.
             return Ok(NicRegion { handle: ptr::null_mut(), key: 0, desc: ptr::null_mut() });
         }
         let bits = mr_access(Access::LOCAL, true, self.stage_sends);
@@ -1164,9 +1178,15 @@ impl Nic for FabricNic {
     }
 
     /// The largest send: `FI_OPT_MAX_MSG_SIZE` where the provider answers it
-    /// (efa-direct: the device's MTU, about 8 KiB), else `max_msg_size`.
+    /// (efa-direct: the device's MTU, about 8 KiB), else `max_msg_size`;
+    /// with staged sends (EFA), at most a staging buffer.
     fn max_message(&self) -> u64 {
-        self.objects.max_send
+        let o = &self.objects;
+        if o.stage_sends {
+            o.max_send.min(o.staging_size as u64)
+        } else {
+            o.max_send
+        }
     }
 
     /// shm: libfabric 1.17's shm completes a transmit endpoint's operations
