@@ -14,7 +14,10 @@ const VERSION: u8 = 1;
 
 const FLAG_REMOTE_WRITE: u8 = 1;
 const FLAG_REMOTE_READ: u8 = 2;
-const KNOWN_FLAGS: u8 = FLAG_REMOTE_WRITE | FLAG_REMOTE_READ;
+/// Device memory its owner stages through host buffers (see
+/// [`MrDesc::is_staged`]).
+const FLAG_STAGED: u8 = 4;
+const KNOWN_FLAGS: u8 = FLAG_REMOTE_WRITE | FLAG_REMOTE_READ | FLAG_STAGED;
 
 /// What a region lets peers do. Local use (source of writes and sends,
 /// destination of reads and receives) is always allowed.
@@ -53,7 +56,7 @@ impl Access {
 /// who can reach the owner's NICs, until the owner drops the region.
 ///
 /// Encoding (version 1): `"STD" 1`, flags byte (bit 0 remote write, bit 1
-/// remote read), base address (u64 LE; the owner's virtual address when its
+/// remote read, bit 2 staged device memory), base address (u64 LE; the owner's virtual address when its
 /// provider addresses regions by virtual address, else 0), length (u64 LE),
 /// then the owner's engine address (as [`EngineAddress`] encodes it) and one
 /// key (u64 LE) per NIC of that address.
@@ -65,6 +68,7 @@ pub struct MrDesc {
 #[derive(PartialEq, Eq)]
 struct Inner {
     access: Access,
+    staged: bool,
     base: u64,
     len: u64,
     owner: EngineAddress,
@@ -73,8 +77,31 @@ struct Inner {
 
 impl MrDesc {
     pub(crate) fn new(owner: EngineAddress, base: u64, len: u64, access: Access, keys: Vec<u64>) -> Self {
+        Self::with_staging(owner, base, len, access, keys, false)
+    }
+
+    /// A descriptor of device memory the owner stages (`staged`), or of
+    /// memory its NICs reach.
+    pub(crate) fn with_staging(
+        owner: EngineAddress,
+        base: u64,
+        len: u64,
+        access: Access,
+        keys: Vec<u64>,
+        staged: bool,
+    ) -> Self {
         debug_assert_eq!(keys.len(), owner.nic_count());
-        MrDesc { inner: Arc::new(Inner { access, base, len, owner, keys }) }
+        MrDesc { inner: Arc::new(Inner { access, staged, base, len, owner, keys }) }
+    }
+
+    /// Device memory that the owner's NICs cannot reach (a transport
+    /// without GPUDirect, such as libfabric tcp and shm): writes into it and
+    /// reads from it go through the owner's staging buffers (see
+    /// [`TransferEngine::register_device`](crate::TransferEngine::register_device)).
+    /// Only contiguous writes and reads (`write`, `write_imm`, `read`) take
+    /// such a descriptor.
+    pub fn is_staged(&self) -> bool {
+        self.inner.staged
     }
 
     /// Decodes a descriptor received from another process. Every field is
@@ -97,7 +124,8 @@ impl MrDesc {
         r.finish()?;
         let access =
             Access { remote_write: flags & FLAG_REMOTE_WRITE != 0, remote_read: flags & FLAG_REMOTE_READ != 0 };
-        Ok(Self::new(EngineAddress::new(provider, nics), base, len, access, keys))
+        let staged = flags & FLAG_STAGED != 0;
+        Ok(Self::with_staging(EngineAddress::new(provider, nics), base, len, access, keys, staged))
     }
 
     /// The canonical byte encoding.
@@ -106,7 +134,7 @@ impl MrDesc {
         let mut out = Vec::with_capacity(4 + 1 + 16 + owner.len() + 8 * self.inner.keys.len());
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
-        out.push(self.inner.access.flags());
+        out.push(self.inner.access.flags() | if self.inner.staged { FLAG_STAGED } else { 0 });
         out.extend_from_slice(&self.inner.base.to_le_bytes());
         out.extend_from_slice(&self.inner.len.to_le_bytes());
         out.extend_from_slice(owner);

@@ -124,6 +124,10 @@ pub enum Error {
     /// (for example registering memory from a completion callback).
     #[error("{0} cannot be called from the engine's worker thread")]
     WouldDeadlock(&'static str),
+    /// CUDA is unavailable, or a CUDA call failed (the reason names the
+    /// call).
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 /// `Result` with strait's [`Error`].

@@ -34,6 +34,11 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    /// Everything not read yet, consumed.
+    pub(crate) fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.bytes)
+    }
+
     pub(crate) fn u8(&mut self, field: &str) -> Result<u8> {
         Ok(self.take(1, field)?[0])
     }

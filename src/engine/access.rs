@@ -107,6 +107,9 @@ pub(crate) enum Control {
     Welcome {
         cookie: u64,
     },
+    /// A message of the staging protocol (`"STS"`, see
+    /// [`super::staging`]), passed to the stager as it came.
+    Staged(Vec<u8>),
 }
 
 impl Query {
@@ -159,6 +162,7 @@ impl Control {
                 out.extend_from_slice(&cookie.to_le_bytes());
                 out
             }
+            Control::Staged(bytes) => bytes.clone(),
         }
     }
 
@@ -190,6 +194,8 @@ impl Control {
             let (provider, nics) = EngineAddress::read(&mut r)?;
             r.finish()?;
             Ok(Control::Hello { cookie, reply_to: EngineAddress::new(provider, nics) })
+        } else if magic == super::staging::MAGIC {
+            Ok(Control::Staged(bytes.to_vec()))
         } else if magic == WELCOME_MAGIC {
             r.header(WELCOME_MAGIC, VERSION)?;
             let cookie = r.u64("cookie")?;

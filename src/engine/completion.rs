@@ -139,7 +139,8 @@ impl fmt::Debug for Transfer {
 }
 
 impl Transfer {
-    #[cfg(test)]
+    /// A handle whose waits only wait (the stager's requests: it moves
+    /// them itself).
     pub(crate) fn new(completion: Arc<Completion>) -> Self {
         Transfer { completion, link: None }
     }

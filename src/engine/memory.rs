@@ -65,9 +65,11 @@ pub(crate) struct MrInner {
     /// Per-NIC local descriptors (for FI_MR_LOCAL providers).
     pub(crate) descs: Box<[*mut c_void]>,
     pub(crate) desc: MrDesc,
-    /// Host memory (every registration today; device memory comes with the
-    /// GPU registrations): NICs may read it with the CPU (verbs: inline).
+    /// Host memory: NICs may read it with the CPU (verbs: inline).
     pub(crate) host: bool,
+    /// Device memory (registered with `register_device`): staged, no NIC
+    /// registration, served by the engine's stager.
+    pub(crate) device: Option<DeviceMemory>,
     owned: Option<Owner>,
     pub(crate) link: Arc<Link>,
 }
@@ -90,13 +92,62 @@ impl MrInner {
         owned: Option<Owner>,
         link: Arc<Link>,
     ) -> Self {
-        MrInner { id, ptr, len, descs, desc, host: true, owned, link }
+        MrInner { id, ptr, len, descs, desc, host: true, device: None, owned, link }
     }
+
+    /// Device memory that no NIC registered: the stager moves its bytes.
+    pub(crate) fn new_device(
+        id: u64,
+        ptr: *mut u8,
+        len: u64,
+        desc: MrDesc,
+        device: DeviceMemory,
+        owned: Option<Owner>,
+        link: Arc<Link>,
+    ) -> Self {
+        MrInner { id, ptr, len, descs: Box::new([]), desc, host: false, device: Some(device), owned, link }
+    }
+
+    /// Copies `len` bytes from `src` to `dst`, one of them inside this
+    /// region (host memory: a memcpy; device memory: through CUDA).
+    ///
+    /// # Safety
+    /// Both ranges must be valid for `len` bytes.
+    unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) -> Result<()> {
+        match self.device.as_ref().and_then(|d| d.context.as_ref()) {
+            Some(ctx) => crate::cuda::copy_sync(ctx, dst as u64, src as u64, len),
+            None => {
+                // SAFETY: valid ranges (caller).
+                unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+                Ok(())
+            }
+        }
+    }
+
+    fn on_host(&self) -> bool {
+        self.device.as_ref().is_none_or(|d| d.context.is_none())
+    }
+}
+
+/// Where a device region lives.
+pub(crate) struct DeviceMemory {
+    /// CUDA's ordinal of the GPU.
+    pub(crate) gpu: u32,
+    /// The GPU's primary context; `None` for the host-memory stand-in of
+    /// the tests (device regions that are host memory).
+    pub(crate) context: Option<Arc<crate::cuda::Context>>,
 }
 
 impl Drop for MrInner {
     fn drop(&mut self) {
         let owned = self.owned.take();
+        if self.device.is_some() {
+            // No NIC registered it; the stager serves it through a weak
+            // reference, which now fails. Its owner (a device allocation)
+            // is freed here: no request holds the region any more.
+            drop(owned);
+            return;
+        }
         if self.link.on_worker() {
             // The last in-flight request using the region just ended on the
             // worker: it deregisters (and frees) on its next turn.
@@ -127,7 +178,8 @@ impl Drop for MrInner {
 /// the registration until they end, and deregistration happens then.
 ///
 /// The contents can be read and written with [`read_at`](Self::read_at) and
-/// [`write_at`](Self::write_at) (copies) or through the raw pointer. Peers
+/// [`write_at`](Self::write_at) (copies, through CUDA for device memory) or
+/// through the raw pointer (a device pointer for device memory). Peers
 /// may write into a region with remote access at any time: coordinate with
 /// them through immediates before reading.
 #[derive(Clone)]
@@ -168,16 +220,14 @@ impl MemoryRegion {
         check_range("region", offset, data.len() as u64, self.inner.len)?;
         // SAFETY: the range lies inside the registered memory, which lives as
         // long as self; the caller avoids racing transfers (documented).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.inner.ptr.add(offset as usize), data.len()) };
-        Ok(())
+        unsafe { self.inner.copy(self.inner.ptr.add(offset as usize), data.as_ptr(), data.len()) }
     }
 
     /// Copies bytes of the region at `offset` into `out`.
     pub fn read_at(&self, offset: u64, out: &mut [u8]) -> Result<()> {
         check_range("region", offset, out.len() as u64, self.inner.len)?;
         // SAFETY: as for write_at.
-        unsafe { std::ptr::copy_nonoverlapping(self.inner.ptr.add(offset as usize), out.as_mut_ptr(), out.len()) };
-        Ok(())
+        unsafe { self.inner.copy(out.as_mut_ptr(), self.inner.ptr.add(offset as usize), out.len()) }
     }
 
     /// `len` bytes at `offset`, copied out.
@@ -188,11 +238,21 @@ impl MemoryRegion {
         Ok(v)
     }
 
+    /// The GPU the region's memory is on (CUDA's ordinal), for device
+    /// regions ([`TransferEngine::register_device`](crate::TransferEngine::register_device)).
+    pub fn gpu(&self) -> Option<u32> {
+        self.inner.device.as_ref().map(|d| d.gpu)
+    }
+
     /// The region's bytes as a slice.
+    ///
+    /// # Panics
+    /// On device memory (use [`read_at`](Self::read_at), which copies).
     ///
     /// # Safety
     /// No transfer may write into the region while the slice is alive.
     pub unsafe fn as_slice(&self) -> &[u8] {
+        assert!(self.inner.on_host(), "as_slice on device memory: use read_at");
         // SAFETY: memory is valid for len bytes; no concurrent writes (caller).
         unsafe { std::slice::from_raw_parts(self.inner.ptr, self.inner.len as usize) }
     }
@@ -202,8 +262,12 @@ impl MemoryRegion {
     /// # Safety
     /// No transfer may read or write the region, and no other reference to
     /// its bytes may exist, while the slice is alive.
+    ///
+    /// # Panics
+    /// On device memory (use [`write_at`](Self::write_at)).
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn as_mut_slice(&self) -> &mut [u8] {
+        assert!(self.inner.on_host(), "as_mut_slice on device memory: use write_at");
         // SAFETY: memory is valid for len bytes; exclusive (caller).
         unsafe { std::slice::from_raw_parts_mut(self.inner.ptr, self.inner.len as usize) }
     }

@@ -12,13 +12,16 @@ mod mailbox;
 mod memory;
 mod progress;
 mod reserved;
+pub(crate) mod staging;
+#[cfg(test)]
+mod staging_tests;
 pub mod stats;
 mod worker;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -28,6 +31,7 @@ pub use self::memory::{MemoryRegion, PAGE_SIZE};
 pub use self::reserved::{
     reserved_imm, ImmSlot, ImmSpace, MessagePool, Service, PING_IMM, RESERVED_IMM_BASE, SERVICE_HEADER, SERVICE_MAGIC,
 };
+pub use self::staging::StagingConfig;
 pub use self::worker::PollMode;
 
 use self::completion::{Completion, PartGuard};
@@ -35,7 +39,8 @@ use self::imm::{ImmTable, UnclaimedImm};
 use self::link::Link;
 use self::mailbox::Mailbox;
 pub(crate) use self::memory::AlignedBuf;
-use self::memory::MrInner;
+use self::memory::{DeviceMemory, MrInner};
+use self::staging::{StagedOp, StagerConfig};
 use self::worker::{Command, MessageCallback, MessageSink, RecvConfig, RequestOp, Submission, Worker, WorkerConfig};
 use crate::address::EngineAddress;
 use crate::backend::fabric::{self, FabricOptions};
@@ -82,6 +87,10 @@ pub struct EngineBuilder {
     messages: Option<MessageCallback>,
     unclaimed_imm: Option<UnclaimedImm>,
     imm_queue: Option<Arc<Mailbox<u32>>>,
+    staging: StagingConfig,
+    /// Tests only: device regions of host memory, copied by memcpy (the
+    /// stand-in of a GPU's copy engine); never a default.
+    host_device_stand_in: bool,
 }
 
 impl fmt::Debug for EngineBuilder {
@@ -115,6 +124,8 @@ impl Default for EngineBuilder {
             messages: None,
             unclaimed_imm: None,
             imm_queue: None,
+            staging: StagingConfig::default(),
+            host_device_stand_in: false,
         }
     }
 }
@@ -303,6 +314,26 @@ impl EngineBuilder {
         }
     }
 
+    /// Sizes the staging buffers through which device memory moves on
+    /// transports without GPUDirect (see [`TransferEngine::register_device`]):
+    /// `slots` slots of `slot_size` bytes for this engine's requests and as
+    /// many for its peers', page-locked, allocated when the engine first
+    /// needs them. The default is 4 + 4 slots of 4 MiB (32 MiB). A staged
+    /// request moves in chunks of a slot, as many at once as there are
+    /// slots; a send from device memory must fit one slot.
+    pub fn staging(mut self, slots: usize, slot_size: u64) -> Self {
+        self.staging = StagingConfig { slots: slots.max(1), slot_size: slot_size.max(PAGE_SIZE as u64) };
+        self
+    }
+
+    /// Tests only: device regions may be host memory, copied with memcpy
+    /// (the host stand-in of the copy engine).
+    #[cfg(test)]
+    pub(crate) fn host_device_stand_in(mut self) -> Self {
+        self.host_device_stand_in = true;
+        self
+    }
+
     /// Applies [`for_gpu`](Self::for_gpu): the NICs nearest the GPU.
     fn place_for_gpu(&mut self) -> Result<()> {
         let Some(gpu) = self.gpu else { return Ok(()) };
@@ -450,6 +481,13 @@ impl EngineBuilder {
                 services,
                 labels: Mutex::new(HashMap::new()),
                 thread: Mutex::new(Some(thread)),
+                stager: OnceLock::new(),
+                stager_init: Mutex::new(()),
+                staging: self.staging,
+                host_device_stand_in: self.host_device_stand_in,
+                request_timeout: self.request_timeout,
+                gpu: self.gpu,
+                device_keys: AtomicU64::new(1),
             }),
         })
     }
@@ -558,10 +596,39 @@ struct Shared {
     /// Peers' names in `stats()`.
     labels: Mutex<HashMap<EngineAddress, String>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The stager, started by the first device region or staged request.
+    stager: OnceLock<StagerHandle>,
+    stager_init: Mutex<()>,
+    staging: StagingConfig,
+    host_device_stand_in: bool,
+    request_timeout: Option<Duration>,
+    gpu: Option<usize>,
+    /// Keys of device regions (the stager's, not the NICs').
+    device_keys: AtomicU64,
+}
+
+/// The running stager (see [`staging`]).
+struct StagerHandle {
+    tx: crossbeam_channel::Sender<staging::Msg>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    /// The GPU it stages for, and its context (`None`: no CUDA; only host
+    /// memory, or the tests' stand-in).
+    gpu: u32,
+    context: Option<Arc<crate::cuda::Context>>,
 }
 
 impl Shared {
     fn shutdown(&self) {
+        // The stager first: its pool is deregistered through the worker.
+        if let Some(stager) = self.stager.get() {
+            let _ = stager.tx.send(staging::Msg::Stop);
+            let thread = stager.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(thread) = thread {
+                if thread.thread().id() != std::thread::current().id() {
+                    let _ = thread.join();
+                }
+            }
+        }
         let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(thread) = thread {
             let _ = self.link.send(Command::Shutdown);
@@ -712,6 +779,199 @@ impl TransferEngine {
         self.register_inner(ptr, len, access, Some(Box::new(owner)))
     }
 
+    /// Registers device memory: `len` bytes at device address `ptr` on
+    /// GPU `gpu` (CUDA's ordinal), e.g. a CUDA tensor's `data_ptr()`.
+    ///
+    /// The region has the API and guarantees of host memory. On transports
+    /// without GPUDirect (libfabric tcp and shm here, and today every
+    /// backend: direct registration for EFA's `FI_HMEM_CUDA` and verbs'
+    /// dmabuf is not built yet) the memory is staged: no NIC registers it,
+    /// its descriptor says so ([`MrDesc::is_staged`]), and the engine's
+    /// stager moves its bytes through page-locked host buffers
+    /// ([`EngineBuilder::staging`]), keeping every semantic of a direct
+    /// transfer: a write into a peer's device region completes only once
+    /// the bytes are in the peer's GPU memory, and the peer's immediate is
+    /// delivered only after that. Staged memory takes contiguous requests
+    /// ([`write`](Self::write), [`write_imm`](Self::write_imm),
+    /// [`read`](Self::read), [`send`](Self::send) of at most a slot);
+    /// paged, strided and scatter requests and barriers refuse it.
+    ///
+    /// An engine stages for one GPU: the one of [`EngineBuilder::for_gpu`],
+    /// else that of its first device region.
+    ///
+    /// # Errors
+    /// Without CUDA ([`crate::cuda::probe`] says why), when `ptr..ptr+len`
+    /// is not device memory of GPU `gpu`, or when the engine stages for
+    /// another GPU.
+    ///
+    /// # Safety
+    /// The memory must stay allocated until the region and every request
+    /// using it have ended (as for [`register_raw`](Self::register_raw)).
+    pub unsafe fn register_device(&self, ptr: u64, len: u64, gpu: u32, access: Access) -> Result<MemoryRegion> {
+        self.register_device_inner(ptr, len, gpu, access, None)
+    }
+
+    /// Allocates `len` zeroed bytes of device memory on GPU `gpu`
+    /// (`cuMemAlloc`) and registers them as
+    /// [`register_device`](Self::register_device) does; the engine frees
+    /// the memory after the region and its requests end.
+    pub fn alloc_device(&self, len: u64, gpu: u32, access: Access) -> Result<MemoryRegion> {
+        if len == 0 {
+            return Err(Error::InvalidRequest("cannot allocate 0 bytes".into()));
+        }
+        let stager = self.stager(Some(gpu))?;
+        if self.shared.host_device_stand_in {
+            let buf = AlignedBuf::zeroed(len)?;
+            let ptr = buf.as_ptr() as u64;
+            return self.register_device_inner(ptr, len, gpu, access, Some(Box::new(buf)));
+        }
+        let ctx = stager.context.clone().ok_or_else(|| self.no_cuda())?;
+        let alloc = crate::cuda::DeviceAlloc::zeroed(ctx, len)?;
+        let ptr = alloc.ptr;
+        self.register_device_inner(ptr, len, gpu, access, Some(Box::new(alloc)))
+    }
+
+    fn no_cuda(&self) -> Error {
+        match crate::cuda::probe() {
+            Err(e) => Error::Cuda(e.to_string()),
+            Ok(_) => Error::Cuda("CUDA is present but the engine's stager has no context".into()),
+        }
+    }
+
+    fn register_device_inner(
+        &self,
+        ptr: u64,
+        len: u64,
+        gpu: u32,
+        access: Access,
+        owned: Option<memory::Owner>,
+    ) -> Result<MemoryRegion> {
+        if ptr == 0 || len == 0 || ptr.checked_add(len).is_none() {
+            return Err(Error::RegisterMemory { addr: ptr as usize, len, reason: "null, empty or wrapping".into() });
+        }
+        let stager = self.stager(Some(gpu))?;
+        if stager.gpu != gpu {
+            return Err(Error::InvalidRequest(format!(
+                "this engine stages for GPU {} (for_gpu, or its first device region): register GPU {gpu}'s memory \
+                 with an engine of its own",
+                stager.gpu
+            )));
+        }
+        let context = if self.shared.host_device_stand_in {
+            check_mapped(ptr as *mut u8, len)?;
+            None
+        } else {
+            let ctx = stager.context.clone().ok_or_else(|| self.no_cuda())?;
+            for (what, at) in [("first", ptr), ("last", ptr + len - 1)] {
+                match crate::cuda::device_of(at) {
+                    Some(g) if g == gpu => {}
+                    found => {
+                        return Err(Error::RegisterMemory {
+                            addr: ptr as usize,
+                            len,
+                            reason: format!(
+                                "the {what} byte is not device memory of GPU {gpu} (CUDA says: {})",
+                                found.map_or("not device memory".into(), |g| format!("GPU {g}"))
+                            ),
+                        })
+                    }
+                }
+            }
+            Some(ctx)
+        };
+        let key = self.shared.device_keys.fetch_add(1, Ordering::Relaxed);
+        let keys = vec![key; self.shared.nic_count];
+        let desc = MrDesc::with_staging(self.shared.address.clone(), 0, len, access, keys, true);
+        let device = DeviceMemory { gpu, context };
+        let inner =
+            Arc::new(MrInner::new_device(key, ptr as *mut u8, len, desc, device, owned, self.shared.link.clone()));
+        stager.tx.send(staging::Msg::AddRegion { key, region: Arc::downgrade(&inner) }).map_err(|_| Error::Shutdown)?;
+        Ok(MemoryRegion { inner })
+    }
+
+    /// The stager, started on first use (for GPU `gpu`, unless `for_gpu`
+    /// named one).
+    fn stager(&self, gpu: Option<u32>) -> Result<&StagerHandle> {
+        if let Some(s) = self.shared.stager.get() {
+            return Ok(s);
+        }
+        let _init = self.shared.stager_init.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = self.shared.stager.get() {
+            return Ok(s);
+        }
+        if self.shared.link.on_worker() {
+            return Err(Error::WouldDeadlock("starting the stager for device memory"));
+        }
+        let gpu = self.shared.gpu.map(|g| g as u32).or(gpu).unwrap_or(0);
+        let config = self.shared.staging;
+        let (context, copies): (_, Box<dyn staging::CopyEngine>) =
+            if self.shared.host_device_stand_in || !crate::cuda::available() {
+                (None, Box::new(staging::HostCopies::default()))
+            } else {
+                let ctx = Arc::new(crate::cuda::Context::primary(gpu)?);
+                (Some(ctx.clone()), Box::new(crate::cuda::CudaCopies::new(ctx)?))
+            };
+        let bytes = config.pool_bytes();
+        let buf = AlignedBuf::zeroed(bytes)?;
+        let ptr = buf.as_ptr();
+        let pin = match &context {
+            // SAFETY: the buffer outlives the pin: both are the region's
+            // owner, the pin dropped first.
+            Some(ctx) => Some(unsafe { crate::cuda::HostPin::new(ctx.clone(), ptr, bytes)? }),
+            None => None,
+        };
+        let pool = self.register_inner(ptr, bytes, Access::REMOTE_READ_WRITE, Some(Box::new((pin, buf))))?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        self.shared.link.send(Command::Staging(tx.clone()))?;
+        let cfg = StagerConfig {
+            link: self.shared.link.clone(),
+            address: self.shared.address.clone(),
+            nic_count: self.shared.nic_count,
+            shard: self.shared.shard,
+            timeout: self.shared.request_timeout,
+            staging: config,
+            pool: pool.inner.clone(),
+        };
+        drop(pool);
+        let stager = staging::Stager::new(cfg, copies, tx.clone(), rx);
+        let bind = context.clone();
+        let thread = std::thread::Builder::new()
+            .name("strait-stager".into())
+            .spawn(move || {
+                if let Some(ctx) = bind {
+                    if let Err(e) = ctx.bind() {
+                        tracing::error!(error = %e, "the stager could not bind its CUDA context");
+                    }
+                }
+                stager.run()
+            })
+            .map_err(|e| Error::InvalidRequest(format!("spawning the stager: {e}")))?;
+        tracing::info!(gpu, cuda = context.is_some(), pool = bytes, "stager started");
+        let handle = StagerHandle { tx, thread: Mutex::new(Some(thread)), gpu, context };
+        Ok(self.shared.stager.get_or_init(|| handle))
+    }
+
+    /// Hands a staged request to the stager.
+    fn submit_staged(&self, op: StagedOp) -> Result<Transfer> {
+        let stager = self.stager(None)?;
+        let completion = Completion::new(1);
+        let guard = PartGuard::new(completion.clone());
+        // A failed send drops the guard: the request ends with Shutdown.
+        let _ = stager.tx.send(staging::Msg::Submit(op, guard));
+        Ok(Transfer::new(completion))
+    }
+
+    /// Refuses staged memory in requests that do not take it.
+    fn refuse_staged(&self, local: Option<&MemoryRegion>, remote: &MrDesc, what: &str) -> Result<()> {
+        if remote.is_staged() || local.is_some_and(|l| l.inner.device.is_some()) {
+            return Err(Error::InvalidRequest(format!(
+                "{what} does not take staged device memory (this transport has no GPUDirect): use write or read, \
+                 one contiguous range per request"
+            )));
+        }
+        Ok(())
+    }
+
     fn register_inner(
         &self,
         ptr: *mut u8,
@@ -794,6 +1054,7 @@ impl TransferEngine {
         if let Some(src) = src {
             self.check_local(src)?;
         }
+        self.refuse_staged(src, dst, "a scatter, barrier or batched write")?;
         self.checked_write_op(src, src_offset, dst, dst_offset, len, imm)
     }
 
@@ -858,14 +1119,42 @@ impl TransferEngine {
         len: u64,
         imm: Option<u32>,
     ) -> Result<Transfer> {
+        if dst.is_staged() || src.inner.device.is_some() {
+            return self.staged_write(Some(src), src_offset, dst, dst_offset, len, imm);
+        }
         let op = self.write_op(Some(src), src_offset, dst, dst_offset, len, imm)?;
         self.submit(op)
     }
 
     /// Delivers only an immediate to the owner of `dst` (a zero-length write).
     pub fn write_imm(&self, dst: &MrDesc, imm: u32) -> Result<Transfer> {
+        if dst.is_staged() {
+            return self.staged_write(None, 0, dst, 0, 0, Some(imm));
+        }
         let op = self.write_op(None, 0, dst, 0, 0, Some(imm))?;
         self.submit(op)
+    }
+
+    fn staged_write(
+        &self,
+        src: Option<&MemoryRegion>,
+        src_offset: u64,
+        dst: &MrDesc,
+        dst_offset: u64,
+        len: u64,
+        imm: Option<u32>,
+    ) -> Result<Transfer> {
+        self.check_write_target(dst)?;
+        if let Some(src) = src {
+            self.check_local(src)?;
+            check_range("source", src_offset, len, src.len())?;
+        }
+        if len == 0 && imm.is_none() {
+            return Err(Error::InvalidRequest("a zero-length write must carry an immediate".into()));
+        }
+        dst.check_range(dst_offset, len)?;
+        let src = src.map(|s| s.inner.clone());
+        self.submit_staged(StagedOp::Write { src, src_offset, dst: dst.clone(), dst_offset, len, imm })
     }
 
     /// Writes pages: page `src_pages[i]` of `src` to page `dst_pages[i]` of
@@ -896,6 +1185,7 @@ impl TransferEngine {
     ) -> Result<RequestOp> {
         self.check_local(src)?;
         self.check_write_target(dst)?;
+        self.refuse_staged(Some(src), dst, "a paged write")?;
         let plan = PagedPlan::new(
             layout,
             src_pages,
@@ -960,6 +1250,7 @@ impl TransferEngine {
         read: bool,
     ) -> Result<RequestOp> {
         self.check_local(local)?;
+        self.refuse_staged(Some(local), remote, "a strided copy list")?;
         let (nics, remote_nics) = (self.shared.nic_count, remote.owner().nic_count());
         let max_piece = self.shared.shard.max_piece;
         // The list's source side is where bytes come from: the remote
@@ -1051,6 +1342,10 @@ impl TransferEngine {
         }
         check_range("destination", dst_offset, len, dst.len())?;
         check_range("source", src_offset, len, src.len())?;
+        if src.is_staged() || dst.inner.device.is_some() {
+            let (dst, src) = (dst.inner.clone(), src.clone());
+            return self.submit_staged(StagedOp::Read { dst, dst_offset, src, src_offset, len });
+        }
         let plan = ShardPlan::new(
             dst_offset,
             src_offset,
@@ -1076,6 +1371,10 @@ impl TransferEngine {
                  efa-direct fabric: the device's MTU); write larger payloads into a peer's region instead",
                 self.shared.max_send
             )));
+        }
+        if src.inner.device.is_some() {
+            let (peer, src) = (peer.clone(), src.inner.clone());
+            return self.submit_staged(StagedOp::Send { peer, src, offset, len });
         }
         self.submit(RequestOp::Send {
             peer: peer.clone(),

@@ -98,6 +98,16 @@ pub(crate) enum Command {
     Stats {
         reply: Sender<EngineStats>,
     },
+    /// Sends a control message (the stager's) to `to`, through NIC 0.
+    SendControl {
+        to: EngineAddress,
+        bytes: Vec<u8>,
+    },
+    /// Delivers an immediate as if a peer's had arrived (a staged write's,
+    /// once its bytes are in device memory).
+    DeliverImm(u32),
+    /// From now on, staged control messages go to the stager.
+    Staging(Sender<super::staging::Msg>),
     Shutdown,
 }
 
@@ -373,6 +383,8 @@ pub(crate) struct Worker<N: Nic> {
     address: EngineAddress,
     diagnoses: Vec<Diagnosis>,
     answers: Vec<PendingAnswer>,
+    /// The stager, once the engine has one: staged control messages go there.
+    staging: Option<Sender<super::staging::Msg>>,
     next_cookie: u64,
     control: Vec<Option<ControlPool>>,
     scratch: Vec<u8>,
@@ -417,6 +429,7 @@ impl<N: Nic> Worker<N> {
             address: config.address,
             diagnoses: Vec::new(),
             answers: Vec::new(),
+            staging: None,
             next_cookie: 1,
             control,
             scratch: Vec::new(),
@@ -784,6 +797,11 @@ impl<N: Nic> Worker<N> {
             Command::Stats { reply } => {
                 let _ = reply.send(self.stats());
             }
+            Command::SendControl { to, bytes } => self.send_staged(&to, bytes),
+            Command::DeliverImm(value) => {
+                let _ = self.imm.deliver(value, self.now);
+            }
+            Command::Staging(tx) => self.staging = Some(tx),
             Command::Shutdown => self.stopping = true,
         }
     }
@@ -1157,7 +1175,7 @@ impl<N: Nic> Worker<N> {
                 self.nic_stats[nic].receives_posted = self.nic_stats[nic].receives_posted.saturating_sub(1);
                 if message && imm.is_some() {
                     // Only the engine's control messages carry an immediate.
-                    if imm == Some(CONTROL_IMM) && (self.diagnose || self.introduce) {
+                    if imm == Some(CONTROL_IMM) && (self.diagnose || self.introduce || self.staging.is_some()) {
                         let pool = &self.pools[nic];
                         // SAFETY: as for messages below.
                         let bytes = unsafe {
@@ -1366,6 +1384,11 @@ impl<N: Nic> Worker<N> {
                     self.answers.push(PendingAnswer { nic, to, answer: welcome, deadline, retry_at });
                 }
             }
+            Control::Staged(bytes) => {
+                if let Some(tx) = &self.staging {
+                    let _ = tx.send(super::staging::Msg::Control(bytes));
+                }
+            }
             Control::Welcome { cookie } => {
                 let peer =
                     self.peers.iter().position(|p| matches!(p.intro, Intro::Hello { cookie: c, .. } if c == cookie));
@@ -1374,6 +1397,25 @@ impl<N: Nic> Worker<N> {
                     self.introduced(peer);
                 }
             }
+        }
+    }
+
+    /// Sends a staging message to `to` through NIC 0 (retried like the
+    /// answers to queries while no control buffer or connection is ready;
+    /// a message that cannot go within the window is dropped, and its
+    /// chunk expires at the asker).
+    fn send_staged(&mut self, to: &EngineAddress, bytes: Vec<u8>) {
+        if bytes.len() > CONTROL_SLOT_SIZE {
+            return tracing::warn!(len = bytes.len(), "a staging message does not fit a control buffer");
+        }
+        let peer = match self.resolve_peer(to) {
+            Ok(p) => p,
+            Err(e) => return tracing::debug!(error = %e, "cannot reach a staging peer"),
+        };
+        let at = self.peers[peer].addrs[0];
+        if self.send_control(0, at, &bytes).is_none() {
+            let (deadline, retry_at) = (self.now + access::WINDOW, self.now + access::RETRY);
+            self.answers.push(PendingAnswer { nic: 0, to: at, answer: Control::Staged(bytes), deadline, retry_at });
         }
     }
 

@@ -1,0 +1,436 @@
+//! CUDA, reached through the driver API at run time.
+//!
+//! strait links no CUDA library: [cudarc]'s driver bindings load
+//! `libcuda.so` the first time they are needed (its `dynamic-loading`
+//! feature). Building, testing and running strait needs no toolkit, no
+//! driver and no `nvcc`; a machine without a driver gets
+//! [`CudaUnavailable`] from [`probe`], a normal condition like a verbs
+//! backend without devices, and every CUDA test skips with that reason.
+//!
+//! What strait uses: the device's primary context (the one the CUDA
+//! runtime, PyTorch and CuPy share, so pointers from them are valid in it),
+//! device allocations ([`TransferEngine::alloc_device`]), page-locking of
+//! the engine's staging buffers, asynchronous copies on streams of its own
+//! (the copy engines), pointer attributes (to check that a registered
+//! pointer is device memory of the right GPU), and the stream memory
+//! operations behind [`ImmCounter::wait_on_stream`] and [`StreamTrigger`].
+//!
+//! The bindings are CUDA 12.8's; the calls strait makes exist in every
+//! driver from CUDA 12.0 on (stream memory operations need a GPU that
+//! reports `CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS`, every data-centre
+//! GPU since Volta with a recent driver).
+//!
+//! [cudarc]: https://docs.rs/cudarc
+//! [`TransferEngine::alloc_device`]: crate::TransferEngine::alloc_device
+//! [`ImmCounter::wait_on_stream`]: crate::ImmCounter::wait_on_stream
+//! [`StreamTrigger`]: crate::StreamTrigger
+
+use std::collections::VecDeque;
+use std::ffi::{c_void, CStr};
+use std::fmt;
+use std::sync::OnceLock;
+
+use cudarc::driver::sys;
+
+use crate::error::{Error, Result};
+
+/// Why CUDA cannot be used on this machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CudaUnavailable(pub String);
+
+impl fmt::Display for CudaUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "no CUDA: {}", self.0)
+    }
+}
+
+/// One GPU as the driver reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuInfo {
+    /// CUDA's device ordinal.
+    pub ordinal: u32,
+    /// The device's name, e.g. "NVIDIA H200".
+    pub name: String,
+    /// Global memory in bytes.
+    pub memory: u64,
+    /// PCI address, e.g. "0000:18:00.0" (matches
+    /// [`topology::Gpu`](crate::topology::Gpu)'s).
+    pub pci: String,
+}
+
+/// The driver and its GPUs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CudaInfo {
+    /// `cuDriverGetVersion`: 1000 x major + 10 x minor (13000 is CUDA 13.0).
+    pub driver_version: u32,
+    /// Every device, in CUDA's order.
+    pub gpus: Vec<GpuInfo>,
+}
+
+impl CudaInfo {
+    /// The driver's CUDA version as "major.minor".
+    pub fn driver_version_string(&self) -> String {
+        format!("{}.{}", self.driver_version / 1000, self.driver_version % 1000 / 10)
+    }
+}
+
+fn check(what: &str, rc: sys::CUresult) -> Result<()> {
+    if rc == sys::CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    let mut text: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: cuGetErrorString writes a pointer to a static string (or
+    // leaves it null for an unknown code).
+    let known = unsafe { sys::cuGetErrorString(rc, &mut text) } == sys::CUresult::CUDA_SUCCESS && !text.is_null();
+    let reason = if known {
+        // SAFETY: a NUL-terminated static string from the driver.
+        unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned()
+    } else {
+        format!("{rc:?}")
+    };
+    Err(Error::Cuda(format!("{what}: {reason}")))
+}
+
+/// Loads the driver and initialises it, once per process.
+fn init() -> std::result::Result<(), CudaUnavailable> {
+    static INIT: OnceLock<std::result::Result<(), CudaUnavailable>> = OnceLock::new();
+    INIT.get_or_init(|| {
+        if std::env::var_os("STRAIT_NO_CUDA").is_some() {
+            return Err(CudaUnavailable("STRAIT_NO_CUDA is set".into()));
+        }
+        // SAFETY: only tries to dlopen the library names.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(CudaUnavailable("the NVIDIA driver library (libcuda.so) is not installed".into()));
+        }
+        // SAFETY: cuInit takes flags 0 and may be called more than once.
+        check("cuInit", unsafe { sys::cuInit(0) }).map_err(|e| CudaUnavailable(e.to_string()))?;
+        let mut count = 0;
+        // SAFETY: writes the count.
+        check("cuDeviceGetCount", unsafe { sys::cuDeviceGetCount(&mut count) })
+            .map_err(|e| CudaUnavailable(e.to_string()))?;
+        if count <= 0 {
+            return Err(CudaUnavailable("the driver sees no GPU".into()));
+        }
+        Ok(())
+    })
+    .clone()
+}
+
+/// The driver's version and GPUs, or why CUDA is unavailable.
+pub fn probe() -> std::result::Result<CudaInfo, CudaUnavailable> {
+    init()?;
+    let unavailable = |e: Error| CudaUnavailable(e.to_string());
+    let mut version = 0;
+    // SAFETY: writes the version.
+    check("cuDriverGetVersion", unsafe { sys::cuDriverGetVersion(&mut version) }).map_err(unavailable)?;
+    let mut count = 0;
+    // SAFETY: writes the count.
+    check("cuDeviceGetCount", unsafe { sys::cuDeviceGetCount(&mut count) }).map_err(unavailable)?;
+    let gpus = (0..count.max(0) as u32).map(gpu_info).collect::<Result<Vec<_>>>().map_err(unavailable)?;
+    Ok(CudaInfo { driver_version: version.max(0) as u32, gpus })
+}
+
+/// True when the driver loads and sees at least one GPU.
+pub fn available() -> bool {
+    init().is_ok()
+}
+
+fn device(ordinal: u32) -> Result<sys::CUdevice> {
+    init().map_err(|e| Error::Cuda(e.to_string()))?;
+    let mut dev = 0;
+    // SAFETY: writes the handle; the ordinal is checked by the driver.
+    check("cuDeviceGet", unsafe { sys::cuDeviceGet(&mut dev, ordinal as i32) })?;
+    Ok(dev)
+}
+
+fn gpu_info(ordinal: u32) -> Result<GpuInfo> {
+    let dev = device(ordinal)?;
+    let mut name = [0 as std::ffi::c_char; 256];
+    // SAFETY: the driver writes at most len bytes, NUL-terminated.
+    check("cuDeviceGetName", unsafe { sys::cuDeviceGetName(name.as_mut_ptr(), name.len() as i32, dev) })?;
+    let mut memory = 0usize;
+    // SAFETY: writes the size.
+    check("cuDeviceTotalMem", unsafe { sys::cuDeviceTotalMem_v2(&mut memory, dev) })?;
+    let mut pci = [0 as std::ffi::c_char; 32];
+    // SAFETY: as for the name.
+    check("cuDeviceGetPCIBusId", unsafe { sys::cuDeviceGetPCIBusId(pci.as_mut_ptr(), pci.len() as i32, dev) })?;
+    // SAFETY: both buffers are NUL-terminated by the driver (and zeroed).
+    let (name, pci) = unsafe { (CStr::from_ptr(name.as_ptr()), CStr::from_ptr(pci.as_ptr())) };
+    Ok(GpuInfo {
+        ordinal,
+        name: name.to_string_lossy().into_owned(),
+        memory: memory as u64,
+        pci: pci.to_string_lossy().to_lowercase(),
+    })
+}
+
+/// A device's primary context, retained for as long as the value lives.
+pub(crate) struct Context {
+    ctx: sys::CUcontext,
+    dev: sys::CUdevice,
+    pub(crate) ordinal: u32,
+}
+
+// SAFETY: a CUDA context handle may be used from any thread (made current
+// there first, as `bind` does).
+unsafe impl Send for Context {}
+// SAFETY: as above; the handle is never mutated.
+unsafe impl Sync for Context {}
+
+impl Context {
+    pub(crate) fn primary(ordinal: u32) -> Result<Context> {
+        let dev = device(ordinal)?;
+        let mut ctx = std::ptr::null_mut();
+        // SAFETY: writes the context; released in Drop.
+        check("cuDevicePrimaryCtxRetain", unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) })?;
+        Ok(Context { ctx, dev, ordinal })
+    }
+
+    /// Makes the context current on this thread.
+    pub(crate) fn bind(&self) -> Result<()> {
+        // SAFETY: the context is retained.
+        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.ctx) })
+    }
+
+    pub(crate) fn attribute(&self, attribute: sys::CUdevice_attribute) -> Result<i32> {
+        let mut value = 0;
+        // SAFETY: writes the value.
+        check("cuDeviceGetAttribute", unsafe { sys::cuDeviceGetAttribute(&mut value, attribute, self.dev) })?;
+        Ok(value)
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: retained in `primary`, released once.
+        unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.dev) };
+    }
+}
+
+/// Which GPU `ptr` points into, if it is device memory (as opposed to host
+/// memory, pinned or not, or an address CUDA does not know).
+pub(crate) fn device_of(ptr: u64) -> Option<u32> {
+    init().ok()?;
+    let mut kind: u32 = 0;
+    // SAFETY: CU_POINTER_ATTRIBUTE_MEMORY_TYPE writes a CUmemorytype (u32).
+    let rc = unsafe {
+        sys::cuPointerGetAttribute(
+            std::ptr::from_mut(&mut kind).cast(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            ptr,
+        )
+    };
+    if rc != sys::CUresult::CUDA_SUCCESS || kind != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 {
+        return None;
+    }
+    let mut ordinal: i32 = -1;
+    // SAFETY: CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL writes an int.
+    let rc = unsafe {
+        sys::cuPointerGetAttribute(
+            std::ptr::from_mut(&mut ordinal).cast(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            ptr,
+        )
+    };
+    (rc == sys::CUresult::CUDA_SUCCESS && ordinal >= 0).then_some(ordinal as u32)
+}
+
+/// Device memory from `cuMemAlloc`, freed when dropped.
+pub(crate) struct DeviceAlloc {
+    pub(crate) ptr: u64,
+    ctx: std::sync::Arc<Context>,
+}
+
+impl DeviceAlloc {
+    pub(crate) fn zeroed(ctx: std::sync::Arc<Context>, len: u64) -> Result<DeviceAlloc> {
+        ctx.bind()?;
+        let mut ptr = 0;
+        // SAFETY: writes the pointer; freed in Drop.
+        check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut ptr, len as usize) })?;
+        let alloc = DeviceAlloc { ptr, ctx };
+        // SAFETY: the allocation is len bytes.
+        check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(ptr, 0, len as usize) })?;
+        Ok(alloc)
+    }
+}
+
+impl Drop for DeviceAlloc {
+    fn drop(&mut self) {
+        // The owner may be dropped on any thread: bind first.
+        let _ = self.ctx.bind();
+        // SAFETY: allocated by cuMemAlloc, freed once; no transfer uses it
+        // any more (the engine drops owners after deregistration).
+        unsafe { sys::cuMemFree_v2(self.ptr) };
+    }
+}
+
+/// Host memory page-locked for the device (`cuMemHostRegister`), unlocked
+/// when dropped. The memory itself belongs to someone else.
+pub(crate) struct HostPin {
+    ptr: *mut c_void,
+    ctx: std::sync::Arc<Context>,
+}
+
+// SAFETY: only the address is kept, to unregister it.
+unsafe impl Send for HostPin {}
+
+impl HostPin {
+    /// # Safety
+    /// `ptr..ptr+len` must be valid host memory that outlives the value.
+    pub(crate) unsafe fn new(ctx: std::sync::Arc<Context>, ptr: *mut u8, len: u64) -> Result<HostPin> {
+        ctx.bind()?;
+        let flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
+        // SAFETY: valid memory (caller); unregistered in Drop.
+        check("cuMemHostRegister", unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len as usize, flags) })?;
+        Ok(HostPin { ptr: ptr.cast(), ctx })
+    }
+
+    /// The device address of the pinned host memory at `ptr` (mapped).
+    pub(crate) fn device_address(&self, ptr: *mut u8) -> Result<u64> {
+        self.ctx.bind()?;
+        let mut dptr = 0;
+        // SAFETY: ptr lies in memory registered with DEVICEMAP.
+        check("cuMemHostGetDevicePointer", unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dptr, ptr.cast(), 0) })?;
+        Ok(dptr)
+    }
+}
+
+impl Drop for HostPin {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind();
+        // SAFETY: registered in `new`, unregistered once.
+        unsafe { sys::cuMemHostUnregister(self.ptr) };
+    }
+}
+
+/// A synchronous copy between any two addresses CUDA knows (unified
+/// addressing: host or device), on the context of `ctx`.
+pub(crate) fn copy_sync(ctx: &Context, dst: u64, src: u64, len: usize) -> Result<()> {
+    ctx.bind()?;
+    // SAFETY: the caller guarantees both ranges are valid for len bytes.
+    check("cuMemcpy", unsafe { sys::cuMemcpy(dst, src, len) })
+}
+
+/// Asynchronous copies on two streams of their own (copies toward the
+/// device on one, toward the host on the other, so that the copy engines
+/// run both directions at once), each completion an event polled in order.
+pub(crate) struct CudaCopies {
+    ctx: std::sync::Arc<Context>,
+    streams: [sys::CUstream; 2],
+    /// Per stream: (ticket, event) in submission order.
+    pending: [VecDeque<(u64, sys::CUevent)>; 2],
+    /// Spare events.
+    events: Vec<sys::CUevent>,
+}
+
+// SAFETY: streams and events are used from the stager thread, which binds
+// the context first; moving the handles between threads is allowed.
+unsafe impl Send for CudaCopies {}
+
+impl CudaCopies {
+    pub(crate) fn new(ctx: std::sync::Arc<Context>) -> Result<CudaCopies> {
+        ctx.bind()?;
+        let mut streams = [std::ptr::null_mut(); 2];
+        for s in &mut streams {
+            // SAFETY: writes the stream; destroyed in Drop.
+            check("cuStreamCreate", unsafe {
+                sys::cuStreamCreate(s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+            })?;
+        }
+        Ok(CudaCopies { ctx, streams, pending: [VecDeque::new(), VecDeque::new()], events: Vec::new() })
+    }
+
+    fn event(&mut self) -> Result<sys::CUevent> {
+        if let Some(e) = self.events.pop() {
+            return Ok(e);
+        }
+        let mut e = std::ptr::null_mut();
+        // SAFETY: writes the event; destroyed in Drop.
+        check("cuEventCreate", unsafe {
+            sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+        })?;
+        Ok(e)
+    }
+}
+
+impl super::engine::staging::CopyEngine for CudaCopies {
+    fn start(&mut self, ticket: u64, dst: u64, src: u64, len: usize, to_device: bool) -> Result<()> {
+        self.ctx.bind()?;
+        let s = usize::from(!to_device);
+        let event = self.event()?;
+        // SAFETY: the stager passes ranges inside registered memory that
+        // lives until the copy's ticket is reported done.
+        check("cuMemcpyAsync", unsafe { sys::cuMemcpyAsync(dst, src, len, self.streams[s]) })?;
+        // SAFETY: event and stream are live.
+        check("cuEventRecord", unsafe { sys::cuEventRecord(event, self.streams[s]) })?;
+        self.pending[s].push_back((ticket, event));
+        Ok(())
+    }
+
+    fn poll(&mut self, done: &mut Vec<(u64, Result<()>)>) {
+        if self.pending.iter().all(VecDeque::is_empty) {
+            return;
+        }
+        let _ = self.ctx.bind();
+        for s in 0..2 {
+            while let Some(&(ticket, event)) = self.pending[s].front() {
+                // SAFETY: a live event.
+                let rc = unsafe { sys::cuEventQuery(event) };
+                if rc == sys::CUresult::CUDA_ERROR_NOT_READY {
+                    break;
+                }
+                self.pending[s].pop_front();
+                self.events.push(event);
+                done.push((ticket, check("copy", rc)));
+            }
+        }
+    }
+
+    fn busy(&self) -> bool {
+        self.pending.iter().any(|p| !p.is_empty())
+    }
+}
+
+impl Drop for CudaCopies {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind();
+        for s in self.streams {
+            // SAFETY: waits for the stream's copies, then destroys it once.
+            unsafe {
+                sys::cuStreamSynchronize(s);
+                sys::cuStreamDestroy_v2(s);
+            }
+        }
+        for e in self.events.drain(..).chain(self.pending.iter_mut().flat_map(|p| p.drain(..).map(|(_, e)| e))) {
+            // SAFETY: each event destroyed once.
+            unsafe { sys::cuEventDestroy_v2(e) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_reports_a_reason_or_gpus() {
+        match probe() {
+            Ok(info) => {
+                assert!(!info.gpus.is_empty());
+                assert!(info.driver_version >= 1000, "{info:?}");
+            }
+            Err(e) => {
+                assert!(!e.0.is_empty());
+                println!("CUDA tests skipped: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn versions_read_as_major_minor() {
+        let info = CudaInfo { driver_version: 13000, gpus: Vec::new() };
+        assert_eq!(info.driver_version_string(), "13.0");
+        let info = CudaInfo { driver_version: 12080, gpus: Vec::new() };
+        assert_eq!(info.driver_version_string(), "12.8");
+    }
+}

@@ -1,0 +1,189 @@
+//! The staging of device memory (see [`super::staging`]) between real
+//! engines over libfabric tcp on loopback, with the host stand-in of the
+//! copy engine: "device" regions here are host memory that only the
+//! stager's copies touch. The protocol, the chunking, the slot pools, the
+//! order of bytes and immediates and the failures are the ones a GPU gets;
+//! the copies themselves are memcpy. `scripts/device-check.sh` runs the
+//! same transfers on a GPU.
+
+use std::time::Duration;
+
+use super::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Two slots of 64 KiB per side: a 1 MiB request is 16 chunks queued for
+/// two slots.
+fn engine(timeout: Duration) -> TransferEngine {
+    TransferEngine::builder()
+        .provider(Provider::Tcp)
+        .interface("lo")
+        .request_timeout(timeout)
+        .staging(2, 64 << 10)
+        .host_device_stand_in()
+        .build()
+        .expect("engine on libfabric tcp over lo")
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8).collect()
+}
+
+#[test]
+fn device_to_device_writes_land_before_their_immediate() {
+    let (a, b) = (engine(Duration::from_secs(10)), engine(Duration::from_secs(10)));
+    let len = (1 << 20) + 4321;
+    let src = a.alloc_device(len as u64, 0, Access::LOCAL).unwrap();
+    let dst = b.alloc_device(len as u64 + 100, 0, Access::REMOTE_READ_WRITE).unwrap();
+    assert!(dst.descriptor().is_staged());
+    assert!(!src.descriptor().is_staged() || src.gpu() == Some(0));
+    let data = pattern(len, 1);
+    src.write_at(0, &data).unwrap();
+    let arrived = b.expect_imm(77, 1).unwrap();
+    let write = a.write(&src, 0, dst.descriptor(), 100, len as u64, Some(77)).unwrap();
+    // The immediate first: when it has come, every byte must be there.
+    arrived.wait_timeout(WAIT).unwrap();
+    assert_eq!(dst.to_vec(100, len as u64).unwrap(), data);
+    write.wait_timeout(WAIT).unwrap();
+    assert_eq!(dst.to_vec(0, 100).unwrap(), vec![0; 100], "bytes before the offset untouched");
+}
+
+#[test]
+fn every_direction_between_host_and_device_is_byte_exact() {
+    let (a, b) = (engine(Duration::from_secs(10)), engine(Duration::from_secs(10)));
+    let len = 300_000u64;
+    let data = pattern(len as usize, 2);
+    let a_dev = a.alloc_device(len, 0, Access::LOCAL).unwrap();
+    let a_host = a.alloc(len, Access::LOCAL).unwrap();
+    let b_dev = b.alloc_device(len, 0, Access::REMOTE_READ_WRITE).unwrap();
+    let b_host = b.alloc(len, Access::REMOTE_READ_WRITE).unwrap();
+
+    // host -> remote device
+    a_host.write_at(0, &data).unwrap();
+    a.write(&a_host, 0, b_dev.descriptor(), 0, len, None).unwrap().wait_timeout(WAIT).unwrap();
+    assert_eq!(b_dev.to_vec(0, len).unwrap(), data);
+
+    // remote device -> local device (read), at odd offsets
+    a.read(&a_dev, 5, b_dev.descriptor(), 7, len - 7).unwrap().wait_timeout(WAIT).unwrap();
+    assert_eq!(a_dev.to_vec(5, len - 7).unwrap(), data[7..]);
+
+    // local device -> remote host, with an immediate (the engine's write
+    // from the slot carries it)
+    let data2 = pattern(len as usize, 3);
+    a_dev.write_at(0, &data2).unwrap();
+    let got = b.expect_imm(5, 1).unwrap();
+    a.write(&a_dev, 0, b_host.descriptor(), 0, len, Some(5)).unwrap().wait_timeout(WAIT).unwrap();
+    got.wait_timeout(WAIT).unwrap();
+    assert_eq!(b_host.to_vec(0, len).unwrap(), data2);
+
+    // remote host -> local device (read)
+    let out = a.alloc_device(len, 0, Access::LOCAL).unwrap();
+    a.read(&out, 0, b_host.descriptor(), 0, len).unwrap().wait_timeout(WAIT).unwrap();
+    assert_eq!(out.to_vec(0, len).unwrap(), data2);
+
+    // remote device -> local host (read)
+    let back = a.alloc(len, Access::LOCAL).unwrap();
+    a.read(&back, 0, b_dev.descriptor(), 0, len).unwrap().wait_timeout(WAIT).unwrap();
+    assert_eq!(back.to_vec(0, len).unwrap(), data);
+
+    // an immediate alone into a staged region's owner
+    let only = b.expect_imm(9, 1).unwrap();
+    a.write_imm(b_dev.descriptor(), 9).unwrap().wait_timeout(WAIT).unwrap();
+    only.wait_timeout(WAIT).unwrap();
+}
+
+#[test]
+fn sends_from_device_memory_arrive_as_messages() {
+    let (a, b) = (engine(Duration::from_secs(10)), engine(Duration::from_secs(10)));
+    let src = a.alloc_device(8192, 0, Access::LOCAL).unwrap();
+    let data = pattern(3000, 4);
+    src.write_at(100, &data).unwrap();
+    a.send(b.address(), &src, 100, 3000).unwrap().wait_timeout(WAIT).unwrap();
+    assert_eq!(b.recv_timeout(WAIT).unwrap(), data);
+    let big = a.alloc_device(1 << 20, 0, Access::LOCAL).unwrap();
+    let err = a.send(b.address(), &big, 0, 1 << 20).unwrap().wait_timeout(WAIT).unwrap_err();
+    assert!(matches!(err, Error::InvalidRequest(ref m) if m.contains("staging slot")), "{err}");
+}
+
+#[test]
+fn two_engines_staging_into_each_other_at_once_do_not_deadlock() {
+    let (a, b) = (engine(Duration::from_secs(10)), engine(Duration::from_secs(10)));
+    let len = 1u64 << 20;
+    let (a_src, b_src) =
+        (a.alloc_device(len, 0, Access::LOCAL).unwrap(), b.alloc_device(len, 0, Access::LOCAL).unwrap());
+    let (a_dst, b_dst) =
+        (a.alloc_device(len, 0, Access::REMOTE_WRITE).unwrap(), b.alloc_device(len, 0, Access::REMOTE_WRITE).unwrap());
+    let (da, db) = (pattern(len as usize, 5), pattern(len as usize, 6));
+    a_src.write_at(0, &da).unwrap();
+    b_src.write_at(0, &db).unwrap();
+    let mut transfers = Vec::new();
+    for i in 0..4u64 {
+        let part = len / 4;
+        transfers.push(a.write(&a_src, i * part, b_dst.descriptor(), i * part, part, None).unwrap());
+        transfers.push(b.write(&b_src, i * part, a_dst.descriptor(), i * part, part, None).unwrap());
+    }
+    for t in &transfers {
+        t.wait_timeout(WAIT).unwrap();
+    }
+    assert_eq!(b_dst.to_vec(0, len).unwrap(), da);
+    assert_eq!(a_dst.to_vec(0, len).unwrap(), db);
+}
+
+#[test]
+fn requests_that_cannot_take_staged_memory_are_refused_before_posting() {
+    let (a, b) = (engine(Duration::from_secs(10)), engine(Duration::from_secs(10)));
+    let dev = b.alloc_device(1 << 16, 0, Access::REMOTE_READ_WRITE).unwrap();
+    let host = a.alloc(1 << 16, Access::LOCAL).unwrap();
+    let layout = PagedLayout::contiguous(4096);
+    let paged = a.write_paged(&host, dev.descriptor(), layout, vec![0], vec![1], None).unwrap_err();
+    assert!(matches!(paged, Error::InvalidRequest(ref m) if m.contains("staged")), "{paged}");
+    let target = ScatterTarget { dst: dev.descriptor().clone(), src_offset: 0, dst_offset: 0, len: 16, imm: None };
+    assert!(matches!(a.scatter(&host, &[target]), Err(Error::InvalidRequest(_))));
+    assert!(matches!(a.barrier(&[dev.descriptor().clone()], 1), Err(Error::InvalidRequest(_))));
+    // Access and ranges are checked as for host memory.
+    let read_only = b.alloc_device(4096, 0, Access::REMOTE_READ).unwrap();
+    assert!(matches!(a.write(&host, 0, read_only.descriptor(), 0, 16, None), Err(Error::RemoteAccess(_))));
+    assert!(a.write(&host, 0, dev.descriptor(), 1 << 16, 1, None).is_err());
+}
+
+#[test]
+fn a_dropped_staged_region_refuses_later_writes() {
+    let (a, b) = (engine(Duration::from_secs(10)), engine(Duration::from_secs(10)));
+    let dev = b.alloc_device(1 << 16, 0, Access::REMOTE_WRITE).unwrap();
+    let desc = dev.descriptor().clone();
+    drop(dev);
+    let host = a.alloc(1 << 16, Access::LOCAL).unwrap();
+    let err = a.write(&host, 0, &desc, 0, 1 << 16, None).unwrap().wait_timeout(WAIT).unwrap_err();
+    assert!(matches!(err, Error::RemoteAccess(ref m) if m.contains("no longer holds")), "{err}");
+}
+
+#[test]
+fn a_peer_that_has_gone_fails_staged_writes_within_the_timeout() {
+    let timeout = Duration::from_millis(800);
+    let (a, b) = (engine(timeout), engine(timeout));
+    let dev = b.alloc_device(1 << 16, 0, Access::REMOTE_WRITE).unwrap();
+    let desc = dev.descriptor().clone();
+    let host = a.alloc(1 << 16, Access::LOCAL).unwrap();
+    a.write(&host, 0, &desc, 0, 1 << 16, None).unwrap().wait_timeout(WAIT).unwrap();
+    drop(dev);
+    b.shutdown();
+    drop(b);
+    let start = Instant::now();
+    let err = a.write(&host, 0, &desc, 0, 1 << 16, Some(3)).unwrap().wait_timeout(WAIT).unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    assert!(matches!(err, Error::Timeout(_) | Error::PeerUnreachable(_) | Error::Transport { .. }), "{err}");
+}
+
+#[test]
+fn without_cuda_device_memory_is_refused_with_the_reason() {
+    if crate::cuda::available() {
+        println!("skipped: CUDA is present here (the device check covers it)");
+        return;
+    }
+    let e = TransferEngine::builder().provider(Provider::Tcp).interface("lo").build().unwrap();
+    let err = e.alloc_device(4096, 0, Access::LOCAL).unwrap_err();
+    assert!(matches!(err, Error::Cuda(ref m) if m.contains("no CUDA")), "{err}");
+    // SAFETY: refused before anything touches the address.
+    let err = unsafe { e.register_device(0x1000_0000, 4096, 0, Access::LOCAL) }.unwrap_err();
+    assert!(matches!(err, Error::Cuda(_)), "{err}");
+}
