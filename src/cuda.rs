@@ -168,7 +168,6 @@ fn gpu_info(ordinal: u32) -> Result<GpuInfo> {
 pub(crate) struct Context {
     ctx: sys::CUcontext,
     dev: sys::CUdevice,
-    pub(crate) ordinal: u32,
 }
 
 // SAFETY: a CUDA context handle may be used from any thread (made current
@@ -183,20 +182,13 @@ impl Context {
         let mut ctx = std::ptr::null_mut();
         // SAFETY: writes the context; released in Drop.
         check("cuDevicePrimaryCtxRetain", unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) })?;
-        Ok(Context { ctx, dev, ordinal })
+        Ok(Context { ctx, dev })
     }
 
     /// Makes the context current on this thread.
     pub(crate) fn bind(&self) -> Result<()> {
         // SAFETY: the context is retained.
         check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.ctx) })
-    }
-
-    pub(crate) fn attribute(&self, attribute: sys::CUdevice_attribute) -> Result<i32> {
-        let mut value = 0;
-        // SAFETY: writes the value.
-        check("cuDeviceGetAttribute", unsafe { sys::cuDeviceGetAttribute(&mut value, attribute, self.dev) })?;
-        Ok(value)
     }
 }
 
@@ -284,15 +276,6 @@ impl HostPin {
         check("cuMemHostRegister", unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len as usize, flags) })?;
         Ok(HostPin { ptr: ptr.cast(), ctx })
     }
-
-    /// The device address of the pinned host memory at `ptr` (mapped).
-    pub(crate) fn device_address(&self, ptr: *mut u8) -> Result<u64> {
-        self.ctx.bind()?;
-        let mut dptr = 0;
-        // SAFETY: ptr lies in memory registered with DEVICEMAP.
-        check("cuMemHostGetDevicePointer", unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dptr, ptr.cast(), 0) })?;
-        Ok(dptr)
-    }
 }
 
 impl Drop for HostPin {
@@ -301,6 +284,136 @@ impl Drop for HostPin {
         // SAFETY: registered in `new`, unregistered once.
         unsafe { sys::cuMemHostUnregister(self.ptr) };
     }
+}
+
+/// `N` 32-bit words of page-locked host memory mapped into every GPU's
+/// address space (`cuMemHostAlloc`, portable and device-mapped): the CPU
+/// stores into them and streams wait on them (`cuStreamWaitValue32`), or
+/// streams store and the CPU watches. In tests (no CUDA) the words are
+/// plain host memory with the same CPU side.
+pub(crate) struct MappedWords<const N: usize> {
+    ptr: *mut u32,
+    /// `None`: plain host memory (the stand-in).
+    ctx: Option<std::sync::Arc<Context>>,
+}
+
+// SAFETY: the words are only accessed atomically.
+unsafe impl<const N: usize> Send for MappedWords<N> {}
+// SAFETY: as above.
+unsafe impl<const N: usize> Sync for MappedWords<N> {}
+
+impl<const N: usize> MappedWords<N> {
+    /// Words mapped for the GPUs, on the calling thread's current context
+    /// (else GPU 0's primary context).
+    pub(crate) fn mapped() -> Result<Self> {
+        let ctx = std::sync::Arc::new(Context::primary(current_device()?.unwrap_or(0))?);
+        ctx.bind()?;
+        let mut ptr = std::ptr::null_mut();
+        let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
+        // SAFETY: writes the pointer; freed in Drop.
+        check("cuMemHostAlloc", unsafe { sys::cuMemHostAlloc(&mut ptr, 4 * N, flags) })?;
+        let words = MappedWords { ptr: ptr.cast(), ctx: Some(ctx) };
+        for i in 0..N {
+            words.word(i).store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(words)
+    }
+
+    /// Plain host words (tests, and CPU-only triggers).
+    pub(crate) fn host() -> Self {
+        let words: Box<[std::sync::atomic::AtomicU32; N]> = Box::new(std::array::from_fn(|_| Default::default()));
+        MappedWords { ptr: Box::into_raw(words).cast(), ctx: None }
+    }
+
+    pub(crate) fn word(&self, i: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(i < N);
+        // SAFETY: N aligned u32s live as long as self; accessed atomically
+        // by the CPU (and by GPUs through their own mapping).
+        unsafe { &*self.ptr.add(i).cast::<std::sync::atomic::AtomicU32>() }
+    }
+
+    /// The address streams use for word `i` (unified addressing: the host
+    /// address itself).
+    pub(crate) fn address(&self, i: usize) -> u64 {
+        assert!(i < N);
+        // SAFETY: inside the allocation.
+        unsafe { self.ptr.add(i) as u64 }
+    }
+
+    pub(crate) fn on_gpu(&self) -> bool {
+        self.ctx.is_some()
+    }
+
+    fn bind_for_stream(&self) -> Result<()> {
+        if current_device()?.is_none() {
+            if let Some(ctx) = &self.ctx {
+                ctx.bind()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Enqueues on `stream` a wait until word `i` >= `value` (32-bit
+    /// wrap-around comparison). Capturable into a CUDA graph.
+    pub(crate) fn stream_wait(&self, stream: u64, i: usize, value: u32) -> Result<()> {
+        self.require_gpu()?;
+        self.bind_for_stream()?;
+        let flags = sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32;
+        // SAFETY: the word is device-mapped memory that outlives the value
+        // (the caller keeps it alive while the stream may wait on it).
+        check("cuStreamWaitValue32", unsafe {
+            sys::cuStreamWaitValue32_v2(stream as sys::CUstream, self.address(i), value, flags)
+        })
+    }
+
+    /// Enqueues on `stream` a store of `value` into word `i`, ordered after
+    /// the stream's earlier work. Capturable into a CUDA graph.
+    pub(crate) fn stream_write(&self, stream: u64, i: usize, value: u32) -> Result<()> {
+        self.require_gpu()?;
+        self.bind_for_stream()?;
+        let flags = sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32;
+        // SAFETY: as for stream_wait.
+        check("cuStreamWriteValue32", unsafe {
+            sys::cuStreamWriteValue32_v2(stream as sys::CUstream, self.address(i), value, flags)
+        })
+    }
+
+    fn require_gpu(&self) -> Result<()> {
+        if self.ctx.is_none() {
+            return Err(Error::Cuda("these words are plain host memory (no CUDA): streams cannot use them".into()));
+        }
+        Ok(())
+    }
+}
+
+impl<const N: usize> Drop for MappedWords<N> {
+    fn drop(&mut self) {
+        match &self.ctx {
+            Some(ctx) => {
+                let _ = ctx.bind();
+                // SAFETY: from cuMemHostAlloc, freed once; no stream may
+                // still use it (documented by the owners).
+                unsafe { sys::cuMemFreeHost(self.ptr.cast()) };
+            }
+            // SAFETY: from Box::into_raw in `host`, freed once.
+            None => drop(unsafe { Box::from_raw(self.ptr.cast::<[std::sync::atomic::AtomicU32; N]>()) }),
+        }
+    }
+}
+
+/// The device of the calling thread's current context, if any.
+fn current_device() -> Result<Option<u32>> {
+    init().map_err(|e| Error::Cuda(e.to_string()))?;
+    let mut ctx = std::ptr::null_mut();
+    // SAFETY: writes the current context (null when none).
+    check("cuCtxGetCurrent", unsafe { sys::cuCtxGetCurrent(&mut ctx) })?;
+    if ctx.is_null() {
+        return Ok(None);
+    }
+    let mut dev = 0;
+    // SAFETY: writes the device of the current context.
+    check("cuCtxGetDevice", unsafe { sys::cuCtxGetDevice(&mut dev) })?;
+    Ok(Some(dev as u32))
 }
 
 /// A synchronous copy between any two addresses CUDA knows (unified

@@ -153,8 +153,8 @@ pub use descriptor::{Access, MrDesc};
 pub use engine::stats;
 pub use engine::{
     reserved_imm, Batch, EngineBuilder, ImmCounter, ImmSlot, ImmSpace, MemoryRegion, MessagePool, PollMode,
-    ScatterTarget, Service, StagingConfig, Transfer, TransferEngine, DEFAULT_REQUEST_TIMEOUT, PAGE_SIZE, PING_IMM,
-    RESERVED_IMM_BASE, SERVICE_HEADER, SERVICE_MAGIC,
+    ScatterTarget, Service, StagingConfig, StreamTrigger, Transfer, TransferEngine, TriggerPoll,
+    DEFAULT_REQUEST_TIMEOUT, PAGE_SIZE, PING_IMM, RESERVED_IMM_BASE, SERVICE_HEADER, SERVICE_MAGIC,
 };
 pub use error::{Error, Result};
 pub use plan::{CopyList, PagedLayout, ShardConfig, Strided};

@@ -18,6 +18,7 @@ use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use super::link::Link;
+use crate::cuda::MappedWords;
 use crate::error::{Error, Result};
 
 /// Where immediates no counter claims go.
@@ -56,6 +57,9 @@ struct CounterShared {
     /// `state.status != Armed`, readable without the lock (a driving
     /// waiter checks it after every turn of the worker).
     settled: AtomicBool,
+    /// GPU-visible words (see [`ImmCounter::wait_on_stream`]): 0, rounds
+    /// reached; 1, set on each reach (cleared by streams).
+    mirror: OnceLock<Arc<MappedWords<2>>>,
 }
 
 struct CounterState {
@@ -68,6 +72,8 @@ struct CounterState {
     callback: Option<Arc<dyn Fn(u32) + Send + Sync>>,
     /// When it was last armed (its latency in the engine's stats).
     armed_at: Instant,
+    /// Rounds that reached their count.
+    rounds: u32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -103,6 +109,12 @@ impl ImmTable {
                 t.armed.remove(&value);
                 drop(t);
                 c.status = Status::Reached;
+                c.rounds = c.rounds.wrapping_add(1);
+                if let Some(m) = counter.mirror.get() {
+                    // What streams wait on: stored before anyone is woken.
+                    m.word(0).store(c.rounds, Ordering::Release);
+                    m.word(1).store(1, Ordering::Release);
+                }
                 counter.settled.store(true, Ordering::Release);
                 let waker = c.waker.take();
                 let callback = c.callback.clone();
@@ -197,9 +209,11 @@ impl ImmTable {
                 waker: None,
                 callback: None,
                 armed_at: Instant::now(),
+                rounds: 0,
             }),
             cv: Condvar::new(),
             settled: AtomicBool::new(false),
+            mirror: OnceLock::new(),
         });
         self.arm(&shared, count)?;
         Ok(ImmCounter { shared, table: self.clone() })
@@ -297,6 +311,61 @@ impl ImmCounter {
             drop(c);
             callback(self.shared.value);
         }
+    }
+
+    /// Enqueues on CUDA stream `stream` (a `CUstream`; in PyTorch
+    /// `torch.cuda.current_stream().cuda_stream`; 0 for the legacy default
+    /// stream) a wait for this counter, with no CPU round trip: work queued
+    /// on the stream after this call runs once the counter's current round
+    /// has reached its count (at once if it already has). The engine's
+    /// worker, on the arrival that reaches the count, stores the number of
+    /// rounds reached into a word of page-locked host memory mapped for the
+    /// GPU, on which the stream waits (`cuStreamWaitValue32`, "greater or
+    /// equal", wrap-around safe).
+    ///
+    /// The round waited for is fixed when this is called, so in a captured
+    /// CUDA graph every replay waits for the same round: for graphs use
+    /// [`wait_on_stream_and_clear`](Self::wait_on_stream_and_clear).
+    /// The counter must stay alive (not dropped) until the stream has
+    /// passed the wait. Needs CUDA ([`crate::cuda::probe`]).
+    pub fn wait_on_stream(&self, stream: u64) -> Result<()> {
+        let mirror = self.mirror(false)?;
+        let c = lock(&self.shared.state);
+        let target = if c.status == Status::Reached { c.rounds } else { c.rounds.wrapping_add(1) };
+        drop(c);
+        mirror.stream_wait(stream, 0, target)
+    }
+
+    /// Enqueues on `stream` a wait for the next reach of the count, then a
+    /// store that clears the flag that reach set: one reach releases one
+    /// wait, and the same two operations captured in a CUDA graph release
+    /// each replay on the next reach. Use it when the next round cannot
+    /// reach its count before the stream has passed this wait (the usual
+    /// step-by-step protocol: the peer's next round follows this side's
+    /// next request); two reaches before the stream gets there release it
+    /// once. The counter must stay alive while the stream may wait. Needs
+    /// CUDA.
+    pub fn wait_on_stream_and_clear(&self, stream: u64) -> Result<()> {
+        let mirror = self.mirror(false)?;
+        mirror.stream_wait(stream, 1, 1)?;
+        mirror.stream_write(stream, 1, 0)
+    }
+
+    /// The counter's GPU-visible words, created on first use (`host`: the
+    /// plain-memory stand-in, for tests).
+    pub(crate) fn mirror(&self, host: bool) -> Result<Arc<MappedWords<2>>> {
+        if let Some(m) = self.shared.mirror.get() {
+            return Ok(m.clone());
+        }
+        let words = Arc::new(if host { MappedWords::host() } else { MappedWords::mapped()? });
+        // Under the state lock, so that no reach falls between reading the
+        // state and publishing the words.
+        let c = lock(&self.shared.state);
+        words.word(0).store(c.rounds, Ordering::Release);
+        words.word(1).store(u32::from(c.status == Status::Reached), Ordering::Release);
+        let _ = self.shared.mirror.set(words);
+        drop(c);
+        Ok(self.shared.mirror.get().expect("set above").clone())
     }
 
     /// Stops counting: waiters get [`Error::Cancelled`]. Immediates of this

@@ -16,6 +16,7 @@ pub(crate) mod staging;
 #[cfg(test)]
 mod staging_tests;
 pub mod stats;
+mod trigger;
 mod worker;
 
 use std::collections::HashMap;
@@ -32,6 +33,7 @@ pub use self::reserved::{
     reserved_imm, ImmSlot, ImmSpace, MessagePool, Service, PING_IMM, RESERVED_IMM_BASE, SERVICE_HEADER, SERVICE_MAGIC,
 };
 pub use self::staging::StagingConfig;
+pub use self::trigger::{StreamTrigger, TriggerPoll};
 pub use self::worker::PollMode;
 
 use self::completion::{Completion, PartGuard};

@@ -187,3 +187,27 @@ fn without_cuda_device_memory_is_refused_with_the_reason() {
     let err = unsafe { e.register_device(0x1000_0000, 4096, 0, Access::LOCAL) }.unwrap_err();
     assert!(matches!(err, Error::Cuda(_)), "{err}");
 }
+
+#[test]
+fn a_counter_mirrors_its_rounds_into_the_words_streams_wait_on() {
+    let (a, b) = (engine(Duration::from_secs(10)), engine(Duration::from_secs(10)));
+    let dst = b.alloc(4096, Access::REMOTE_WRITE).unwrap();
+    let counter = b.expect_imm(11, 2).unwrap();
+    let words = counter.mirror(true).unwrap();
+    let read = |i| words.word(i).load(std::sync::atomic::Ordering::Acquire);
+    assert_eq!((read(0), read(1)), (0, 0));
+    a.write_imm(dst.descriptor(), 11).unwrap().wait_timeout(WAIT).unwrap();
+    assert_eq!((read(0), read(1)), (0, 0), "one of two: not reached");
+    a.write_imm(dst.descriptor(), 11).unwrap().wait_timeout(WAIT).unwrap();
+    counter.wait_timeout(WAIT).unwrap();
+    assert_eq!((read(0), read(1)), (1, 1));
+    words.word(1).store(0, std::sync::atomic::Ordering::Release); // as a stream's clear would
+    counter.rearm(1).unwrap();
+    a.write_imm(dst.descriptor(), 11).unwrap().wait_timeout(WAIT).unwrap();
+    counter.wait_timeout(WAIT).unwrap();
+    assert_eq!((read(0), read(1)), (2, 1));
+    if !crate::cuda::available() {
+        // The stand-in's words are host memory: no stream can wait on them.
+        assert!(matches!(counter.wait_on_stream(0), Err(Error::Cuda(_))));
+    }
+}

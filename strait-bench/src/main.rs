@@ -475,18 +475,26 @@ fn info() {
             Err(e) => println!("  {name:<5} unavailable: {e}"),
         }
     }
-    let gpus: Vec<String> = std::fs::read_dir("/proc/driver/nvidia/gpus")
-        .map(|dir| {
-            dir.filter_map(|e| e.ok())
-                .filter_map(|e| std::fs::read_to_string(e.path().join("information")).ok())
-                .filter_map(|s| s.lines().find_map(|l| l.strip_prefix("Model:").map(|m| m.trim().to_owned())))
-                .collect()
-        })
-        .unwrap_or_default();
-    if gpus.is_empty() {
-        println!("GPUs: none found (no NVIDIA driver in /proc/driver/nvidia)");
-    } else {
-        println!("GPUs: {}", gpus.join(", "));
+    // CUDA through the driver, loaded at run time: a machine without one
+    // says why, as a normal condition.
+    match strait::cuda::probe() {
+        Err(e) => println!("CUDA: {e} (device memory unavailable; host memory only)"),
+        Ok(info) => {
+            println!(
+                "CUDA: driver {} ({} GPU(s)); device memory is staged over tcp/shm",
+                info.driver_version_string(),
+                info.gpus.len()
+            );
+            for g in &info.gpus {
+                println!(
+                    "  GPU {}: {}, {:.1} GiB, PCI {}",
+                    g.ordinal,
+                    g.name,
+                    g.memory as f64 / (1u64 << 30) as f64,
+                    g.pci
+                );
+            }
+        }
     }
     match strait::topology::Topology::discover() {
         Err(e) => println!("GPU -> NIC map: unavailable: {e}"),
