@@ -793,10 +793,11 @@ impl TransferEngine {
     /// ([`EngineBuilder::staging`]), keeping every semantic of a direct
     /// transfer: a write into a peer's device region completes only once
     /// the bytes are in the peer's GPU memory, and the peer's immediate is
-    /// delivered only after that. Staged memory takes contiguous requests
-    /// ([`write`](Self::write), [`write_imm`](Self::write_imm),
-    /// [`read`](Self::read), [`send`](Self::send) of at most a slot);
-    /// paged, strided and scatter requests and barriers refuse it.
+    /// delivered only after that. Staged memory takes
+    /// [`write`](Self::write), [`write_imm`](Self::write_imm),
+    /// [`write_paged`](Self::write_paged), [`read`](Self::read) and
+    /// [`send`](Self::send) (of at most a slot); strided copy lists,
+    /// scatters, batches and barriers refuse it.
     ///
     /// An engine stages for one GPU: the one of [`EngineBuilder::for_gpu`],
     /// else that of its first device region.
@@ -1156,7 +1157,7 @@ impl TransferEngine {
         }
         dst.check_range(dst_offset, len)?;
         let src = src.map(|s| s.inner.clone());
-        self.submit_staged(StagedOp::Write { src, src_offset, dst: dst.clone(), dst_offset, len, imm })
+        self.submit_staged(StagedOp::Write { src, dst: dst.clone(), runs: vec![(src_offset, dst_offset, len)], imm })
     }
 
     /// Writes pages: page `src_pages[i]` of `src` to page `dst_pages[i]` of
@@ -1172,8 +1173,38 @@ impl TransferEngine {
         dst_pages: Vec<u32>,
         imm: Option<u32>,
     ) -> Result<Transfer> {
+        if dst.is_staged() || src.inner.device.is_some() {
+            return self.staged_paged(src, dst, layout, src_pages, dst_pages, imm);
+        }
         let op = self.paged_op(src, dst, layout, src_pages, dst_pages, imm)?;
         self.submit(op)
+    }
+
+    /// A paged write from or to staged device memory: the same checks and
+    /// coalescing, the runs packed into staging slots (see [`staging`]).
+    fn staged_paged(
+        &self,
+        src: &MemoryRegion,
+        dst: &MrDesc,
+        layout: PagedLayout,
+        src_pages: Vec<u32>,
+        dst_pages: Vec<u32>,
+        imm: Option<u32>,
+    ) -> Result<Transfer> {
+        self.check_local(src)?;
+        self.check_write_target(dst)?;
+        let mut plan = PagedPlan::new(layout, src_pages, dst_pages, src.len(), dst.len(), 0, 1, 1, u64::MAX)?;
+        let mut runs = Vec::with_capacity(plan.count() as usize);
+        while let Some(p) = plan.next_piece() {
+            runs.push((p.src_offset, p.dst_offset, p.len));
+        }
+        if runs.is_empty() && imm.is_none() {
+            return Err(Error::InvalidRequest("a paged write of no pages must carry an immediate".into()));
+        }
+        if runs.is_empty() {
+            runs.push((0, 0, 0));
+        }
+        self.submit_staged(StagedOp::Write { src: Some(src.inner.clone()), dst: dst.clone(), runs, imm })
     }
 
     fn paged_op(

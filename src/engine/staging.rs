@@ -52,17 +52,27 @@
 //!
 //! # Encoding (version 1)
 //! `"STS" 1`, kind, cookie (u64 LE, the asker's chunk), then
-//! * Put (1): key, offset, length (u64 LE each), has-immediate (u8),
-//!   immediate (u32 LE), the asker's slot offset (u64 LE), then the asker's
-//!   staging pool descriptor ([`MrDesc`] encoding) to the end.
+//! * Put (1): key (u64 LE), has-immediate (u8), immediate (u32 LE), the
+//!   asker's slot offset (u64 LE), run count (u16 LE, 1 to
+//!   [`MAX_RUNS`]), then per run the destination offset and length (u64
+//!   LE each; the runs lie one after another in the asker's slot), then
+//!   the asker's staging pool descriptor ([`MrDesc`] encoding) to the end.
 //! * Get (2): key, offset, length, the asker's slot offset (u64 LE each),
 //!   then the asker's staging pool descriptor to the end.
 //! * Done (3): status (u8: 0 done, 1 no such region, 2 access or range
 //!   refused, 3 failed), then the answering engine's address.
 //!
+//! Paged writes ([`TransferEngine::write_paged`]) are staged too: their
+//! coalesced runs of pages are packed into slots (up to [`MAX_RUNS`] runs
+//! per chunk, a run longer than what is left of a slot continuing in the
+//! next), so a KV block list costs one `Put` per slot, not one per page.
+//!
 //! # Not staged
-//! Paged, strided and scatter requests and barriers refuse staged memory
-//! with [`Error::InvalidRequest`]: they are single contiguous requests only.
+//! Strided copy lists, scatters and barriers refuse staged memory with
+//! [`Error::InvalidRequest`] (rows of a few hundred bytes would cost a
+//! copy each: use HND layouts, or a transport with GPUDirect).
+//!
+//! [`TransferEngine::write_paged`]: crate::TransferEngine::write_paged
 //!
 //! [`TransferEngine::register_device`]: crate::TransferEngine::register_device
 //! [`EngineBuilder::staging`]: crate::EngineBuilder::staging
@@ -84,6 +94,9 @@ use crate::plan::{ShardConfig, ShardPlan};
 use crate::wire::Reader;
 
 pub(crate) const MAGIC: &[u8; 3] = b"STS";
+/// Runs one chunk (one `Put`) carries at most: the pages of a paged write
+/// packed into a slot.
+pub(crate) const MAX_RUNS: usize = 64;
 const VERSION: u8 = 1;
 const PUT: u8 = 1;
 const GET: u8 = 2;
@@ -158,12 +171,13 @@ impl CopyEngine for HostCopies {
 /// A staged request, as the engine hands it over.
 pub(crate) enum StagedOp {
     /// `src` None: an immediate only.
+    /// `runs`: (source offset, destination offset, length); a paged write
+    /// has one per coalesced run of pages. `len` 0 in a single run: an
+    /// immediate only.
     Write {
         src: Option<Arc<MrInner>>,
-        src_offset: u64,
         dst: MrDesc,
-        dst_offset: u64,
-        len: u64,
+        runs: Vec<(u64, u64, u64)>,
         imm: Option<u32>,
     },
     Read {
@@ -201,7 +215,7 @@ pub(crate) enum Msg {
 /// A decoded staged control message.
 #[derive(Debug, PartialEq)]
 enum Wire {
-    Put { cookie: u64, key: u64, offset: u64, len: u64, imm: Option<u32>, slot: u64, pool: MrDesc },
+    Put { cookie: u64, key: u64, imm: Option<u32>, slot: u64, runs: Vec<(u64, u64)>, pool: MrDesc },
     Get { cookie: u64, key: u64, offset: u64, len: u64, slot: u64, pool: MrDesc },
     Done { cookie: u64, status: u8, from: EngineAddress },
 }
@@ -218,12 +232,16 @@ impl Wire {
         out.push(VERSION);
         let u64s = |out: &mut Vec<u8>, vs: &[u64]| vs.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
         match self {
-            Wire::Put { cookie, key, offset, len, imm, slot, pool } => {
+            Wire::Put { cookie, key, imm, slot, runs, pool } => {
                 out.push(PUT);
-                u64s(&mut out, &[*cookie, *key, *offset, *len]);
+                u64s(&mut out, &[*cookie, *key]);
                 out.push(imm.is_some() as u8);
                 out.extend_from_slice(&imm.unwrap_or(0).to_le_bytes());
                 u64s(&mut out, &[*slot]);
+                out.extend_from_slice(&(runs.len() as u16).to_le_bytes());
+                for &(offset, len) in runs {
+                    u64s(&mut out, &[offset, len]);
+                }
                 out.extend_from_slice(&pool.to_bytes());
             }
             Wire::Get { cookie, key, offset, len, slot, pool } => {
@@ -249,7 +267,7 @@ impl Wire {
         let rest = |mut r: Reader<'_>| MrDesc::from_bytes(r.rest());
         match kind {
             PUT => {
-                let (key, offset, len) = (r.u64("key")?, r.u64("offset")?, r.u64("length")?);
+                let key = r.u64("key")?;
                 let has_imm = r.u8("has immediate")?;
                 let imm = r.u32("immediate")?;
                 let slot = r.u64("slot")?;
@@ -258,7 +276,19 @@ impl Wire {
                     1 => Some(imm),
                     other => return Err(r.error(format!("has-immediate {other}"))),
                 };
-                Ok(Wire::Put { cookie, key, offset, len, imm, slot, pool: rest(r)? })
+                let count = r.u16("run count")? as usize;
+                if !(1..=MAX_RUNS).contains(&count) {
+                    return Err(r.error(format!("{count} runs (1 to {MAX_RUNS})")));
+                }
+                let mut runs = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let (offset, len) = (r.u64("run offset")?, r.u64("run length")?);
+                    if offset.checked_add(len).is_none() {
+                        return Err(r.error("run offset + length overflows"));
+                    }
+                    runs.push((offset, len));
+                }
+                Ok(Wire::Put { cookie, key, imm, slot, runs, pool: rest(r)? })
             }
             GET => {
                 let (key, offset, len, slot) = (r.u64("key")?, r.u64("offset")?, r.u64("length")?, r.u64("slot")?);
@@ -313,12 +343,13 @@ enum Step {
         peer: EngineAddress,
         len: u64,
     },
-    /// Ask the owner of a staged region to take the slot's bytes.
+    /// Ask the owner of a staged region to take the slot's bytes: `runs`
+    /// (destination offset, length) lie one after another from the slot's
+    /// start.
     Put {
         owner: EngineAddress,
         key: u64,
-        offset: u64,
-        len: u64,
+        runs: Vec<(u64, u64)>,
         imm: Option<u32>,
     },
     /// Ask the owner of a staged region for bytes into the slot.
@@ -484,34 +515,36 @@ impl Stager {
         let mut chunks = Vec::new();
         let mut tail_imm = None;
         match op {
-            StagedOp::Write { src, src_offset, dst, dst_offset, len, imm } => {
+            StagedOp::Write { src, dst, runs, imm } => {
                 tail_imm = imm;
-                let count = len.div_ceil(size).max(1);
-                for i in 0..count {
-                    let off = i * size;
-                    let n = size.min(len - off.min(len));
-                    let last = i + 1 == count;
+                for (pieces, last) in pack(&runs, size) {
                     let imm = if last { imm } else { None };
                     let mut steps = VecDeque::new();
                     let mut keep = Vec::new();
+                    let mut at = 0;
                     if let Some(src) = &src {
-                        if n > 0 {
-                            steps.push_back(Step::ToSlot { from: src.ptr as u64 + src_offset + off, at: 0, len: n });
+                        for &(src_offset, _, len) in &pieces {
+                            steps.push_back(Step::ToSlot { from: src.ptr as u64 + src_offset, at, len });
+                            at += len;
                         }
                         keep.push(src.clone());
                     }
                     if dst.is_staged() {
-                        steps.push_back(Step::Put {
-                            owner: dst.owner().clone(),
-                            key: dst.key(0),
-                            offset: dst_offset + off,
-                            len: n,
-                            imm,
-                        });
+                        let mut runs: Vec<(u64, u64)> = pieces.iter().map(|&(_, d, l)| (d, l)).collect();
+                        if runs.is_empty() {
+                            runs.push((0, 0));
+                        }
+                        steps.push_back(Step::Put { owner: dst.owner().clone(), key: dst.key(0), runs, imm });
                     } else {
-                        steps.push_back(Step::Write { dst: dst.clone(), offset: dst_offset + off, at: 0, len: n, imm });
+                        let mut at = 0;
+                        let n = pieces.len();
+                        for (i, &(_, offset, len)) in pieces.iter().enumerate() {
+                            let imm = if i + 1 == n { imm } else { None };
+                            steps.push_back(Step::Write { dst: dst.clone(), offset, at, len, imm });
+                            at += len;
+                        }
                     }
-                    chunks.push(self.chunk(Role::Asker, id, n > 0, steps, keep));
+                    chunks.push(self.chunk(Role::Asker, id, at > 0, steps, keep));
                 }
             }
             StagedOp::Read { dst, dst_offset, src, src_offset, len } => {
@@ -626,9 +659,9 @@ impl Stager {
                     };
                     self.engine_request(id, op).map(|()| Wait::Transfer)
                 }
-                Step::Put { owner, key, offset, len, imm } => {
+                Step::Put { owner, key, runs, imm } => {
                     let pool = self.cfg.pool.desc.clone();
-                    let wire = Wire::Put { cookie: id, key, offset, len, imm, slot: slot_offset, pool };
+                    let wire = Wire::Put { cookie: id, key, imm, slot: slot_offset, runs, pool };
                     self.ask(owner, wire)
                 }
                 Step::Get { owner, key, offset, len } => {
@@ -805,25 +838,39 @@ impl Stager {
                 };
                 self.step_done(cookie, result);
             }
-            Wire::Put { cookie, key, offset, len, imm, slot, pool } => {
+            Wire::Put { cookie, key, imm, slot, runs, pool } => {
                 let owner = pool.owner().clone();
-                let region = match self.serve(key, offset, len, true) {
-                    Ok(r) => r,
-                    Err(status) => return self.answer(owner, cookie, status),
-                };
-                let mut steps = VecDeque::new();
-                let size = self.slot_size();
+                let mut region = None;
+                for &(offset, len) in &runs {
+                    match self.serve(key, offset, len, true) {
+                        Ok(r) => region = Some(r),
+                        Err(status) => return self.answer(owner, cookie, status),
+                    }
+                }
+                let region = region.expect("at least one run");
                 let device = region.device.is_some();
-                for at in (0..len).step_by(size as usize) {
-                    let n = size.min(len - at);
-                    steps.push_back(Step::Read { src: pool.clone(), offset: slot + at, at: 0, len: n });
-                    let to = region.ptr as u64 + offset + at;
-                    steps.push_back(Step::FromSlot { to, at: 0, len: n, device });
+                let size = self.slot_size();
+                let total: u64 = runs.iter().map(|r| r.1).sum();
+                let mut steps = VecDeque::new();
+                // Windows of one of this engine's slots over the asker's
+                // packed runs (whose slots may be larger than ours).
+                for window in (0..total).step_by(size as usize) {
+                    let end = total.min(window + size);
+                    steps.push_back(Step::Read { src: pool.clone(), offset: slot + window, at: 0, len: end - window });
+                    let mut run_start = 0;
+                    for &(offset, len) in &runs {
+                        let (from, to) = (run_start.max(window), (run_start + len).min(end));
+                        if from < to {
+                            let dst = region.ptr as u64 + offset + (from - run_start);
+                            steps.push_back(Step::FromSlot { to: dst, at: from - window, len: to - from, device });
+                        }
+                        run_start += len;
+                    }
                 }
                 if let Some(v) = imm {
                     steps.push_back(Step::Imm(v));
                 }
-                let mut chunk = self.chunk(Role::Server, 0, len > 0, steps, vec![region]);
+                let mut chunk = self.chunk(Role::Server, 0, total > 0, steps, vec![region]);
                 chunk.reply = Some((owner, cookie));
                 self.start(chunk);
             }
@@ -859,10 +906,55 @@ impl Stager {
     }
 }
 
+/// Packs `runs` (source offset, destination offset, length) into chunks of
+/// at most `size` bytes and [`MAX_RUNS`] runs, splitting runs longer than
+/// what is left of a chunk; each chunk with whether it is the last. Only
+/// empty runs (an immediate alone) make one empty chunk.
+fn pack(runs: &[(u64, u64, u64)], size: u64) -> Vec<(Vec<(u64, u64, u64)>, bool)> {
+    let mut chunks: Vec<Vec<(u64, u64, u64)>> = Vec::new();
+    let mut current = Vec::new();
+    let mut used = 0;
+    for &(mut src, mut dst, mut len) in runs.iter().filter(|r| r.2 > 0) {
+        while len > 0 {
+            if used == size || current.len() == MAX_RUNS {
+                chunks.push(std::mem::take(&mut current));
+                used = 0;
+            }
+            let n = len.min(size - used);
+            current.push((src, dst, n));
+            (src, dst, len, used) = (src + n, dst + n, len - n, used + n);
+        }
+    }
+    if !current.is_empty() || chunks.is_empty() {
+        chunks.push(current);
+    }
+    let count = chunks.len();
+    chunks.into_iter().enumerate().map(|(i, c)| (c, i + 1 == count)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::provider::ProviderKind;
+
+    #[test]
+    fn runs_pack_into_slots() {
+        // An immediate alone: one empty chunk.
+        let c = pack(&[(0, 0, 0)], 100);
+        assert_eq!(c, vec![(vec![], true)]);
+        // A long run splits at slot boundaries.
+        let c = pack(&[(0, 1000, 250)], 100);
+        let lens: Vec<Vec<(u64, u64, u64)>> = c.iter().map(|x| x.0.clone()).collect();
+        assert_eq!(lens, vec![vec![(0, 1000, 100)], vec![(100, 1100, 100)], vec![(200, 1200, 50)]]);
+        // Small runs share a slot; a run crossing the end is split.
+        let c = pack(&[(0, 0, 40), (500, 900, 40), (1000, 2000, 40)], 100);
+        assert_eq!(c[0].0, vec![(0, 0, 40), (500, 900, 40), (1000, 2000, 20)]);
+        assert_eq!(c[1], (vec![(1020, 2020, 20)], true));
+        // At most MAX_RUNS per chunk.
+        let many: Vec<_> = (0..MAX_RUNS as u64 + 1).map(|i| (i * 10, i * 10, 1)).collect();
+        let c = pack(&many, 1 << 20);
+        assert_eq!((c.len(), c[0].0.len(), c[1].0.len()), (2, MAX_RUNS, 1));
+    }
 
     fn address() -> EngineAddress {
         EngineAddress::new(ProviderKind::Tcp, vec![vec![1, 2, 3, 4].into_boxed_slice()])
@@ -872,8 +964,8 @@ mod tests {
     fn messages_round_trip() {
         let pool = MrDesc::new(address(), 0, 1 << 20, crate::Access::REMOTE_READ_WRITE, vec![9]);
         let messages = [
-            Wire::Put { cookie: 1, key: 2, offset: 3, len: 4, imm: Some(5), slot: 6, pool: pool.clone() },
-            Wire::Put { cookie: 1, key: 2, offset: 3, len: 4, imm: None, slot: 6, pool: pool.clone() },
+            Wire::Put { cookie: 1, key: 2, imm: Some(5), slot: 6, runs: vec![(3, 4)], pool: pool.clone() },
+            Wire::Put { cookie: 1, key: 2, imm: None, slot: 6, runs: vec![(3, 4), (100, 7)], pool: pool.clone() },
             Wire::Get { cookie: 7, key: 8, offset: 9, len: 10, slot: 11, pool },
             Wire::Done { cookie: 12, status: REFUSED, from: address() },
         ];

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::plan::Strided;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -134,9 +135,17 @@ fn requests_that_cannot_take_staged_memory_are_refused_before_posting() {
     let (a, b) = (engine(Duration::from_secs(10)), engine(Duration::from_secs(10)));
     let dev = b.alloc_device(1 << 16, 0, Access::REMOTE_READ_WRITE).unwrap();
     let host = a.alloc(1 << 16, Access::LOCAL).unwrap();
-    let layout = PagedLayout::contiguous(4096);
-    let paged = a.write_paged(&host, dev.descriptor(), layout, vec![0], vec![1], None).unwrap_err();
-    assert!(matches!(paged, Error::InvalidRequest(ref m) if m.contains("staged")), "{paged}");
+    let list = CopyList::new(vec![Strided {
+        src_offset: 0,
+        dst_offset: 0,
+        row_len: 64,
+        rows: 4,
+        src_stride: 128,
+        dst_stride: 128,
+    }])
+    .unwrap();
+    let strided = a.write_copies(&host, 0, dev.descriptor(), 0, &list, None).unwrap_err();
+    assert!(matches!(strided, Error::InvalidRequest(ref m) if m.contains("staged")), "{strided}");
     let target = ScatterTarget { dst: dev.descriptor().clone(), src_offset: 0, dst_offset: 0, len: 16, imm: None };
     assert!(matches!(a.scatter(&host, &[target]), Err(Error::InvalidRequest(_))));
     assert!(matches!(a.barrier(&[dev.descriptor().clone()], 1), Err(Error::InvalidRequest(_))));
@@ -209,5 +218,42 @@ fn a_counter_mirrors_its_rounds_into_the_words_streams_wait_on() {
     if !crate::cuda::available() {
         // The stand-in's words are host memory: no stream can wait on them.
         assert!(matches!(counter.wait_on_stream(0), Err(Error::Cuda(_))));
+    }
+}
+
+#[test]
+fn paged_writes_between_device_caches_pack_pages_into_slots() {
+    let (a, b) = (engine(Duration::from_secs(10)), engine(Duration::from_secs(10)));
+    // 64 pages of 3 KiB (so pages straddle the 64 KiB slots), scattered.
+    let (page, pages) = (3072u64, 64u32);
+    let src = a.alloc_device(page * pages as u64, 0, Access::LOCAL).unwrap();
+    let dst = b.alloc_device(page * 2 * pages as u64, 0, Access::REMOTE_READ_WRITE).unwrap();
+    let data = pattern((page * pages as u64) as usize, 7);
+    src.write_at(0, &data).unwrap();
+    let src_pages: Vec<u32> = (0..pages).collect();
+    // Runs of four consecutive pages, then a gap: coalesced into runs.
+    let dst_pages: Vec<u32> = (0..pages).map(|p| p + (p / 4) * 4).collect();
+    let landed = b.expect_imm(21, 1).unwrap();
+    let layout = PagedLayout::contiguous(page);
+    a.write_paged(&src, dst.descriptor(), layout, src_pages.clone(), dst_pages.clone(), Some(21))
+        .unwrap()
+        .wait_timeout(WAIT)
+        .unwrap();
+    landed.wait_timeout(WAIT).unwrap();
+    for (s, d) in src_pages.iter().zip(&dst_pages) {
+        let want = &data[(*s as u64 * page) as usize..((*s as u64 + 1) * page) as usize];
+        assert_eq!(dst.to_vec(*d as u64 * page, page).unwrap(), want, "page {s} -> {d}");
+    }
+    // The gaps stay untouched.
+    assert_eq!(dst.to_vec(4 * page, 4 * page).unwrap(), vec![0; 4 * page as usize]);
+    // And from device memory into a peer's host cache.
+    let host = b.alloc(page * 2 * pages as u64, Access::REMOTE_WRITE).unwrap();
+    a.write_paged(&src, host.descriptor(), layout, src_pages.clone(), dst_pages.clone(), None)
+        .unwrap()
+        .wait_timeout(WAIT)
+        .unwrap();
+    for (s, d) in src_pages.iter().zip(&dst_pages) {
+        let want = &data[(*s as u64 * page) as usize..((*s as u64 + 1) * page) as usize];
+        assert_eq!(host.to_vec(*d as u64 * page, page).unwrap(), want, "host page {s} -> {d}");
     }
 }
