@@ -138,6 +138,9 @@ typedef enum strait_status {
   STRAIT_STATUS_WOULD_DEADLOCK = 17,
   // An error of a kind newer than this header.
   STRAIT_STATUS_OTHER = 18,
+  // CUDA is unavailable (no driver), or a CUDA call failed
+  // (`Error::Cuda`).
+  STRAIT_STATUS_CUDA = 19,
   // A required pointer argument was NULL.
   STRAIT_STATUS_NULL_ARGUMENT = 32,
   // A handle argument is not a live handle of the expected type.
@@ -718,6 +721,29 @@ enum strait_status strait_engine_register(const struct strait_engine *engine,
                                           uint64_t len,
                                           uint32_t access,
                                           struct strait_mr **out);
+
+// Registers `len` bytes of CUDA device memory at device address `ptr` on
+// GPU `gpu` (CUDA's ordinal). On transports without GPUDirect (libfabric
+// tcp and shm) the memory is staged through pinned host buffers with the
+// semantics of host memory (see the README's "GPU memory"). The memory
+// must stay allocated until the region is destroyed and every request
+// using it has ended. `CUDA` without a driver, or when `ptr..ptr+len` is
+// not device memory of that GPU.
+enum strait_status strait_engine_register_device(const struct strait_engine *engine,
+                                                 uint64_t ptr,
+                                                 uint64_t len,
+                                                 uint32_t gpu,
+                                                 uint32_t access,
+                                                 struct strait_mr **out);
+
+// Allocates `len` zeroed bytes of device memory on GPU `gpu` and registers
+// them as `strait_engine_register_device` does; the engine frees them
+// after deregistration. `CUDA` without a driver.
+enum strait_status strait_engine_alloc_device(const struct strait_engine *engine,
+                                              uint64_t len,
+                                              uint32_t gpu,
+                                              uint32_t access,
+                                              struct strait_mr **out);
 
 // As `strait_engine_register`, but the memory passes to strait:
 // `release(ptr, len, user_data)` is called exactly once, when strait no

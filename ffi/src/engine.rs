@@ -744,6 +744,56 @@ pub unsafe extern "C" fn strait_engine_register(
     })
 }
 
+/// Registers `len` bytes of CUDA device memory at device address `ptr` on
+/// GPU `gpu` (CUDA's ordinal). On transports without GPUDirect (libfabric
+/// tcp and shm) the memory is staged through pinned host buffers with the
+/// semantics of host memory (see the README's "GPU memory"). The memory
+/// must stay allocated until the region is destroyed and every request
+/// using it has ended. `CUDA` without a driver, or when `ptr..ptr+len` is
+/// not device memory of that GPU.
+#[no_mangle]
+pub unsafe extern "C" fn strait_engine_register_device(
+    engine: *const strait_engine,
+    ptr: u64,
+    len: u64,
+    gpu: u32,
+    access: u32,
+    out: *mut *mut strait_mr,
+) -> strait_status {
+    call(|| {
+        // SAFETY: header contract.
+        unsafe { clear_out(out, "out")? };
+        // SAFETY: header contract.
+        let e = unsafe { engine_of(engine)? };
+        // SAFETY: the caller keeps the device memory allocated (header
+        // contract); the engine checks with CUDA that it is device memory.
+        let mr = unsafe { e.register_device(ptr, len, gpu, access_of(access)?)? };
+        // SAFETY: checked above.
+        unsafe { put(out, mr_handle(mr), "out") }
+    })
+}
+
+/// Allocates `len` zeroed bytes of device memory on GPU `gpu` and registers
+/// them as `strait_engine_register_device` does; the engine frees them
+/// after deregistration. `CUDA` without a driver.
+#[no_mangle]
+pub unsafe extern "C" fn strait_engine_alloc_device(
+    engine: *const strait_engine,
+    len: u64,
+    gpu: u32,
+    access: u32,
+    out: *mut *mut strait_mr,
+) -> strait_status {
+    call(|| {
+        // SAFETY: header contract.
+        unsafe { clear_out(out, "out")? };
+        // SAFETY: header contract.
+        let mr = unsafe { engine_of(engine)? }.alloc_device(len, gpu, access_of(access)?)?;
+        // SAFETY: checked above.
+        unsafe { put(out, mr_handle(mr), "out") }
+    })
+}
+
 /// Called once registered memory is no longer used by strait (the region
 /// destroyed and every request using it ended), with the pointer and
 /// length given to `strait_engine_register_owned`: free it there. Runs on

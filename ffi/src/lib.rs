@@ -86,6 +86,9 @@ pub enum strait_status {
     WouldDeadlock = 17,
     /// An error of a kind newer than this header.
     Other = 18,
+    /// CUDA is unavailable (no driver), or a CUDA call failed
+    /// (`Error::Cuda`).
+    Cuda = 19,
     /// A required pointer argument was NULL.
     NullArgument = 32,
     /// A handle argument is not a live handle of the expected type.
@@ -140,6 +143,7 @@ pub extern "C" fn strait_status_name(status: i32) -> *const c_char {
         16 => c"STRAIT_STATUS_ABORTED",
         17 => c"STRAIT_STATUS_WOULD_DEADLOCK",
         18 => c"STRAIT_STATUS_OTHER",
+        19 => c"STRAIT_STATUS_CUDA",
         32 => c"STRAIT_STATUS_NULL_ARGUMENT",
         33 => c"STRAIT_STATUS_WRONG_HANDLE",
         34 => c"STRAIT_STATUS_BUFFER_TOO_SMALL",
@@ -169,6 +173,7 @@ pub(crate) fn status_of(e: &Error) -> strait_status {
         Error::LayoutMismatch { .. } => strait_status::LayoutMismatch,
         Error::Aborted { .. } => strait_status::Aborted,
         Error::WouldDeadlock(_) => strait_status::WouldDeadlock,
+        Error::Cuda(_) => strait_status::Cuda,
         _ => strait_status::Other,
     }
 }
@@ -453,6 +458,7 @@ mod tests {
             S::Aborted,
             S::WouldDeadlock,
             S::Other,
+            S::Cuda,
             S::NullArgument,
             S::WrongHandle,
             S::BufferTooSmall,
@@ -482,6 +488,7 @@ mod tests {
             (Error::PeerUnreachable("x".into()), strait_status::PeerUnreachable),
             (Error::InvalidRequest("x".into()), strait_status::InvalidRequest),
             (Error::WouldDeadlock("x"), strait_status::WouldDeadlock),
+            (Error::Cuda("x".into()), strait_status::Cuda),
         ];
         for (e, s) in cases {
             let message = e.to_string();

@@ -572,6 +572,11 @@ impl TransferEngine {
     /// must be contiguous. `remote` is what peers may do: `None` (local
     /// use only), `"write"`, `"read"` or `"read_write"`. The object is kept
     /// alive while registered.
+    ///
+    /// CUDA tensors (PyTorch, CuPy: DLPack `kDLCUDA`, or `data_ptr()` with a
+    /// `cuda` device) register as device memory, staged through pinned host
+    /// buffers on transports without GPUDirect (see the README's "GPU
+    /// memory"); without a CUDA driver this raises `CudaError`.
     #[pyo3(signature = (obj, remote=None))]
     fn register(&self, py: Python<'_>, obj: &Bound<'_, PyAny>, remote: Option<&str>) -> PyResult<Region> {
         let access = parse_access(py, remote)?;
@@ -590,8 +595,16 @@ impl TransferEngine {
         // the engine holds it until the memory is deregistered. It is a Py
         // handle, so dropping it on the engine's thread defers the decref to
         // the next holder of the GIL.
-        let region =
-            py.detach(|| unsafe { engine.register_owned(ptr as *mut u8, len, access, found.keepalive) }).py(py)?;
+        let region = match found.gpu {
+            // SAFETY: as below; the keepalive holds the tensor's device
+            // memory.
+            Some(gpu) => py
+                .detach(|| unsafe { engine.register_device_owned(ptr as u64, len, gpu, access, found.keepalive) })
+                .py(py)?,
+            None => {
+                py.detach(|| unsafe { engine.register_owned(ptr as *mut u8, len, access, found.keepalive) }).py(py)?
+            }
+        };
         Ok(Region::new(py, region, found.writable, Some(obj.clone().unbind()), found.via))
     }
 

@@ -43,6 +43,7 @@ pub fn to_py(py: Python<'_>, error: strait::Error) -> PyErr {
         E::LayoutMismatch { .. } => "LayoutMismatchError",
         E::Aborted { .. } => "AbortedError",
         E::WeightsPlan(_) => "WeightsPlanError",
+        E::Cuda(_) => "CudaError",
         _ => "Error",
     };
     raise(py, name, error.to_string())

@@ -29,6 +29,9 @@ pub struct Exported {
     /// How it was found: `dlpack` (an unversioned capsule),
     /// `dlpack_versioned` (DLPack 1.x), `buffer` or `data_ptr`.
     pub via: &'static str,
+    /// CUDA device memory of this GPU (DLPack `kDLCUDA`, or a tensor whose
+    /// `device.type` is `"cuda"`); `None` for host memory.
+    pub gpu: Option<u32>,
 }
 
 /// The memory behind `obj`, or `UnsupportedObjectError` /
@@ -124,6 +127,7 @@ struct DlManagedTensorVersioned {
 const DL_READ_ONLY: u64 = 1;
 
 const DL_CPU: i32 = 1;
+const DL_CUDA: i32 = 2;
 const DL_CUDA_HOST: i32 = 3;
 const DL_ROCM_HOST: i32 = 11;
 
@@ -186,13 +190,13 @@ fn from_dlpack(obj: &Bound<'_, PyAny>, capsule: Bound<'_, PyAny>) -> PyResult<Ex
         ));
     };
     let device = t.device.device_type;
-    if !matches!(device, DL_CPU | DL_CUDA_HOST | DL_ROCM_HOST) {
+    let gpu = (device == DL_CUDA).then_some(t.device.device_id.max(0) as u32);
+    if !matches!(device, DL_CPU | DL_CUDA | DL_CUDA_HOST | DL_ROCM_HOST) {
         return Err(raise(
             py,
             "RegisterMemoryError",
             format!(
-                "{}:{} memory cannot be registered: this build of strait registers host memory only \
-                 (libfabric FI_HMEM is not enabled); copy the tensor to pinned host memory first",
+                "{}:{} memory cannot be registered: strait registers host memory and CUDA device memory",
                 device_name(device),
                 t.device.device_id
             ),
@@ -228,7 +232,7 @@ fn from_dlpack(obj: &Bound<'_, PyAny>, capsule: Bound<'_, PyAny>) -> PyResult<Ex
     })?;
     let ptr = (t.data as usize).wrapping_add(t.byte_offset as usize);
     let keepalive = (obj.clone(), capsule).into_pyobject(py)?.into_any().unbind();
-    Ok(Exported { ptr, len, writable, keepalive, via })
+    Ok(Exported { ptr, len, writable, keepalive, via, gpu })
 }
 
 /// Row-major with no gaps; dimensions of length 1 may have any stride.
@@ -312,7 +316,7 @@ fn from_buffer(obj: &Bound<'_, PyAny>) -> PyResult<Result<Exported, String>> {
             "the buffer is not C-contiguous: register a contiguous copy".to_string(),
         ));
     }
-    Ok(Ok(Exported { ptr, len, writable, keepalive: view.unbind(), via: "buffer" }))
+    Ok(Ok(Exported { ptr, len, writable, keepalive: view.unbind(), via: "buffer", gpu: None }))
 }
 
 /// PyTorch tensors whose `__dlpack__` failed (for example `requires_grad`),
@@ -322,24 +326,31 @@ fn from_data_ptr(obj: &Bound<'_, PyAny>) -> PyResult<Exported> {
     if obj.hasattr("is_contiguous")? && !obj.call_method0("is_contiguous")?.is_truthy()? {
         return Err(raise(py, "UnsupportedObjectError", "the tensor is not contiguous: register .contiguous()"));
     }
+    let mut gpu = None;
     if obj.hasattr("device")? {
         let device = obj.getattr("device")?;
         let kind: String = device.getattr("type").and_then(|t| t.extract()).unwrap_or_else(|_| "cpu".into());
-        if kind != "cpu" {
-            return Err(raise(
-                py,
-                "RegisterMemoryError",
-                format!(
-                    "{} memory cannot be registered: this build of strait registers host memory only \
-                     (libfabric FI_HMEM is not enabled)",
-                    device.str()?
-                ),
-            ));
+        match kind.as_str() {
+            "cpu" => {}
+            "cuda" => {
+                let index: Option<u32> = device.getattr("index").and_then(|i| i.extract()).unwrap_or(None);
+                gpu = Some(index.unwrap_or(0));
+            }
+            _ => {
+                return Err(raise(
+                    py,
+                    "RegisterMemoryError",
+                    format!(
+                        "{} memory cannot be registered: strait registers host memory and CUDA device memory",
+                        device.str()?
+                    ),
+                ));
+            }
         }
     }
     let ptr: usize = obj.call_method0("data_ptr")?.extract()?;
     let len: u64 = obj.getattr("nbytes")?.extract()?;
-    Ok(Exported { ptr, len, writable: true, keepalive: obj.clone().unbind(), via: "data_ptr" })
+    Ok(Exported { ptr, len, writable: true, keepalive: obj.clone().unbind(), via: "data_ptr", gpu })
 }
 
 /// A sequence of offsets or lengths as `u64`s (see [`ints`]).

@@ -300,6 +300,21 @@ impl ImmCounter {
         self.wake_all(py);
     }
 
+    /// Makes CUDA stream `stream` wait for this counter without the CPU:
+    /// work queued on the stream afterwards runs once this round's count
+    /// has arrived. `stream` is a `torch.cuda.Stream` (anything with
+    /// `cuda_stream`), a CuPy stream (`ptr`) or a raw `CUstream` as an
+    /// int. With `clear=True` the wait consumes the reach (one reach
+    /// releases one wait), which is what a captured CUDA graph replayed
+    /// round after round needs. Keep the counter alive until the stream
+    /// has passed the wait. Raises `CudaError` without CUDA.
+    #[pyo3(signature = (stream, clear=false))]
+    fn wait_on_stream(&self, py: Python<'_>, stream: &Bound<'_, PyAny>, clear: bool) -> PyResult<()> {
+        let stream = stream_handle(stream)?;
+        let r = if clear { self.inner.wait_on_stream_and_clear(stream) } else { self.inner.wait_on_stream(stream) };
+        r.map_err(|e| to_py(py, e))
+    }
+
     /// Starts a new round expecting `count` more immediates.
     fn rearm(&self, py: Python<'_>, count: u64) -> PyResult<()> {
         py.detach(|| self.inner.rearm(count)).map_err(|e| to_py(py, e))?;
@@ -328,5 +343,92 @@ impl ImmCounter {
 
     fn __repr__(&self) -> String {
         format!("<strait.ImmCounter value={} seen={}/{}>", self.inner.value(), self.inner.seen(), self.count())
+    }
+}
+
+/// A `CUstream` from a torch stream (`cuda_stream`), a CuPy stream (`ptr`)
+/// or an int.
+pub fn stream_handle(stream: &Bound<'_, PyAny>) -> PyResult<u64> {
+    for attr in ["cuda_stream", "ptr"] {
+        if stream.hasattr(attr)? {
+            return stream.getattr(attr)?.extract();
+        }
+    }
+    stream.extract()
+}
+
+/// A slot that CUDA streams store into, on which a watcher thread calls
+/// `callback(value)` (with the GIL) for every value after the last one it
+/// saw, in order: start the transfers of layer `value` from it.
+/// `fire_on_stream(stream, value)` enqueues the store on a stream (after
+/// the work queued before it; capturable in a CUDA graph), `fire(value)`
+/// stores from the CPU, `address` is the slot's address for a kernel.
+/// `StreamTrigger(callback, host=True)` needs no CUDA (fired from the CPU
+/// only). `close()` (or dropping it) stops the watcher.
+#[pyclass(module = "strait._strait", frozen)]
+pub struct StreamTrigger {
+    inner: Mutex<Option<strait::StreamTrigger>>,
+}
+
+#[pymethods]
+impl StreamTrigger {
+    #[new]
+    #[pyo3(signature = (callback, host=false, spin=false))]
+    fn new(py: Python<'_>, callback: Py<PyAny>, host: bool, spin: bool) -> PyResult<Self> {
+        let poll = if spin { strait::TriggerPoll::Spin } else { strait::TriggerPoll::default() };
+        let on_fire = move |value: u32| Python::attach(|py| call_reporting(py, &callback, (value,)));
+        let trigger = if host {
+            strait::StreamTrigger::on_host(poll, on_fire)
+        } else {
+            strait::StreamTrigger::new(poll, on_fire)
+        };
+        Ok(StreamTrigger { inner: Mutex::new(Some(trigger.map_err(|e| to_py(py, e))?)) })
+    }
+
+    fn fire_on_stream(&self, py: Python<'_>, stream: &Bound<'_, PyAny>, value: u32) -> PyResult<()> {
+        let stream = stream_handle(stream)?;
+        self.with(py, |t| t.fire_on_stream(stream, value))
+    }
+
+    fn fire(&self, py: Python<'_>, value: u32) -> PyResult<()> {
+        self.with(py, |t| {
+            t.fire(value);
+            Ok(())
+        })
+    }
+
+    #[getter]
+    fn address(&self, py: Python<'_>) -> PyResult<u64> {
+        self.with(py, |t| Ok(t.address()))
+    }
+
+    #[getter]
+    fn value(&self, py: Python<'_>) -> PyResult<u32> {
+        self.with(py, |t| Ok(t.value()))
+    }
+
+    fn close(&self, py: Python<'_>) {
+        let t = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // The watcher may be waiting for the GIL to run a callback.
+        py.detach(move || drop(t));
+    }
+}
+
+impl StreamTrigger {
+    fn with<T>(&self, py: Python<'_>, f: impl FnOnce(&strait::StreamTrigger) -> strait::Result<T>) -> PyResult<T> {
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let t =
+            guard.as_ref().ok_or_else(|| crate::errors::raise(py, "InvalidRequestError", "the trigger is closed"))?;
+        f(t).map_err(|e| to_py(py, e))
+    }
+}
+
+impl Drop for StreamTrigger {
+    fn drop(&mut self) {
+        // Dropped with the GIL held, while the watcher may be waiting for
+        // it to run a callback: stop and join it on a thread of its own.
+        if let Some(t) = self.inner.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            std::thread::spawn(move || drop(t));
+        }
     }
 }

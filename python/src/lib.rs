@@ -50,6 +50,35 @@ fn gpu_nic_map(py: Python<'_>) -> PyResult<std::collections::BTreeMap<usize, Vec
     }
 }
 
+/// CUDA on this machine: `{"available": True, "driver": "13.0", "gpus":
+/// [{"ordinal", "name", "memory", "pci"}, ...]}`, or `{"available": False,
+/// "reason": "..."}` (no driver: a normal condition, host memory only).
+#[pyfunction]
+fn cuda_info(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
+    let d = pyo3::types::PyDict::new(py);
+    match py.detach(strait::cuda::probe) {
+        Ok(info) => {
+            d.set_item("available", true)?;
+            d.set_item("driver", info.driver_version_string())?;
+            let gpus = pyo3::types::PyList::empty(py);
+            for g in &info.gpus {
+                let gd = pyo3::types::PyDict::new(py);
+                gd.set_item("ordinal", g.ordinal)?;
+                gd.set_item("name", &g.name)?;
+                gd.set_item("memory", g.memory)?;
+                gd.set_item("pci", &g.pci)?;
+                gpus.append(gd)?;
+            }
+            d.set_item("gpus", gpus)?;
+        }
+        Err(e) => {
+            d.set_item("available", false)?;
+            d.set_item("reason", e.to_string())?;
+        }
+    }
+    Ok(d)
+}
+
 #[pymodule]
 fn _strait(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::TransferEngine>()?;
@@ -70,6 +99,8 @@ fn _strait(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<weights::WeightsGroup>()?;
     m.add_function(wrap_pyfunction!(probe, m)?)?;
     m.add_function(wrap_pyfunction!(gpu_nic_map, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_info, m)?)?;
+    m.add_class::<handles::StreamTrigger>()?;
     m.add_function(wrap_pyfunction!(engine::_shutdown_all, m)?)?;
     m.add("PAGE_SIZE", strait::PAGE_SIZE)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -42,11 +42,14 @@ from ._strait import (
     __version__,
     probe,
     gpu_nic_map,
+    cuda_info,
+    StreamTrigger,
 )
 from .errors import (
     AbortedError,
     BackendUnavailableError,
     CancelledError,
+    CudaError,
     Error,
     InvalidDescriptorError,
     InvalidRequestError,
@@ -73,6 +76,8 @@ __all__ = [
     "TransferEngine",
     "probe",
     "gpu_nic_map",
+    "cuda_info",
+    "StreamTrigger",
     "errors",
     *errors.__all__,
 ]

@@ -27,6 +27,7 @@ __all__ = [
     "LayoutMismatchError",
     "AbortedError",
     "WeightsPlanError",
+    "CudaError",
 ]
 
 
@@ -115,3 +116,9 @@ class WeightsPlanError(InvalidRequestError):
     planned: a tensor on one side only, a shape or element-size mismatch,
     overlapping shares, or bytes no source holds. The message names the
     tensor and the ranks; nothing was transferred."""
+
+
+class CudaError(Error, RuntimeError):
+    """CUDA is unavailable here (no driver: the message says why; device
+    memory cannot be registered), or a CUDA call failed (the message names
+    it)."""

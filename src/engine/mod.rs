@@ -814,6 +814,24 @@ impl TransferEngine {
         self.register_device_inner(ptr, len, gpu, access, None)
     }
 
+    /// As [`register_device`](Self::register_device), holding `owner` until
+    /// the memory is deregistered (as
+    /// [`register_owned`](Self::register_owned) does for host memory): how
+    /// the Python bindings keep a CUDA tensor alive.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be device memory that `owner` keeps allocated.
+    pub unsafe fn register_device_owned(
+        &self,
+        ptr: u64,
+        len: u64,
+        gpu: u32,
+        access: Access,
+        owner: impl Send + 'static,
+    ) -> Result<MemoryRegion> {
+        self.register_device_inner(ptr, len, gpu, access, Some(Box::new(owner)))
+    }
+
     /// Allocates `len` zeroed bytes of device memory on GPU `gpu`
     /// (`cuMemAlloc`) and registers them as
     /// [`register_device`](Self::register_device) does; the engine frees
