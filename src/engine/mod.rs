@@ -883,6 +883,8 @@ impl TransferEngine {
             None
         } else {
             let ctx = stager.context.clone().ok_or_else(|| self.no_cuda())?;
+            // Pointer attributes are answered in a context.
+            ctx.bind()?;
             for (what, at) in [("first", ptr), ("last", ptr + len - 1)] {
                 match crate::cuda::device_of(at) {
                     Some(g) if g == gpu => {}
