@@ -590,21 +590,21 @@ impl TransferEngine {
         }
         let engine = self.engine(py)?;
         let (ptr, len) = (found.ptr, found.len);
-        // SAFETY: the keepalive (a capsule, a memoryview export or the
-        // object) keeps ptr..ptr+len valid and in place while it lives, and
-        // the engine holds it until the memory is deregistered. It is a Py
-        // handle, so dropping it on the engine's thread defers the decref to
-        // the next holder of the GIL.
-        let region = match found.gpu {
-            // SAFETY: as below; the keepalive holds the tensor's device
-            // memory.
-            Some(gpu) => py
-                .detach(|| unsafe { engine.register_device_owned(ptr as u64, len, gpu, access, found.keepalive) })
-                .py(py)?,
-            None => {
-                py.detach(|| unsafe { engine.register_owned(ptr as *mut u8, len, access, found.keepalive) }).py(py)?
-            }
-        };
+        // The keepalive (a capsule, a memoryview export or the object) keeps
+        // ptr..ptr+len valid and in place while it lives, and the engine
+        // holds it until the memory is deregistered. It is a Py handle, so
+        // dropping it on the engine's thread defers the decref to the next
+        // holder of the GIL.
+        let (keepalive, gpu) = (found.keepalive, found.gpu);
+        let region = py
+            .detach(|| match gpu {
+                // SAFETY: see above; for a CUDA tensor the keepalive holds
+                // its device memory.
+                Some(gpu) => unsafe { engine.register_device_owned(ptr as u64, len, gpu, access, keepalive) },
+                // SAFETY: see above.
+                None => unsafe { engine.register_owned(ptr as *mut u8, len, access, keepalive) },
+            })
+            .py(py)?;
         Ok(Region::new(py, region, found.writable, Some(obj.clone().unbind()), found.via))
     }
 

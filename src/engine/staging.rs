@@ -906,12 +906,15 @@ impl Stager {
     }
 }
 
+/// (source offset, destination offset, length) of a staged write.
+type Run = (u64, u64, u64);
+
 /// Packs `runs` (source offset, destination offset, length) into chunks of
 /// at most `size` bytes and [`MAX_RUNS`] runs, splitting runs longer than
 /// what is left of a chunk; each chunk with whether it is the last. Only
 /// empty runs (an immediate alone) make one empty chunk.
-fn pack(runs: &[(u64, u64, u64)], size: u64) -> Vec<(Vec<(u64, u64, u64)>, bool)> {
-    let mut chunks: Vec<Vec<(u64, u64, u64)>> = Vec::new();
+fn pack(runs: &[Run], size: u64) -> Vec<(Vec<Run>, bool)> {
+    let mut chunks: Vec<Vec<Run>> = Vec::new();
     let mut current = Vec::new();
     let mut used = 0;
     for &(mut src, mut dst, mut len) in runs.iter().filter(|r| r.2 > 0) {
