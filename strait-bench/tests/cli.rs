@@ -136,7 +136,13 @@ fn info_reports_providers_and_unavailable_backends() {
     } else {
         assert!(verbs.contains("available"), "{text}");
     }
-    assert!(text.contains("GPUs:"), "{text}");
+    // CUDA's line: the driver and GPUs, or why there is none.
+    let cuda = text.lines().find(|l| l.starts_with("CUDA: ")).expect("a CUDA line");
+    match strait::cuda::probe() {
+        Ok(_) => assert!(cuda.contains("driver"), "{text}"),
+        Err(e) => assert!(cuda.contains(&e.to_string()), "{text}"),
+    }
+    assert!(text.contains("GPU -> NIC map"), "{text}");
 }
 
 #[test]
