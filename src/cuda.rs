@@ -227,6 +227,36 @@ pub(crate) fn device_of(ptr: u64) -> Option<u32> {
     (rc == sys::CUresult::CUDA_SUCCESS && ordinal >= 0).then_some(ordinal as u32)
 }
 
+/// The dma-buf of the device memory `ptr..ptr+len`
+/// (`cuMemGetHandleForAddressRange`), as the file descriptor and the
+/// offset of `ptr` in it; `None` where the driver or GPU exports none
+/// (CUDA before 11.7, proprietary kernel modules before r535, or
+/// `CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED` false). The range is widened
+/// to whole host pages, as the call requires.
+pub(crate) fn dmabuf_of(ptr: u64, len: u64) -> Option<(std::os::fd::OwnedFd, u64)> {
+    init().ok()?;
+    let page = 4096u64;
+    let base = ptr & !(page - 1);
+    let end = (ptr + len).div_ceil(page) * page;
+    let mut fd: i32 = -1;
+    // SAFETY: writes an int file descriptor for the range (or fails).
+    let rc = unsafe {
+        sys::cuMemGetHandleForAddressRange(
+            std::ptr::from_mut(&mut fd).cast(),
+            base,
+            (end - base) as usize,
+            sys::CUmemRangeHandleType::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
+            0,
+        )
+    };
+    if rc != sys::CUresult::CUDA_SUCCESS || fd < 0 {
+        tracing::debug!(?rc, "no dma-buf for device memory; plain registration (nvidia-peermem) instead");
+        return None;
+    }
+    // SAFETY: a new descriptor the driver handed to us.
+    Some((unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }, ptr - base))
+}
+
 /// Device memory from `cuMemAlloc`, freed when dropped.
 pub(crate) struct DeviceAlloc {
     pub(crate) ptr: u64,

@@ -54,6 +54,12 @@ pub(crate) struct Faults {
     /// or with anything posted after the close: must stay 0.
     pub pools_released: AtomicU64,
     pub teardown_violations: AtomicU64,
+    /// Report [`Nic::device_memory`] (GPUDirect), and count the device
+    /// registrations and the posts from or into memory that is not host
+    /// memory (`Op::host_memory` false).
+    pub device_memory: bool,
+    pub device_registrations: AtomicU64,
+    pub device_posts: AtomicU64,
 }
 
 struct Pending {
@@ -124,6 +130,24 @@ impl Nic for FaultNic {
         Ok(region)
     }
 
+    fn device_memory(&self) -> bool {
+        self.faults.device_memory
+    }
+
+    unsafe fn register_device(
+        &mut self,
+        addr: u64,
+        len: u64,
+        access: Access,
+        _gpu: u32,
+        _dmabuf: Option<(i32, u64)>,
+    ) -> Result<NicRegion> {
+        self.faults.device_registrations.fetch_add(1, Ordering::SeqCst);
+        // The tests' "device memory" is host memory (the stand-in).
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { self.register(addr as *mut u8, len, access) }
+    }
+
     unsafe fn register_receive_pool(&mut self, addr: *mut u8, len: u64) -> Result<NicRegion> {
         // SAFETY: forwarded with the caller's guarantees.
         let region = unsafe { self.register(addr, len, Access::LOCAL) }?;
@@ -152,6 +176,9 @@ impl Nic for FaultNic {
         }
         if self.next().is_multiple_of(8) {
             return Ok(Posted::Busy);
+        }
+        if !op.host_memory {
+            self.faults.device_posts.fetch_add(1, Ordering::SeqCst);
         }
         let imm = if op.kind == OpKind::Write { op.imm } else { None };
         let outstanding = self.in_flight.entry(op.token).or_default();

@@ -148,6 +148,33 @@ pub(crate) trait Nic: Send {
         // SAFETY: forwarded with the caller's guarantee.
         unsafe { self.register(addr, len, Access::LOCAL) }
     }
+    /// Whether this NIC reaches GPU memory itself (GPUDirect RDMA: EFA
+    /// with `FI_HMEM`, verbs with dma-buf or nvidia-peermem). Device regions
+    /// of an engine whose NICs do not are staged (see `engine::staging`).
+    fn device_memory(&self) -> bool {
+        false
+    }
+    /// Registers `len` bytes of CUDA device memory at device address
+    /// `addr` on GPU `gpu`. `dmabuf`: the range's dma-buf, as (fd, offset of
+    /// `addr` in it), when CUDA gave one (verbs registers through it).
+    ///
+    /// # Safety
+    /// The memory must stay allocated until [`deregister`](Self::deregister).
+    unsafe fn register_device(
+        &mut self,
+        addr: u64,
+        len: u64,
+        access: Access,
+        gpu: u32,
+        dmabuf: Option<(i32, u64)>,
+    ) -> Result<NicRegion> {
+        let _ = (access, gpu, dmabuf);
+        Err(crate::Error::RegisterMemory {
+            addr: addr as usize,
+            len,
+            reason: "this NIC cannot reach device memory (no GPUDirect)".into(),
+        })
+    }
     /// Releases a registration; peers lose access.
     fn deregister(&mut self, region: NicRegion);
     /// Makes a peer NIC reachable; the result is passed as [`Op::peer`].

@@ -233,3 +233,38 @@ fn endpoints_close_before_the_receive_pools_are_released() {
     assert_eq!(faults.teardown_violations.load(Ordering::SeqCst), 0);
     drop(region);
 }
+
+/// GPUDirect: on NICs that reach device memory, a device region is
+/// registered with every NIC, its descriptor is not staged, and its
+/// requests go to the NICs as host memory's do (marked as not host memory,
+/// so verbs never inlines from it), with no stager in the way.
+#[test]
+fn device_memory_registers_directly_where_the_nics_reach_it() {
+    let faults = Arc::new(Faults { device_memory: true, ..Faults::default() });
+    let nics: Vec<FaultNic> = (0..2).map(|i| FaultNic::new(7 + i, faults.clone())).collect();
+    let e = EngineBuilder::default().host_device_stand_in().start(ProviderKind::Tcp, nics).unwrap();
+    let src = e.alloc_device(1 << 16, 0, Access::LOCAL).unwrap();
+    let dst = e.alloc(1 << 16, Access::REMOTE_WRITE).unwrap();
+    assert_eq!(faults.device_registrations.load(Ordering::SeqCst), 2, "one registration per NIC");
+    assert!(!src.descriptor().is_staged());
+    let data: Vec<u8> = (0..1u32 << 16).map(|i| (i * 13) as u8).collect();
+    src.write_at(0, &data).unwrap();
+    let got = e.expect_imm(3, 1).unwrap();
+    e.write(&src, 0, dst.descriptor(), 0, 1 << 16, Some(3)).unwrap().wait_timeout(Duration::from_secs(20)).unwrap();
+    got.wait_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(dst.to_vec(0, 1 << 16).unwrap(), data);
+    assert!(faults.device_posts.load(Ordering::SeqCst) > 0, "posts from device memory are marked as such");
+    // A direct device region takes every request kind, strided ones too.
+    let list = CopyList::new(vec![crate::plan::Strided {
+        src_offset: 0,
+        dst_offset: 0,
+        rows: 4,
+        row_len: 64,
+        src_stride: 128,
+        dst_stride: 128,
+    }])
+    .unwrap();
+    e.write_copies(&src, 0, dst.descriptor(), 0, &list, None).unwrap().wait_timeout(Duration::from_secs(20)).unwrap();
+    drop(src);
+    e.shutdown();
+}

@@ -127,6 +127,25 @@ impl MrInner {
     fn on_host(&self) -> bool {
         self.device.as_ref().is_none_or(|d| d.context.is_none())
     }
+
+    /// Device memory no NIC registered: the stager moves its bytes.
+    pub(crate) fn staged(&self) -> bool {
+        self.device.as_ref().is_some_and(|d| !d.direct)
+    }
+
+    /// Device memory registered with every NIC (GPUDirect).
+    pub(crate) fn new_device_direct(
+        id: u64,
+        ptr: *mut u8,
+        len: u64,
+        descs: Box<[*mut c_void]>,
+        desc: MrDesc,
+        device: DeviceMemory,
+        owned: Option<Owner>,
+        link: Arc<Link>,
+    ) -> Self {
+        MrInner { id, ptr, len, descs, desc, host: false, device: Some(device), owned, link }
+    }
 }
 
 /// Where a device region lives.
@@ -136,12 +155,14 @@ pub(crate) struct DeviceMemory {
     /// The GPU's primary context; `None` for the host-memory stand-in of
     /// the tests (device regions that are host memory).
     pub(crate) context: Option<Arc<crate::cuda::Context>>,
+    /// Registered with the NICs (GPUDirect), not staged.
+    pub(crate) direct: bool,
 }
 
 impl Drop for MrInner {
     fn drop(&mut self) {
         let owned = self.owned.take();
-        if self.device.is_some() {
+        if self.staged() {
             // No NIC registered it; the stager serves it through a weak
             // reference, which now fails. Its owner (a device allocation)
             // is freed here: no request holds the region any more.

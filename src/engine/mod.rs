@@ -383,6 +383,9 @@ impl EngineBuilder {
         let wait_fd = matches!(self.poll_mode, PollMode::Adaptive { .. });
         let mut options = FabricOptions::new(provider, self.interface.as_deref(), wait_fd, self.recv.count);
         options.info.efa_fabric = self.efa_fabric;
+        // GPUDirect where the provider has it: EFA, when this machine has
+        // CUDA (a provider without CUDA support answers without FI_HMEM).
+        options.info.hmem = provider == Provider::Efa && crate::cuda::available();
         options.rx_size = self.recv.size;
         options.efa_domains = self.efa_domains.clone();
         options
@@ -417,6 +420,7 @@ impl EngineBuilder {
         // own limit, e.g. EFA's largest RDMA), whatever ShardConfig says.
         let max_piece = nics.iter().map(|n| n.max_piece()).min().unwrap_or(u64::MAX).max(1);
         let max_send = nics.iter().map(|n| n.max_message()).min().unwrap_or(u64::MAX);
+        let direct_device = nics.iter().all(|n| n.device_memory());
         if nics.iter().any(|n| n.needs_introduction()) && self.recv.size < access::MAX_QUERY {
             // A peer's hello must fit this engine's receive buffers.
             return Err(Error::InvalidRequest(format!(
@@ -490,6 +494,7 @@ impl EngineBuilder {
                 request_timeout: self.request_timeout,
                 gpu: self.gpu,
                 device_keys: AtomicU64::new(1),
+                direct_device,
             }),
         })
     }
@@ -607,6 +612,9 @@ struct Shared {
     gpu: Option<usize>,
     /// Keys of device regions (the stager's, not the NICs').
     device_keys: AtomicU64,
+    /// Every NIC reaches device memory (`Nic::device_memory`): device
+    /// regions are registered with them, not staged.
+    direct_device: bool,
 }
 
 /// The running stager (see [`staging`]).
@@ -784,10 +792,16 @@ impl TransferEngine {
     /// Registers device memory: `len` bytes at device address `ptr` on
     /// GPU `gpu` (CUDA's ordinal), e.g. a CUDA tensor's `data_ptr()`.
     ///
-    /// The region has the API and guarantees of host memory. On transports
-    /// without GPUDirect (libfabric tcp and shm here, and today every
-    /// backend: direct registration for EFA's `FI_HMEM_CUDA` and verbs'
-    /// dmabuf is not built yet) the memory is staged: no NIC registers it,
+    /// The region has the API and guarantees of host memory. Where every
+    /// NIC reaches device memory (GPUDirect RDMA: EFA when its provider
+    /// offers `FI_HMEM`, registered with `FI_HMEM_CUDA`; verbs through the
+    /// range's dma-buf, `ibv_reg_dmabuf_mr` on the descriptor of
+    /// `cuMemGetHandleForAddressRange`, else plain `ibv_reg_mr` with
+    /// nvidia-peermem) it is registered with them and used as host memory
+    /// is (sends from it still go through staging). These direct paths
+    /// have not run on hardware: neither machine this project is tested on
+    /// has an RDMA NIC. On transports without GPUDirect (libfabric tcp and
+    /// shm, built without CUDA) the memory is staged: no NIC registers it,
     /// its descriptor says so ([`MrDesc::is_staged`]), and the engine's
     /// stager moves its bytes through page-locked host buffers
     /// ([`EngineBuilder::staging`]), keeping every semantic of a direct
@@ -902,14 +916,56 @@ impl TransferEngine {
             }
             Some(ctx)
         };
+        if self.shared.direct_device {
+            return self.register_device_direct(ptr, len, gpu, access, context, owned);
+        }
         let key = self.shared.device_keys.fetch_add(1, Ordering::Relaxed);
         let keys = vec![key; self.shared.nic_count];
         let desc = MrDesc::with_staging(self.shared.address.clone(), 0, len, access, keys, true);
-        let device = DeviceMemory { gpu, context };
+        let device = DeviceMemory { gpu, context, direct: false };
         let inner =
             Arc::new(MrInner::new_device(key, ptr as *mut u8, len, desc, device, owned, self.shared.link.clone()));
         stager.tx.send(staging::Msg::AddRegion { key, region: Arc::downgrade(&inner) }).map_err(|_| Error::Shutdown)?;
         Ok(MemoryRegion { inner })
+    }
+
+    /// Registers device memory with every NIC (GPUDirect: EFA with
+    /// `FI_HMEM`, verbs through its dma-buf or nvidia-peermem); requests
+    /// then use it as they use host memory, with no staging.
+    fn register_device_direct(
+        &self,
+        ptr: u64,
+        len: u64,
+        gpu: u32,
+        access: Access,
+        context: Option<Arc<crate::cuda::Context>>,
+        owned: Option<memory::Owner>,
+    ) -> Result<MemoryRegion> {
+        if self.shared.link.on_worker() {
+            return Err(Error::WouldDeadlock("registering memory"));
+        }
+        // The range's dma-buf, for verbs; the registrations hold the
+        // buffer, so the descriptor is closed once they are made.
+        let dmabuf = context.as_ref().and_then(|_| crate::cuda::dmabuf_of(ptr, len));
+        let fd = dmabuf.as_ref().map(|(fd, offset)| (std::os::fd::AsRawFd::as_raw_fd(fd), *offset));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.shared.link.send(Command::Register {
+            ptr: ptr as usize,
+            len,
+            access,
+            device: Some((gpu, fd)),
+            reply: tx,
+        })?;
+        let registration = rx.recv().map_err(|_| Error::Shutdown)??;
+        drop(dmabuf);
+        let base = if self.shared.virtual_addresses { ptr } else { 0 };
+        let keys = registration.regions.iter().map(|r| r.key).collect();
+        let descs = registration.regions.iter().map(|r| r.desc).collect();
+        let desc = MrDesc::new(self.shared.address.clone(), base, len, access, keys);
+        let device = DeviceMemory { gpu, context, direct: true };
+        let link = self.shared.link.clone();
+        let inner = MrInner::new_device_direct(registration.id, ptr as *mut u8, len, descs, desc, device, owned, link);
+        Ok(MemoryRegion { inner: Arc::new(inner) })
     }
 
     /// The stager, started on first use (for GPU `gpu`, unless `for_gpu`
@@ -986,7 +1042,7 @@ impl TransferEngine {
 
     /// Refuses staged memory in requests that do not take it.
     fn refuse_staged(&self, local: Option<&MemoryRegion>, remote: &MrDesc, what: &str) -> Result<()> {
-        if remote.is_staged() || local.is_some_and(|l| l.inner.device.is_some()) {
+        if remote.is_staged() || local.is_some_and(|l| l.inner.staged()) {
             return Err(Error::InvalidRequest(format!(
                 "{what} does not take staged device memory (this transport has no GPUDirect): use write or read, \
                  one contiguous range per request"
@@ -1017,7 +1073,7 @@ impl TransferEngine {
             return Err(Error::WouldDeadlock("registering memory"));
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.shared.link.send(Command::Register { ptr: ptr as usize, len, access, reply: tx })?;
+        self.shared.link.send(Command::Register { ptr: ptr as usize, len, access, device: None, reply: tx })?;
         let registration = rx.recv().map_err(|_| Error::Shutdown)??;
         let base = if self.shared.virtual_addresses { ptr as u64 } else { 0 };
         let keys = registration.regions.iter().map(|r| r.key).collect();
@@ -1142,7 +1198,7 @@ impl TransferEngine {
         len: u64,
         imm: Option<u32>,
     ) -> Result<Transfer> {
-        if dst.is_staged() || src.inner.device.is_some() {
+        if dst.is_staged() || src.inner.staged() {
             return self.staged_write(Some(src), src_offset, dst, dst_offset, len, imm);
         }
         let op = self.write_op(Some(src), src_offset, dst, dst_offset, len, imm)?;
@@ -1193,7 +1249,7 @@ impl TransferEngine {
         dst_pages: Vec<u32>,
         imm: Option<u32>,
     ) -> Result<Transfer> {
-        if dst.is_staged() || src.inner.device.is_some() {
+        if dst.is_staged() || src.inner.staged() {
             return self.staged_paged(src, dst, layout, src_pages, dst_pages, imm);
         }
         let op = self.paged_op(src, dst, layout, src_pages, dst_pages, imm)?;
@@ -1395,7 +1451,7 @@ impl TransferEngine {
         }
         check_range("destination", dst_offset, len, dst.len())?;
         check_range("source", src_offset, len, src.len())?;
-        if src.is_staged() || dst.inner.device.is_some() {
+        if src.is_staged() || dst.inner.staged() {
             let (dst, src) = (dst.inner.clone(), src.clone());
             return self.submit_staged(StagedOp::Read { dst, dst_offset, src, src_offset, len });
         }
@@ -1425,6 +1481,9 @@ impl TransferEngine {
                 self.shared.max_send
             )));
         }
+        // Every send from device memory goes through the stager, direct
+        // registrations too: EFA sends from its own host buffers, copied by
+        // the CPU.
         if src.inner.device.is_some() {
             let (peer, src) = (peer.clone(), src.inner.clone());
             return self.submit_staged(StagedOp::Send { peer, src, offset, len });

@@ -3,9 +3,9 @@
 //!
 //! # When
 //! Debian's libfabric `tcp` and `shm` are built without CUDA support, and
-//! no provider can reach GPU memory without GPUDirect. On such transports a
-//! device region ([`TransferEngine::register_device`]) is registered with
-//! no NIC. Its descriptor says it is staged ([`MrDesc::is_staged`]), and
+//! no provider can reach GPU memory without GPUDirect. On such transports
+//! (any whose NICs do not say `Nic::device_memory`) a device region
+//! ([`TransferEngine::register_device`]) is registered with no NIC. Its descriptor says it is staged ([`MrDesc::is_staged`]), and
 //! requests that touch device memory go through the engine's stager: a
 //! thread of its own, started with the engine's first device region or
 //! first request to a peer's staged region.

@@ -87,6 +87,9 @@ pub(crate) enum Command {
         ptr: usize,
         len: u64,
         access: Access,
+        /// Device memory the NICs reach (GPUDirect): its GPU and dma-buf
+        /// (fd, offset), see `Nic::register_device`.
+        device: Option<(u32, Option<(i32, u64)>)>,
         reply: Sender<Result<Registration>>,
     },
     Deregister {
@@ -779,8 +782,8 @@ impl<N: Nic> Worker<N> {
                     self.submit(s);
                 }
             }
-            Command::Register { ptr, len, access, reply } => {
-                let _ = reply.send(self.register(ptr as *mut u8, len, access));
+            Command::Register { ptr, len, access, device, reply } => {
+                let _ = reply.send(self.register(ptr as *mut u8, len, access, device));
             }
             Command::Deregister { id, memory, done } => {
                 self.grants.remove(&id);
@@ -806,12 +809,25 @@ impl<N: Nic> Worker<N> {
         }
     }
 
-    fn register(&mut self, ptr: *mut u8, len: u64, access: Access) -> Result<Registration> {
+    fn register(
+        &mut self,
+        ptr: *mut u8,
+        len: u64,
+        access: Access,
+        device: Option<(u32, Option<(i32, u64)>)>,
+    ) -> Result<Registration> {
         let mut regions = Vec::with_capacity(self.nics.len());
         for nic in 0..self.nics.len() {
-            // SAFETY: the caller of register_raw/alloc keeps the memory valid
-            // until the region's Deregister command, handled above.
-            match unsafe { self.nics[nic].register(ptr, len, access) } {
+            // SAFETY: the caller of register_raw/alloc/register_device keeps
+            // the memory valid until the region's Deregister command,
+            // handled above.
+            let registered = unsafe {
+                match device {
+                    Some((gpu, dmabuf)) => self.nics[nic].register_device(ptr as u64, len, access, gpu, dmabuf),
+                    None => self.nics[nic].register(ptr, len, access),
+                }
+            };
+            match registered {
                 Ok(r) => regions.push(r),
                 Err(e) => {
                     for (n, r) in regions.into_iter().enumerate() {

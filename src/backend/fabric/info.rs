@@ -164,8 +164,24 @@ pub(crate) fn pick(
 /// it, `rxr_op_entry_post_remote_write`).
 pub(crate) const MIN_EFA_VERSION: (u32, u32) = (1, 19);
 
-/// Queries `kind` and returns its RDM entries, best first.
+/// Queries `kind` and returns its RDM entries, best first. With
+/// `request.hmem`, entries that take device memory (`FI_HMEM`) are asked
+/// for first; a provider built without CUDA support answers without them,
+/// and then device memory is staged.
 pub(crate) fn query(kind: ProviderKind, request: &InfoRequest) -> Result<InfoList> {
+    if request.hmem {
+        match query_modes(kind, request) {
+            Err(Error::BackendUnavailable { .. }) => {
+                tracing::info!(provider = %kind, "no FI_HMEM entries: device memory will be staged");
+                return query_modes(kind, &InfoRequest { hmem: false, ..request.clone() });
+            }
+            other => return other,
+        }
+    }
+    query_modes(kind, request)
+}
+
+fn query_modes(kind: ProviderKind, request: &InfoRequest) -> Result<InfoList> {
     if kind == ProviderKind::Efa {
         let lib = sys::Library::get()
             .map_err(|e| Error::BackendUnavailable { backend: "libfabric", reason: e.to_string() })?;

@@ -407,6 +407,9 @@ pub(crate) struct NicObjects {
     efa: bool,
     /// EFA's efa-direct fabric: the device reports rejected keys itself.
     efa_direct: bool,
+    /// The entry has `FI_HMEM`: device memory registers with
+    /// `FI_HMEM_CUDA` (see [`Nic::device_memory`]).
+    hmem: bool,
     /// See [`Nic::needs_introduction`].
     introduce: bool,
     slots: Slots,
@@ -550,6 +553,7 @@ impl NicObjects {
                 in_order: shm,
                 efa,
                 efa_direct: efa_direct(info),
+                hmem: (*info).caps & sys::FI_HMEM != 0,
                 introduce: options.introduce || efa_direct(info),
                 max_msg: get_size(ep_ptr, sys::FI_OPT_MAX_RMA_SIZE).unwrap_or(ep_max_msg),
                 max_send: get_size(ep_ptr, sys::FI_OPT_MAX_MSG_SIZE).unwrap_or(ep_max_msg),
@@ -649,6 +653,17 @@ impl NicObjects {
     /// # Safety
     /// The memory stays valid until the registration is closed.
     unsafe fn register_bits(&mut self, addr: *mut u8, len: u64, access: u64) -> Result<NicRegion> {
+        // SAFETY: forwarded.
+        unsafe { self.register_iface(addr, len, access, None) }
+    }
+
+    /// As [`register_bits`](Self::register_bits); `cuda`: device memory of
+    /// that GPU (`FI_HMEM_CUDA`: the provider pins it through dma-buf or
+    /// nvidia-peermem itself).
+    ///
+    /// # Safety
+    /// As for `register_bits`.
+    unsafe fn register_iface(&mut self, addr: *mut u8, len: u64, access: u64, cuda: Option<u32>) -> Result<NicRegion> {
         let iov = sys::iovec { iov_base: addr.cast(), iov_len: len as usize };
         // SAFETY: zeroed is a valid fi_mr_attr (null pointers, system iface).
         let mut attr: sys::fi_mr_attr = unsafe { std::mem::zeroed() };
@@ -656,6 +671,10 @@ impl NicObjects {
         attr.iov_count = 1;
         attr.access = access;
         attr.iface = sys::fi_hmem_iface_FI_HMEM_SYSTEM;
+        if let Some(gpu) = cuda {
+            attr.iface = sys::fi_hmem_iface_FI_HMEM_CUDA;
+            attr.device = sys::fi_mr_attr__bindgen_ty_1 { cuda: gpu as i32 };
+        }
         if self.mr_mode & sys::FI_MR_PROV_KEY == 0 {
             attr.requested_key = self.next_key;
             self.next_key += 1;
@@ -889,6 +908,34 @@ impl Nic for FabricNic {
         let bits = mr_access(Access::LOCAL, true, self.stage_sends);
         // SAFETY: as above.
         unsafe { self.objects.register_bits(addr, len, bits) }
+    }
+
+    fn device_memory(&self) -> bool {
+        self.hmem
+    }
+
+    unsafe fn register_device(
+        &mut self,
+        addr: u64,
+        len: u64,
+        access: Access,
+        gpu: u32,
+        _dmabuf: Option<(i32, u64)>,
+    ) -> Result<NicRegion> {
+        if !self.hmem {
+            return Err(Error::RegisterMemory {
+                addr: addr as usize,
+                len,
+                reason: "the provider did not offer FI_HMEM: device memory is staged".into(),
+            });
+        }
+        // Registered even when local-only: the provider needs the
+        // descriptor to reach device memory. (Sends from device memory go
+        // through the engine's stager: EFA's staged sends copy with the
+        // CPU.)
+        let bits = mr_access(access, false, self.stage_sends);
+        // SAFETY: forwarded with the caller's guarantee.
+        unsafe { self.objects.register_iface(addr as *mut u8, len, bits, Some(gpu)) }
     }
 
     fn deregister(&mut self, region: NicRegion) {

@@ -1342,6 +1342,54 @@ impl Nic for VerbsNic {
         Ok(NicRegion { handle: mr.cast(), key: u64::from(rkey), desc: mr.cast() })
     }
 
+    fn device_memory(&self) -> bool {
+        // dma-buf (rdma-core 34, a kernel with it, and a CUDA driver that
+        // exports device memory as dma-buf: open kernel modules, or r535+),
+        // else nvidia-peermem, which lets ibv_reg_mr pin device pointers.
+        crate::cuda::available()
+            && (self.lib().ibv_reg_dmabuf_mr.is_some() || std::path::Path::new("/sys/module/nvidia_peermem").exists())
+    }
+
+    unsafe fn register_device(
+        &mut self,
+        addr: u64,
+        len: u64,
+        access: Access,
+        _gpu: u32,
+        dmabuf: Option<(i32, u64)>,
+    ) -> Result<NicRegion> {
+        let mut flags = sys::ibv_access_flags_IBV_ACCESS_LOCAL_WRITE;
+        if access.remote_write {
+            flags |= sys::ibv_access_flags_IBV_ACCESS_REMOTE_WRITE;
+        }
+        if access.remote_read {
+            flags |= sys::ibv_access_flags_IBV_ACCESS_REMOTE_READ;
+        }
+        let lib = self.lib();
+        let (mr, call) = match (dmabuf, lib.ibv_reg_dmabuf_mr) {
+            // SAFETY: the PD is live; fd is the dma-buf of the range (which
+            // starts `offset` bytes into it) and stays valid for the call;
+            // iova = the device address, as peers name it.
+            (Some((fd, offset)), Some(reg)) => {
+                (unsafe { reg(self.pd, offset, len as usize, addr, fd, flags as i32) }, "ibv_reg_dmabuf_mr")
+            }
+            // With nvidia-peermem, plain registration pins device pointers.
+            // SAFETY: as for host memory; the caller keeps it allocated.
+            _ => (unsafe { (lib.ibv_reg_mr)(self.pd, addr as *mut c_void, len as usize, flags as i32) }, "ibv_reg_mr"),
+        };
+        if mr.is_null() {
+            let e = std::io::Error::last_os_error();
+            return Err(Error::RegisterMemory {
+                addr: addr as usize,
+                len,
+                reason: format!("{call} on device memory: {e} (dma-buf unsupported, and no nvidia-peermem?)"),
+            });
+        }
+        // SAFETY: mr was just registered.
+        let rkey = unsafe { (*mr).rkey };
+        Ok(NicRegion { handle: mr.cast(), key: u64::from(rkey), desc: mr.cast() })
+    }
+
     fn deregister(&mut self, region: NicRegion) {
         if region.handle.is_null() {
             return;
