@@ -134,6 +134,7 @@ impl MrInner {
     }
 
     /// Device memory registered with every NIC (GPUDirect).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new_device_direct(
         id: u64,
         ptr: *mut u8,

@@ -1367,15 +1367,20 @@ impl Nic for VerbsNic {
         }
         let lib = self.lib();
         let (mr, call) = match (dmabuf, lib.ibv_reg_dmabuf_mr) {
-            // SAFETY: the PD is live; fd is the dma-buf of the range (which
-            // starts `offset` bytes into it) and stays valid for the call;
-            // iova = the device address, as peers name it.
             (Some((fd, offset)), Some(reg)) => {
-                (unsafe { reg(self.pd, offset, len as usize, addr, fd, flags as i32) }, "ibv_reg_dmabuf_mr")
+                // SAFETY: the PD is live; fd is the dma-buf of the range
+                // (which starts `offset` bytes into it) and stays valid for
+                // the call; iova = the device address, as peers name it.
+                let mr = unsafe { reg(self.pd, offset, len as usize, addr, fd, flags as i32) };
+                (mr, "ibv_reg_dmabuf_mr")
             }
-            // With nvidia-peermem, plain registration pins device pointers.
-            // SAFETY: as for host memory; the caller keeps it allocated.
-            _ => (unsafe { (lib.ibv_reg_mr)(self.pd, addr as *mut c_void, len as usize, flags as i32) }, "ibv_reg_mr"),
+            _ => {
+                // With nvidia-peermem, plain registration pins device
+                // pointers.
+                // SAFETY: as for host memory; the caller keeps it allocated.
+                let mr = unsafe { (lib.ibv_reg_mr)(self.pd, addr as *mut c_void, len as usize, flags as i32) };
+                (mr, "ibv_reg_mr")
+            }
         };
         if mr.is_null() {
             let e = std::io::Error::last_os_error();
