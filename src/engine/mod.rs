@@ -1270,15 +1270,9 @@ impl TransferEngine {
         self.check_local(src)?;
         self.check_write_target(dst)?;
         let mut plan = PagedPlan::new(layout, src_pages, dst_pages, src.len(), dst.len(), 0, 1, 1, u64::MAX)?;
-        let mut runs = Vec::with_capacity(plan.count() as usize);
+        let mut runs = Vec::with_capacity(plan.count() as usize); // PagedPlan refuses no pages
         while let Some(p) = plan.next_piece() {
             runs.push((p.src_offset, p.dst_offset, p.len));
-        }
-        if runs.is_empty() && imm.is_none() {
-            return Err(Error::InvalidRequest("a paged write of no pages must carry an immediate".into()));
-        }
-        if runs.is_empty() {
-            runs.push((0, 0, 0));
         }
         self.submit_staged(StagedOp::Write { src: Some(src.inner.clone()), dst: dst.clone(), runs, imm })
     }

@@ -95,8 +95,12 @@ use crate::wire::Reader;
 
 pub(crate) const MAGIC: &[u8; 3] = b"STS";
 /// Runs one chunk (one `Put`) carries at most: the pages of a paged write
-/// packed into a slot.
-pub(crate) const MAX_RUNS: usize = 64;
+/// packed into a slot. 32 keeps the longest `Put` (32 runs and a pool
+/// descriptor naming 16 NICs of 64-byte addresses, about 1.7 KiB) inside a
+/// control buffer.
+pub(crate) const MAX_RUNS: usize = 32;
+/// How long answers are awaited when the engine has no request timeout.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 const VERSION: u8 = 1;
 const PUT: u8 = 1;
 const GET: u8 = 2;
@@ -387,6 +391,11 @@ enum Wait {
 
 struct Chunk {
     role: Role,
+    /// When it was filed: a peer's request that waited for a slot longer
+    /// than the timeout is refused (its asker has given up on it).
+    filed: Instant,
+    /// Its first step has run.
+    started: bool,
     /// The asker's request (Asker), or whom to answer (Server).
     request: u64,
     reply: Option<(EngineAddress, u64)>,
@@ -473,6 +482,9 @@ impl Stager {
             self.poll_copies();
             self.expire();
         }
+        // The copy engine first (CUDA: its streams are synchronized), so no
+        // copy is in flight when the pool and the regions are released.
+        self.copies = Box::new(HostCopies::default());
     }
 
     fn id(&mut self) -> u64 {
@@ -482,6 +494,12 @@ impl Stager {
 
     fn slot_size(&self) -> u64 {
         self.cfg.staging.slot_size
+    }
+
+    /// How long a peer's answer, or a peer's request waiting for a slot,
+    /// is worth waiting for.
+    fn timeout(&self) -> Duration {
+        self.cfg.timeout.unwrap_or(ANSWER_TIMEOUT)
     }
 
     fn slot_addr(&self, slot: usize) -> u64 {
@@ -535,6 +553,9 @@ impl Stager {
                             runs.push((0, 0));
                         }
                         steps.push_back(Step::Put { owner: dst.owner().clone(), key: dst.key(0), runs, imm });
+                    } else if pieces.is_empty() {
+                        // No bytes (an immediate alone): a zero-length write.
+                        steps.push_back(Step::Write { dst: dst.clone(), offset: 0, at: 0, len: 0, imm });
                     } else {
                         let mut at = 0;
                         let n = pieces.len();
@@ -594,7 +615,19 @@ impl Stager {
         steps: VecDeque<Step>,
         keep: Vec<Arc<MrInner>>,
     ) -> Chunk {
-        Chunk { role, request, reply: None, needs_slot, slot: None, steps, wait: Wait::Ready, _keep: keep }
+        let filed = Instant::now();
+        Chunk {
+            role,
+            filed,
+            started: false,
+            request,
+            reply: None,
+            needs_slot,
+            slot: None,
+            steps,
+            wait: Wait::Ready,
+            _keep: keep,
+        }
     }
 
     /// Files a chunk and runs it as far as it goes.
@@ -620,11 +653,17 @@ impl Stager {
     /// Runs chunk `id`'s steps until one has to wait, or ends the chunk.
     fn advance(&mut self, id: u64) {
         loop {
+            let timeout = self.timeout();
             let Some(chunk) = self.chunks.get_mut(&id) else { return };
             if chunk.role == Role::Asker && self.requests.get(&chunk.request).is_some_and(|r| r.error.is_some()) {
                 // The request failed already: the rest is not worth doing.
                 return self.end_chunk(id, Ok(()));
             }
+            if chunk.role == Role::Server && !chunk.started && chunk.filed.elapsed() > timeout {
+                // The asker has given up and may reuse its slot.
+                return self.end_chunk(id, Err(Error::Timeout(timeout)));
+            }
+            chunk.started = true;
             let Some(step) = chunk.steps.pop_front() else { return self.end_chunk(id, Ok(())) };
             let slot_index = chunk.slot;
             let slot = slot_index.map(|s| self.slot_addr(s));
@@ -640,7 +679,8 @@ impl Stager {
                 }
                 Step::Write { dst, offset, at, len, imm } => {
                     let plan = self.plan(slot_offset + at, offset, len, dst.owner().nic_count());
-                    let op = RequestOp::Write { src: Some(self.cfg.pool.clone()), dst, plan, imm };
+                    let src = (len > 0).then(|| self.cfg.pool.clone());
+                    let op = RequestOp::Write { src, dst, plan, imm };
                     self.engine_request(id, op).map(|()| Wait::Transfer)
                 }
                 Step::Read { src, offset, at, len } => {
@@ -702,8 +742,16 @@ impl Stager {
     }
 
     fn ask(&mut self, owner: EngineAddress, wire: Wire) -> Result<Wait> {
-        self.cfg.link.send(Command::SendControl { to: owner, bytes: wire.encode() })?;
-        Ok(Wait::Answer(self.cfg.timeout.map(|t| Instant::now() + t)))
+        let bytes = wire.encode();
+        if bytes.len() > super::worker::CONTROL_SLOT_SIZE {
+            return Err(Error::InvalidRequest(format!(
+                "a staging message of {} bytes does not fit a control buffer ({} bytes)",
+                bytes.len(),
+                super::worker::CONTROL_SLOT_SIZE
+            )));
+        }
+        self.cfg.link.send(Command::SendControl { to: owner, bytes })?;
+        Ok(Wait::Answer(Some(Instant::now() + self.timeout())))
     }
 
     /// The step chunk `id` waited for ended.
@@ -740,15 +788,9 @@ impl Stager {
             .map(|(&id, _)| id)
             .collect();
         for id in overdue {
-            let timeout = self.cfg.timeout.unwrap_or_default();
-            if let Some(c) = self.chunks.get_mut(&id) {
-                // The peer may still answer into this slot: keep it out of
-                // use for a while.
-                if let Some(slot) = c.slot.take() {
-                    self.quarantined.push((slot, now + 2 * timeout));
-                }
-            }
-            self.end_chunk(id, Err(Error::Timeout(timeout)));
+            // end_chunk keeps the slot out of use for a while: the peer may
+            // still read it or write into it.
+            self.end_chunk(id, Err(Error::Timeout(self.timeout())));
         }
         if !self.quarantined.is_empty() {
             let (back, kept): (Vec<_>, Vec<_>) = self.quarantined.drain(..).partition(|&(_, at)| at <= now);
@@ -774,7 +816,17 @@ impl Stager {
     fn end_chunk(&mut self, id: u64, result: Result<()>) {
         let Some(chunk) = self.chunks.remove(&id) else { return };
         if let Some(slot) = chunk.slot {
-            self.release(slot);
+            if result.is_err() {
+                // A failed step may leave operations in the provider that
+                // still read or write the slot (the worker ends a request
+                // at its timeout without waiting for them), and a peer that
+                // was asked may still use it: kept out of use for two
+                // timeouts, past anything the peer's or this engine's
+                // timeouts leave running.
+                self.quarantined.push((slot, Instant::now() + 2 * self.timeout()));
+            } else {
+                self.release(slot);
+            }
         }
         match chunk.role {
             Role::Server => {
@@ -792,7 +844,21 @@ impl Stager {
             Role::Asker => {
                 let Some(r) = self.requests.get_mut(&chunk.request) else { return };
                 if let Err(e) = result {
-                    r.error.get_or_insert(e);
+                    if r.error.is_none() {
+                        r.error = Some(e);
+                        // Its chunks still queued for a slot end now, not
+                        // when a slot frees.
+                        let request = chunk.request;
+                        let (chunks, queued) = (&mut self.chunks, &mut self.queued[Role::Asker as usize]);
+                        queued.retain(|q| {
+                            let drop = chunks.get(q).is_some_and(|c| c.request == request);
+                            if drop {
+                                chunks.remove(q);
+                                r.left -= 1;
+                            }
+                            !drop
+                        });
+                    }
                 }
                 r.left -= 1;
                 if r.left == 1 && r.tail.is_some() && r.error.is_none() {

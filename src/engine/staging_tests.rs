@@ -170,7 +170,7 @@ fn a_dropped_staged_region_refuses_later_writes() {
 fn a_peer_that_has_gone_fails_staged_writes_within_the_timeout() {
     let timeout = Duration::from_millis(800);
     let (a, b) = (engine(timeout), engine(timeout));
-    let dev = b.alloc_device(1 << 16, 0, Access::REMOTE_WRITE).unwrap();
+    let dev = b.alloc_device(1 << 20, 0, Access::REMOTE_WRITE).unwrap();
     let desc = dev.descriptor().clone();
     let host = a.alloc(1 << 16, Access::LOCAL).unwrap();
     a.write(&host, 0, &desc, 0, 1 << 16, None).unwrap().wait_timeout(WAIT).unwrap();
@@ -181,6 +181,28 @@ fn a_peer_that_has_gone_fails_staged_writes_within_the_timeout() {
     let err = a.write(&host, 0, &desc, 0, 1 << 16, Some(3)).unwrap().wait_timeout(WAIT).unwrap_err();
     assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
     assert!(matches!(err, Error::Timeout(_) | Error::PeerUnreachable(_) | Error::Transport { .. }), "{err}");
+    // A request of many chunks queued for the two slots fails as soon as
+    // its first chunk does: the queued ones are not left waiting for the
+    // slots the failed ones keep out of use.
+    let big = a.alloc(1 << 20, Access::LOCAL).unwrap();
+    let start = Instant::now();
+    let many = a.write(&big, 0, &desc, 0, 1 << 20, None).unwrap();
+    let more = a.write(&big, 0, &desc, 0, 1 << 20, Some(4)).unwrap();
+    many.wait_timeout(WAIT).unwrap_err();
+    more.wait_timeout(WAIT).unwrap_err();
+    // `many` within a timeout; `more` waits for the slots `many`'s failed
+    // chunks keep out of use for two timeouts, then fails within one.
+    assert!(start.elapsed() < Duration::from_secs(8), "took {:?}", start.elapsed());
+}
+
+#[test]
+fn an_immediate_alone_from_device_memory_reaches_a_host_region() {
+    let (a, b) = (engine(Duration::from_secs(10)), engine(Duration::from_secs(10)));
+    let src = a.alloc_device(4096, 0, Access::LOCAL).unwrap();
+    let dst = b.alloc(4096, Access::REMOTE_WRITE).unwrap();
+    let got = b.expect_imm(31, 1).unwrap();
+    a.write(&src, 0, dst.descriptor(), 0, 0, Some(31)).unwrap().wait_timeout(WAIT).unwrap();
+    got.wait_timeout(WAIT).unwrap();
 }
 
 #[test]

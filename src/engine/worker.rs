@@ -287,7 +287,7 @@ struct ControlPool {
 
 const CONTROL_TOKEN: u64 = 1 << 62;
 const CONTROL_SLOTS: usize = 16;
-const CONTROL_SLOT_SIZE: usize = access::MAX_QUERY.next_power_of_two();
+pub(crate) const CONTROL_SLOT_SIZE: usize = access::MAX_QUERY.next_power_of_two();
 
 struct Peer {
     /// When an operation to this peer last completed (or the peer was
