@@ -185,10 +185,21 @@ impl Context {
         Ok(Context { ctx, dev })
     }
 
-    /// Makes the context current on this thread.
+    /// Makes the context current on this thread, for good: only on the
+    /// engine's own threads (the stager's).
     pub(crate) fn bind(&self) -> Result<()> {
         // SAFETY: the context is retained.
         check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.ctx) })
+    }
+
+    /// Makes the context current until the guard drops, then restores the
+    /// caller's (`cuCtxPushCurrent`/`cuCtxPopCurrent`): what calls on user
+    /// threads use, so that registering GPU 1's memory does not change the
+    /// device a PyTorch thread works on.
+    pub(crate) fn scope(&self) -> Result<Scope> {
+        // SAFETY: the context is retained; popped by the guard.
+        check("cuCtxPushCurrent", unsafe { sys::cuCtxPushCurrent_v2(self.ctx) })?;
+        Ok(Scope(()))
     }
 }
 
@@ -196,6 +207,62 @@ impl Drop for Context {
     fn drop(&mut self) {
         // SAFETY: retained in `primary`, released once.
         unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.dev) };
+    }
+}
+
+/// The caller's context restored when dropped (see [`Context::scope`]).
+pub(crate) struct Scope(());
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        let mut popped = std::ptr::null_mut();
+        // SAFETY: pops the context `scope` pushed on this thread.
+        unsafe { sys::cuCtxPopCurrent_v2(&mut popped) };
+    }
+}
+
+/// Frees and unpinnings, done on a thread of their own: `cuMemFree` and
+/// its kin may wait for the device to go idle, and the engine's threads
+/// must never wait on a GPU whose streams may be waiting on them (a stream
+/// blocked in `wait_on_stream` until the worker delivers an immediate).
+enum Release {
+    Device(u64),
+    /// Unpinned, then the memory's owner dropped (never freed first: the
+    /// address could be reused, and pinned by someone else, meanwhile).
+    Unpin(usize, Box<dyn Send>),
+    Host(usize),
+}
+
+fn release_later(ctx: std::sync::Arc<Context>, what: Release) {
+    type Job = (std::sync::Arc<Context>, Release);
+    static RELEASER: OnceLock<std::sync::Mutex<Option<std::sync::mpsc::Sender<Job>>>> = OnceLock::new();
+    let sender = RELEASER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new().name("strait-cuda-free".into()).spawn(move || {
+            for (ctx, what) in rx {
+                if ctx.bind().is_err() {
+                    continue;
+                }
+                // SAFETY: each pointer came from the matching allocation or
+                // registration and is released once, after its last use.
+                unsafe {
+                    match what {
+                        Release::Device(ptr) => sys::cuMemFree_v2(ptr),
+                        Release::Unpin(ptr, owner) => {
+                            let rc = sys::cuMemHostUnregister(ptr as *mut c_void);
+                            drop(owner);
+                            rc
+                        }
+                        Release::Host(ptr) => sys::cuMemFreeHost(ptr as *mut c_void),
+                    };
+                }
+            }
+        });
+        std::sync::Mutex::new(spawned.ok().map(|_| tx))
+    });
+    let sent = sender.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|tx| tx.send((ctx, what)));
+    if !matches!(sent, Some(Ok(()))) {
+        tracing::warn!("the CUDA release thread is not running: memory left allocated");
     }
 }
 
@@ -265,32 +332,36 @@ pub(crate) struct DeviceAlloc {
 
 impl DeviceAlloc {
     pub(crate) fn zeroed(ctx: std::sync::Arc<Context>, len: u64) -> Result<DeviceAlloc> {
-        ctx.bind()?;
+        let _scope = ctx.scope()?;
         let mut ptr = 0;
         // SAFETY: writes the pointer; freed in Drop.
         check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut ptr, len as usize) })?;
-        let alloc = DeviceAlloc { ptr, ctx };
-        // SAFETY: the allocation is len bytes.
+        let alloc = DeviceAlloc { ptr, ctx: ctx.clone() };
+        // SAFETY: the allocation is len bytes. The memset is asynchronous
+        // to the host and on the legacy stream, which the stager's streams
+        // do not wait for: done before the memory is handed out.
         check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(ptr, 0, len as usize) })?;
+        // SAFETY: the null stream is the context's legacy stream.
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) })?;
         Ok(alloc)
     }
 }
 
 impl Drop for DeviceAlloc {
     fn drop(&mut self) {
-        // The owner may be dropped on any thread: bind first.
-        let _ = self.ctx.bind();
-        // SAFETY: allocated by cuMemAlloc, freed once; no transfer uses it
-        // any more (the engine drops owners after deregistration).
-        unsafe { sys::cuMemFree_v2(self.ptr) };
+        // No transfer uses it any more (the engine drops owners after
+        // deregistration); freed off this thread (see `release_later`).
+        release_later(self.ctx.clone(), Release::Device(self.ptr));
     }
 }
 
-/// Host memory page-locked for the device (`cuMemHostRegister`), unlocked
-/// when dropped. The memory itself belongs to someone else.
+/// Host memory page-locked for the device (`cuMemHostRegister`), with the
+/// value that owns it: when dropped, the memory is unlocked and then its
+/// owner dropped, on the release thread.
 pub(crate) struct HostPin {
     ptr: *mut c_void,
     ctx: std::sync::Arc<Context>,
+    owner: Option<Box<dyn Send>>,
 }
 
 // SAFETY: only the address is kept, to unregister it.
@@ -298,21 +369,26 @@ unsafe impl Send for HostPin {}
 
 impl HostPin {
     /// # Safety
-    /// `ptr..ptr+len` must be valid host memory that outlives the value.
-    pub(crate) unsafe fn new(ctx: std::sync::Arc<Context>, ptr: *mut u8, len: u64) -> Result<HostPin> {
-        ctx.bind()?;
+    /// `ptr..ptr+len` must be host memory that `owner` keeps valid.
+    pub(crate) unsafe fn new(
+        ctx: std::sync::Arc<Context>,
+        ptr: *mut u8,
+        len: u64,
+        owner: Box<dyn Send>,
+    ) -> Result<HostPin> {
+        let _scope = ctx.scope()?;
         let flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
         // SAFETY: valid memory (caller); unregistered in Drop.
         check("cuMemHostRegister", unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len as usize, flags) })?;
-        Ok(HostPin { ptr: ptr.cast(), ctx })
+        Ok(HostPin { ptr: ptr.cast(), ctx, owner: Some(owner) })
     }
 }
 
 impl Drop for HostPin {
     fn drop(&mut self) {
-        let _ = self.ctx.bind();
-        // SAFETY: registered in `new`, unregistered once.
-        unsafe { sys::cuMemHostUnregister(self.ptr) };
+        // Unpinned off this thread (see `release_later`), then freed.
+        let owner = self.owner.take().unwrap_or_else(|| Box::new(()));
+        release_later(self.ctx.clone(), Release::Unpin(self.ptr as usize, owner));
     }
 }
 
@@ -337,7 +413,7 @@ impl<const N: usize> MappedWords<N> {
     /// (else GPU 0's primary context).
     pub(crate) fn mapped() -> Result<Self> {
         let ctx = std::sync::Arc::new(Context::primary(current_device()?.unwrap_or(0))?);
-        ctx.bind()?;
+        let _scope = ctx.scope()?;
         let mut ptr = std::ptr::null_mut();
         let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
         // SAFETY: writes the pointer; freed in Drop.
@@ -374,25 +450,26 @@ impl<const N: usize> MappedWords<N> {
         self.ctx.is_some()
     }
 
-    fn bind_for_stream(&self) -> Result<()> {
-        if current_device()?.is_none() {
-            if let Some(ctx) = &self.ctx {
-                ctx.bind()?;
-            }
+    /// The words' context for a stream call, unless the caller has one
+    /// current (the stream's, normally).
+    fn scope_for_stream(&self) -> Result<Option<Scope>> {
+        match (&self.ctx, current_device()?) {
+            (Some(ctx), None) => Ok(Some(ctx.scope()?)),
+            _ => Ok(None),
         }
-        Ok(())
     }
 
     /// Enqueues on `stream` a wait until word `i` >= `value` (32-bit
     /// wrap-around comparison). Capturable into a CUDA graph.
     pub(crate) fn stream_wait(&self, stream: u64, i: usize, value: u32) -> Result<()> {
         self.require_gpu()?;
-        self.bind_for_stream()?;
+        let _scope = self.scope_for_stream()?;
         let flags = sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32;
+        let addr = self.address(i);
         // SAFETY: the word is device-mapped memory that outlives the value
         // (the caller keeps it alive while the stream may wait on it).
-        check("cuStreamWaitValue32", unsafe {
-            sys::cuStreamWaitValue32_v2(stream as sys::CUstream, self.address(i), value, flags)
+        guarded("cuStreamWaitValue32", || unsafe {
+            sys::cuStreamWaitValue32_v2(stream as sys::CUstream, addr, value, flags)
         })
     }
 
@@ -400,11 +477,12 @@ impl<const N: usize> MappedWords<N> {
     /// the stream's earlier work. Capturable into a CUDA graph.
     pub(crate) fn stream_write(&self, stream: u64, i: usize, value: u32) -> Result<()> {
         self.require_gpu()?;
-        self.bind_for_stream()?;
+        let _scope = self.scope_for_stream()?;
         let flags = sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32;
+        let addr = self.address(i);
         // SAFETY: as for stream_wait.
-        check("cuStreamWriteValue32", unsafe {
-            sys::cuStreamWriteValue32_v2(stream as sys::CUstream, self.address(i), value, flags)
+        guarded("cuStreamWriteValue32", || unsafe {
+            sys::cuStreamWriteValue32_v2(stream as sys::CUstream, addr, value, flags)
         })
     }
 
@@ -419,16 +497,30 @@ impl<const N: usize> MappedWords<N> {
 impl<const N: usize> Drop for MappedWords<N> {
     fn drop(&mut self) {
         match &self.ctx {
-            Some(ctx) => {
-                let _ = ctx.bind();
-                // SAFETY: from cuMemHostAlloc, freed once; no stream may
-                // still use it (documented by the owners).
-                unsafe { sys::cuMemFreeHost(self.ptr.cast()) };
-            }
+            // From cuMemHostAlloc; no stream may still use it (documented
+            // by the owners); freed off this thread (see `release_later`).
+            Some(ctx) => release_later(ctx.clone(), Release::Host(self.ptr as usize)),
             // SAFETY: from Box::into_raw in `host`, freed once.
             None => drop(unsafe { Box::from_raw(self.ptr.cast::<[std::sync::atomic::AtomicU32; N]>()) }),
         }
     }
+}
+
+/// CUDA's ordinal of the GPU at PCI address `pci` (`0000:18:00.0`), if
+/// CUDA sees it.
+pub(crate) fn ordinal_of_pci(pci: &str) -> Option<u32> {
+    init().ok()?;
+    let id = std::ffi::CString::new(pci).ok()?;
+    let mut dev = 0;
+    // SAFETY: a NUL-terminated bus id; writes the device.
+    let rc = unsafe { sys::cuDeviceGetByPCIBusId(&mut dev, id.as_ptr()) };
+    (rc == sys::CUresult::CUDA_SUCCESS).then_some(dev as u32)
+}
+
+/// The device of the calling thread's current context (PyTorch's current
+/// device), if it has one.
+pub(crate) fn current_ordinal() -> Option<u32> {
+    current_device().ok().flatten()
 }
 
 /// The device of the calling thread's current context, if any.
@@ -449,9 +541,23 @@ fn current_device() -> Result<Option<u32>> {
 /// A synchronous copy between any two addresses CUDA knows (unified
 /// addressing: host or device), on the context of `ctx`.
 pub(crate) fn copy_sync(ctx: &Context, dst: u64, src: u64, len: usize) -> Result<()> {
-    ctx.bind()?;
+    let _scope = ctx.scope()?;
     // SAFETY: the caller guarantees both ranges are valid for len bytes.
-    check("cuMemcpy", unsafe { sys::cuMemcpy(dst, src, len) })
+    check("cuMemcpy", unsafe { sys::cuMemcpy(dst, src, len) })?;
+    // From pageable host memory cuMemcpy may return before the DMA into
+    // the device has finished: wait for it, so that a transfer submitted
+    // next (on the stager's streams, or by a NIC) sees the bytes.
+    // SAFETY: the null stream is the context's legacy stream.
+    check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) })
+}
+
+/// Runs a driver call whose symbol may be missing from an older driver
+/// (cudarc panics when it cannot load one): the panic becomes an error.
+fn guarded(what: &str, call: impl FnOnce() -> sys::CUresult + std::panic::UnwindSafe) -> Result<()> {
+    match std::panic::catch_unwind(call) {
+        Ok(rc) => check(what, rc),
+        Err(_) => Err(Error::Cuda(format!("{what}: the driver does not have it (too old)"))),
+    }
 }
 
 /// Asynchronous copies on two streams of their own (copies toward the
@@ -503,9 +609,19 @@ impl super::engine::staging::CopyEngine for CudaCopies {
         let event = self.event()?;
         // SAFETY: the stager passes ranges inside registered memory that
         // lives until the copy's ticket is reported done.
-        check("cuMemcpyAsync", unsafe { sys::cuMemcpyAsync(dst, src, len, self.streams[s]) })?;
+        if let Err(e) = check("cuMemcpyAsync", unsafe { sys::cuMemcpyAsync(dst, src, len, self.streams[s]) }) {
+            self.events.push(event);
+            return Err(e);
+        }
         // SAFETY: event and stream are live.
-        check("cuEventRecord", unsafe { sys::cuEventRecord(event, self.streams[s]) })?;
+        if let Err(e) = check("cuEventRecord", unsafe { sys::cuEventRecord(event, self.streams[s]) }) {
+            // The copy is queued: the caller may reuse its buffers only
+            // once it has run.
+            // SAFETY: a live stream.
+            unsafe { sys::cuStreamSynchronize(self.streams[s]) };
+            self.events.push(event);
+            return Err(e);
+        }
         self.pending[s].push_back((ticket, event));
         Ok(())
     }

@@ -289,7 +289,9 @@ impl Region {
     }
 
     /// Deregisters now: peers lose access before this returns (requests in
-    /// flight keep the memory registered until they end). Idempotent.
+    /// flight keep the memory registered until they end; for staged device
+    /// memory, peers' requests arriving later are refused, and the chunks
+    /// being served when it closes finish first). Idempotent.
     fn close(&self, py: Python<'_>) {
         let region = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
         py.detach(|| drop(region));

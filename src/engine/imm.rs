@@ -36,6 +36,9 @@ pub(crate) struct ImmTable {
     unclaimed: UnclaimedImm,
     /// The engine, which a thread waiting on a counter drives.
     link: OnceLock<Arc<Link>>,
+    /// Every counter's GPU-visible words, kept for the engine's life: a
+    /// stream may still wait on the words of a counter already dropped.
+    mirrors: Mutex<Vec<Arc<MappedWords<2>>>>,
 }
 
 struct TableState {
@@ -74,6 +77,18 @@ struct CounterState {
     armed_at: Instant,
     /// Rounds that reached their count.
     rounds: u32,
+    /// A cancel stored releasing values into the GPU-visible words.
+    released: bool,
+}
+
+/// A round reached its count: counted, and stored where streams wait
+/// (before anyone is woken).
+fn reached_round(counter: &CounterShared, c: &mut CounterState) {
+    c.rounds = c.rounds.wrapping_add(1);
+    if let Some(m) = counter.mirror.get() {
+        m.word(0).store(c.rounds, Ordering::Release);
+        m.word(1).store(1, Ordering::Release);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -86,6 +101,7 @@ impl ImmTable {
             state: Mutex::new(TableState { tally: HashMap::new(), armed: HashMap::new() }),
             unclaimed,
             link: OnceLock::new(),
+            mirrors: Mutex::new(Vec::new()),
         })
     }
 
@@ -109,12 +125,7 @@ impl ImmTable {
                 t.armed.remove(&value);
                 drop(t);
                 c.status = Status::Reached;
-                c.rounds = c.rounds.wrapping_add(1);
-                if let Some(m) = counter.mirror.get() {
-                    // What streams wait on: stored before anyone is woken.
-                    m.word(0).store(c.rounds, Ordering::Release);
-                    m.word(1).store(1, Ordering::Release);
-                }
+                reached_round(&counter, &mut c);
                 counter.settled.store(true, Ordering::Release);
                 let waker = c.waker.take();
                 let callback = c.callback.clone();
@@ -178,9 +189,18 @@ impl ImmTable {
         c.expected = count;
         c.seen = from_tally;
         c.armed_at = Instant::now();
+        if let Some(m) = counter.mirror.get() {
+            if c.released {
+                // A cancel released the streams; this round starts clean.
+                c.released = false;
+                m.word(0).store(c.rounds, Ordering::Release);
+                m.word(1).store(0, Ordering::Release);
+            }
+        }
         if from_tally >= count {
             c.status = Status::Reached;
             t.armed.remove(&counter.value);
+            reached_round(counter, &mut c);
         } else {
             c.status = Status::Armed;
             t.armed.insert(counter.value, counter.clone());
@@ -210,6 +230,7 @@ impl ImmTable {
                 callback: None,
                 armed_at: Instant::now(),
                 rounds: 0,
+                released: false,
             }),
             cv: Condvar::new(),
             settled: AtomicBool::new(false),
@@ -326,8 +347,10 @@ impl ImmCounter {
     /// The round waited for is fixed when this is called, so in a captured
     /// CUDA graph every replay waits for the same round: for graphs use
     /// [`wait_on_stream_and_clear`](Self::wait_on_stream_and_clear).
-    /// The counter must stay alive (not dropped) until the stream has
-    /// passed the wait. Needs CUDA ([`crate::cuda::probe`]).
+    /// Cancelling the counter (or dropping it while armed) releases the
+    /// streams waiting on it, so that none hangs on a round that will not
+    /// come; the words live as long as the engine. Needs CUDA
+    /// ([`crate::cuda::probe`]).
     pub fn wait_on_stream(&self, stream: u64) -> Result<()> {
         let mirror = self.mirror(false)?;
         let c = lock(&self.shared.state);
@@ -343,8 +366,7 @@ impl ImmCounter {
     /// reach its count before the stream has passed this wait (the usual
     /// step-by-step protocol: the peer's next round follows this side's
     /// next request); two reaches before the stream gets there release it
-    /// once. The counter must stay alive while the stream may wait. Needs
-    /// CUDA.
+    /// once. Cancelling the counter releases the wait. Needs CUDA.
     pub fn wait_on_stream_and_clear(&self, stream: u64) -> Result<()> {
         let mirror = self.mirror(false)?;
         mirror.stream_wait(stream, 1, 1)?;
@@ -363,7 +385,9 @@ impl ImmCounter {
         let c = lock(&self.shared.state);
         words.word(0).store(c.rounds, Ordering::Release);
         words.word(1).store(u32::from(c.status == Status::Reached), Ordering::Release);
-        let _ = self.shared.mirror.set(words);
+        if self.shared.mirror.set(words.clone()).is_ok() {
+            lock(&self.table.mirrors).push(words);
+        }
         drop(c);
         Ok(self.shared.mirror.get().expect("set above").clone())
     }
@@ -379,6 +403,13 @@ impl ImmCounter {
         let mut c = lock(&self.shared.state);
         if c.status == Status::Armed {
             c.status = Status::Cancelled;
+            if let Some(m) = self.shared.mirror.get() {
+                // No stream hangs on a round that will not come: waits are
+                // released (their data did not arrive: check the counter).
+                c.released = true;
+                m.word(0).store(c.rounds.wrapping_add(1 << 30), Ordering::Release);
+                m.word(1).store(1, Ordering::Release);
+            }
         }
         self.shared.settled.store(true, Ordering::Release);
         let waker = c.waker.take();

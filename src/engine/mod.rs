@@ -84,6 +84,10 @@ pub struct EngineBuilder {
     verbs: VerbsConfig,
     efa_fabric: EfaFabric,
     gpu: Option<usize>,
+    /// The PCI address of `for_gpu`'s GPU (set when placing): how the
+    /// stager finds its CUDA ordinal, which `CUDA_VISIBLE_DEVICES` and
+    /// CUDA's device order may number differently.
+    gpu_pci: Option<String>,
     /// EFA: the domains to open (set by `for_gpu`); empty: all.
     efa_domains: Vec<String>,
     messages: Option<MessageCallback>,
@@ -122,6 +126,7 @@ impl Default for EngineBuilder {
             verbs: VerbsConfig::default(),
             efa_fabric: EfaFabric::default(),
             gpu: None,
+            gpu_pci: None,
             efa_domains: Vec::new(),
             messages: None,
             unclaimed_imm: None,
@@ -376,6 +381,7 @@ impl EngineBuilder {
             self.verbs.devices = others;
         }
         self.efa_domains = efa.iter().map(|n| format!("{n}-rdm")).collect();
+        self.gpu_pci = Some(topology.gpus[gpu].pci.address.clone());
         Ok(())
     }
 
@@ -492,7 +498,7 @@ impl EngineBuilder {
                 staging: self.staging,
                 host_device_stand_in: self.host_device_stand_in,
                 request_timeout: self.request_timeout,
-                gpu: self.gpu,
+                gpu_pci: self.gpu_pci,
                 device_keys: AtomicU64::new(1),
                 direct_device,
             }),
@@ -609,7 +615,8 @@ struct Shared {
     staging: StagingConfig,
     host_device_stand_in: bool,
     request_timeout: Option<Duration>,
-    gpu: Option<usize>,
+    /// `for_gpu`'s GPU, by PCI address.
+    gpu_pci: Option<String>,
     /// Keys of device regions (the stager's, not the NICs').
     device_keys: AtomicU64,
     /// Every NIC reaches device memory (`Nic::device_memory`): device
@@ -814,7 +821,20 @@ impl TransferEngine {
     /// scatters, batches and barriers refuse it.
     ///
     /// An engine stages for one GPU: the one of [`EngineBuilder::for_gpu`],
-    /// else that of its first device region.
+    /// else that of its first device region (or, when its first staged
+    /// request came before any, the calling thread's current device).
+    ///
+    /// Ordering with your streams: the engine's copies and its NICs'
+    /// accesses are not ordered after work queued on your CUDA streams.
+    /// Synchronize the stream that produced the bytes (or wait for an
+    /// event recorded on it) before submitting a write from device memory,
+    /// or let the stream start it ([`StreamTrigger`](crate::StreamTrigger)),
+    /// and consume received bytes once the counter says they have landed
+    /// ([`ImmCounter::wait_on_stream`](crate::ImmCounter::wait_on_stream)).
+    ///
+    /// Dropping a staged region refuses peers' later requests at once;
+    /// chunks of theirs being served at that moment finish first (they
+    /// hold the memory until they end).
     ///
     /// # Errors
     /// Without CUDA ([`crate::cuda::probe`] says why), when `ptr..ptr+len`
@@ -898,7 +918,7 @@ impl TransferEngine {
         } else {
             let ctx = stager.context.clone().ok_or_else(|| self.no_cuda())?;
             // Pointer attributes are answered in a context.
-            ctx.bind()?;
+            let _scope = ctx.scope()?;
             for (what, at) in [("first", ptr), ("last", ptr + len - 1)] {
                 match crate::cuda::device_of(at) {
                     Some(g) if g == gpu => {}
@@ -916,8 +936,17 @@ impl TransferEngine {
             }
             Some(ctx)
         };
+        let mut owned = owned;
         if self.shared.direct_device {
-            return self.register_device_direct(ptr, len, gpu, access, context, owned);
+            match self.register_device_direct(ptr, len, gpu, access, context.clone(), &mut owned) {
+                Err(e @ Error::RegisterMemory { .. }) => {
+                    // The NICs said they reach device memory, but this range
+                    // would not register (no dma-buf for it and no
+                    // nvidia-peermem, a NIC without dma-buf support): staged.
+                    tracing::warn!(error = %e, "GPUDirect registration failed: the region is staged");
+                }
+                other => return other,
+            }
         }
         let key = self.shared.device_keys.fetch_add(1, Ordering::Relaxed);
         let keys = vec![key; self.shared.nic_count];
@@ -939,7 +968,7 @@ impl TransferEngine {
         gpu: u32,
         access: Access,
         context: Option<Arc<crate::cuda::Context>>,
-        owned: Option<memory::Owner>,
+        owned: &mut Option<memory::Owner>,
     ) -> Result<MemoryRegion> {
         if self.shared.link.on_worker() {
             return Err(Error::WouldDeadlock("registering memory"));
@@ -964,6 +993,7 @@ impl TransferEngine {
         let desc = MrDesc::new(self.shared.address.clone(), base, len, access, keys);
         let device = DeviceMemory { gpu, context, direct: true };
         let link = self.shared.link.clone();
+        let owned = owned.take();
         let inner = MrInner::new_device_direct(registration.id, ptr as *mut u8, len, descs, desc, device, owned, link);
         Ok(MemoryRegion { inner: Arc::new(inner) })
     }
@@ -981,7 +1011,11 @@ impl TransferEngine {
         if self.shared.link.on_worker() {
             return Err(Error::WouldDeadlock("starting the stager for device memory"));
         }
-        let gpu = self.shared.gpu.map(|g| g as u32).or(gpu).unwrap_or(0);
+        // for_gpu's GPU (by PCI address: CUDA may number it otherwise),
+        // else the first device region's, else the calling thread's current
+        // device (PyTorch's), else 0.
+        let placed = self.shared.gpu_pci.as_deref().and_then(crate::cuda::ordinal_of_pci);
+        let gpu = placed.or(gpu).or_else(crate::cuda::current_ordinal).unwrap_or(0);
         let config = self.shared.staging;
         let (context, copies): (_, Box<dyn staging::CopyEngine>) =
             if self.shared.host_device_stand_in || !crate::cuda::available() {
@@ -993,13 +1027,12 @@ impl TransferEngine {
         let bytes = config.pool_bytes();
         let buf = AlignedBuf::zeroed(bytes)?;
         let ptr = buf.as_ptr();
-        let pin = match &context {
-            // SAFETY: the buffer outlives the pin: both are the region's
-            // owner, the pin dropped first.
-            Some(ctx) => Some(unsafe { crate::cuda::HostPin::new(ctx.clone(), ptr, bytes)? }),
-            None => None,
+        let owner: memory::Owner = match &context {
+            // SAFETY: the pin owns the buffer: unpinned before it is freed.
+            Some(ctx) => Box::new(unsafe { crate::cuda::HostPin::new(ctx.clone(), ptr, bytes, Box::new(buf))? }),
+            None => Box::new(buf),
         };
-        let pool = self.register_inner(ptr, bytes, Access::REMOTE_READ_WRITE, Some(Box::new((pin, buf))))?;
+        let pool = self.register_inner(ptr, bytes, Access::REMOTE_READ_WRITE, Some(owner))?;
         let (tx, rx) = crossbeam_channel::unbounded();
         self.shared.link.send(Command::Staging(tx.clone()))?;
         let cfg = StagerConfig {

@@ -237,6 +237,15 @@ fn a_counter_mirrors_its_rounds_into_the_words_streams_wait_on() {
     a.write_imm(dst.descriptor(), 11).unwrap().wait_timeout(WAIT).unwrap();
     counter.wait_timeout(WAIT).unwrap();
     assert_eq!((read(0), read(1)), (2, 1));
+    // A cancel releases what waits on the round that will not come, and a
+    // new round starts from clean words.
+    words.word(1).store(0, std::sync::atomic::Ordering::Release);
+    counter.rearm(1).unwrap();
+    counter.cancel();
+    assert_eq!(read(0), 2u32.wrapping_add(1 << 30));
+    assert_eq!(read(1), 1);
+    counter.rearm(1).unwrap();
+    assert_eq!((read(0), read(1)), (2, 0));
     if !crate::cuda::available() {
         // The stand-in's words are host memory: no stream can wait on them.
         assert!(matches!(counter.wait_on_stream(0), Err(Error::Cuda(_))));
