@@ -333,10 +333,12 @@ impl EngineBuilder {
         self
     }
 
-    /// Tests only: device regions may be host memory, copied with memcpy
-    /// (the host stand-in of the copy engine).
-    #[cfg(test)]
-    pub(crate) fn host_device_stand_in(mut self) -> Self {
+    /// Tests and benchmarks only (the `test-backend` feature): device
+    /// regions may be host memory, copied with memcpy (the host stand-in
+    /// of the copy engine), so that the staging protocol runs without a
+    /// GPU. Never use it for real transfers.
+    #[cfg(any(test, feature = "test-backend"))]
+    pub fn host_device_stand_in(mut self) -> Self {
         self.host_device_stand_in = true;
         self
     }

@@ -99,6 +99,8 @@ pub(crate) const MAGIC: &[u8; 3] = b"STS";
 /// descriptor naming 16 NICs of 64-byte addresses, about 1.7 KiB) inside a
 /// control buffer.
 pub(crate) const MAX_RUNS: usize = 32;
+/// The smallest chunk a request is cut into to spread it over the slots.
+const MIN_CHUNK: u64 = 256 << 10;
 /// How long answers are awaited when the engine has no request timeout.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 const VERSION: u8 = 1;
@@ -496,6 +498,14 @@ impl Stager {
         self.cfg.staging.slot_size
     }
 
+    /// The chunk of a request of `bytes`: a slot, or less so that the
+    /// request is cut into at least as many chunks as there are slots (not
+    /// below `MIN_CHUNK`).
+    fn chunk_size(&self, bytes: u64) -> u64 {
+        let spread = bytes.div_ceil(self.cfg.staging.slots as u64).next_multiple_of(4096);
+        self.slot_size().min(spread.max(MIN_CHUNK))
+    }
+
     /// How long a peer's answer, or a peer's request waiting for a slot,
     /// is worth waiting for.
     fn timeout(&self) -> Duration {
@@ -529,7 +539,13 @@ impl Stager {
     /// Cuts a request into chunks of a slot.
     fn submit(&mut self, op: StagedOp, guard: PartGuard) {
         let id = self.id();
-        let size = self.slot_size();
+        let bytes = match &op {
+            StagedOp::Write { runs, .. } => runs.iter().map(|r| r.2).sum(),
+            StagedOp::Read { len, .. } | StagedOp::Send { len, .. } => *len,
+        };
+        // Chunks of a slot, but small enough that a request of a few slots
+        // still spreads over all of them (copies overlap the network).
+        let size = self.chunk_size(bytes);
         let mut chunks = Vec::new();
         let mut tail_imm = None;
         match op {
@@ -585,6 +601,7 @@ impl Stager {
                 }
             }
             StagedOp::Send { peer, src, offset, len } => {
+                let size = self.slot_size();
                 if len > size {
                     guard.finish(Err(Error::InvalidRequest(format!(
                         "a send of {len} bytes from device memory is longer than a staging slot ({size} bytes, \
