@@ -66,16 +66,58 @@ struct Side {
 }
 
 fn side(provider: Provider, tp: u32, layers: u32, blocks: u32, block_tokens: u32, ctor: Ctor, heads: u32) -> Side {
+    side_in(provider, tp, layers, blocks, block_tokens, ctor, heads, false)
+}
+
+/// `device`: the caches are staged device memory (the host stand-in of the
+/// `test-backend` feature: host memory only the engine's stager copies).
+#[allow(clippy::too_many_arguments)]
+fn side_in(
+    provider: Provider,
+    tp: u32,
+    layers: u32,
+    blocks: u32,
+    block_tokens: u32,
+    ctor: Ctor,
+    heads: u32,
+    device: bool,
+) -> Side {
     let caches = (0..tp)
         .map(|r| {
             let held = strait::kv::heads_of(Tp::new(r, tp).unwrap(), heads).unwrap().1;
             let shape =
                 KvShape { layers, blocks, block_tokens, heads: held, total_heads: heads, head_dim: 8, elem_bytes: 2 };
-            let e = engine(provider, 1);
-            KvCache::alloc(&e, ctor(shape), Tp::new(r, tp).unwrap(), config()).unwrap()
+            if device {
+                device_cache(provider, ctor(shape), Tp::new(r, tp).unwrap())
+            } else {
+                let e = engine(provider, 1);
+                KvCache::alloc(&e, ctor(shape), Tp::new(r, tp).unwrap(), config()).unwrap()
+            }
         })
         .collect();
     Side { caches }
+}
+
+#[cfg(feature = "test-backend")]
+fn device_cache(provider: Provider, layout: KvLayout, tp: Tp) -> KvCache {
+    let e = TransferEngine::builder()
+        .provider(provider)
+        .interface("lo")
+        .staging(4, 64 << 10)
+        .host_device_stand_in()
+        .build()
+        .unwrap();
+    let tensors = (0..layout.tensor_count())
+        .map(|_| e.alloc_device(layout.tensor_bytes(), 0, strait::Access::REMOTE_READ_WRITE).unwrap())
+        .collect();
+    let cache = KvCache::new(&e, layout, tp, tensors, config()).unwrap();
+    assert!(cache.tensors()[0].descriptor().is_staged());
+    cache
+}
+
+#[cfg(not(feature = "test-backend"))]
+fn device_cache(_: Provider, _: KvLayout, _: Tp) -> KvCache {
+    unreachable!("device caches need the test-backend feature")
 }
 
 fn descs(side: &Side) -> Vec<KvCacheDesc> {
@@ -99,9 +141,25 @@ fn shuffled(n: u32, seed: u64) -> Vec<u32> {
 /// rank and checks every byte.
 #[allow(clippy::too_many_arguments)]
 fn run(provider: Provider, p: u32, d: u32, sl: Ctor, dl: Ctor, bs: u32, bd: u32, tokens: u64, pull: bool) {
+    run_in(provider, p, d, sl, dl, bs, bd, tokens, pull, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_in(
+    provider: Provider,
+    p: u32,
+    d: u32,
+    sl: Ctor,
+    dl: Ctor,
+    bs: u32,
+    bd: u32,
+    tokens: u64,
+    pull: bool,
+    device: bool,
+) {
     let (layers, heads) = (3, 4);
-    let senders = side(provider, p, layers, 12, bs, sl, heads);
-    let decoders = side(provider, d, layers, 12, bd, dl, heads);
+    let senders = side_in(provider, p, layers, 12, bs, sl, heads, device);
+    let decoders = side_in(provider, d, layers, 12, bd, dl, heads, device);
     let src_blocks: Vec<u32> = (0..tokens.div_ceil(bs as u64) as u32).map(|i| (i * 5 + 3) % 12).collect();
     let dst_blocks: Vec<u32> = (0..tokens.div_ceil(bd as u64) as u32).map(|i| 11 - i).collect();
     for c in &senders.caches {
@@ -153,6 +211,17 @@ fn every_layout_one_to_one_over_tcp() {
     for (sl, dl) in [(VLLM, VLLM), (NHD, NHD), (HND, HND), (NHD, HND), (HND, VLLM)] {
         run(Provider::Tcp, 1, 1, sl, dl, 4, 4, 22, false);
     }
+}
+
+/// KV transfer between staged device caches (GPU memory on a transport
+/// without GPUDirect; here the host stand-in): NHD head slices (strided
+/// rows), HND, TP 2:1 and 1:2, push and pull.
+#[test]
+#[cfg(feature = "test-backend")]
+fn staged_device_caches_over_tcp() {
+    run_in(Provider::Tcp, 2, 1, NHD, NHD, 4, 4, 16, false, true);
+    run_in(Provider::Tcp, 1, 2, HND, NHD, 4, 4, 22, false, true);
+    run_in(Provider::Tcp, 2, 1, NHD, HND, 4, 4, 16, true, true);
 }
 
 #[test]

@@ -816,11 +816,10 @@ impl TransferEngine {
     /// ([`EngineBuilder::staging`]), keeping every semantic of a direct
     /// transfer: a write into a peer's device region completes only once
     /// the bytes are in the peer's GPU memory, and the peer's immediate is
-    /// delivered only after that. Staged memory takes
-    /// [`write`](Self::write), [`write_imm`](Self::write_imm),
-    /// [`write_paged`](Self::write_paged), [`read`](Self::read) and
-    /// [`send`](Self::send) (of at most a slot); strided copy lists,
-    /// scatters, batches and barriers refuse it.
+    /// delivered only after that. Staged memory takes every request but
+    /// scatters and barriers ([`send`](Self::send) of at most a slot);
+    /// strided copy lists and paged writes have their rows packed into
+    /// the staging slots (see `engine::staging`).
     ///
     /// An engine stages for one GPU: the one of [`EngineBuilder::for_gpu`],
     /// else that of its first device region (or, when its first staged
@@ -1075,12 +1074,22 @@ impl TransferEngine {
         Ok(Transfer::new(completion))
     }
 
+    /// Hands a staged part of a batch to the stager (which may fail to
+    /// start: the part then ends with that error).
+    fn submit_staged_part(&self, op: StagedOp, guard: PartGuard) {
+        match self.stager(None) {
+            // A failed send drops the guard: the part ends with Shutdown.
+            Ok(stager) => drop(stager.tx.send(staging::Msg::Submit(op, guard))),
+            Err(e) => guard.finish(Err(e)),
+        }
+    }
+
     /// Refuses staged memory in requests that do not take it.
     fn refuse_staged(&self, local: Option<&MemoryRegion>, remote: &MrDesc, what: &str) -> Result<()> {
         if remote.is_staged() || local.is_some_and(|l| l.inner.staged()) {
             return Err(Error::InvalidRequest(format!(
-                "{what} does not take staged device memory (this transport has no GPUDirect): use write or read, \
-                 one contiguous range per request"
+                "{what} does not take staged device memory (this transport has no GPUDirect): write to each \
+                 target, or barrier through host regions"
             )));
         }
         Ok(())
@@ -1168,7 +1177,7 @@ impl TransferEngine {
         if let Some(src) = src {
             self.check_local(src)?;
         }
-        self.refuse_staged(src, dst, "a scatter, barrier or batched write")?;
+        self.refuse_staged(src, dst, "a scatter, barrier or ping")?;
         self.checked_write_op(src, src_offset, dst, dst_offset, len, imm)
     }
 
@@ -1258,6 +1267,19 @@ impl TransferEngine {
         len: u64,
         imm: Option<u32>,
     ) -> Result<Transfer> {
+        let op = self.staged_write_op(src, src_offset, dst, dst_offset, len, imm)?;
+        self.submit_staged(op)
+    }
+
+    fn staged_write_op(
+        &self,
+        src: Option<&MemoryRegion>,
+        src_offset: u64,
+        dst: &MrDesc,
+        dst_offset: u64,
+        len: u64,
+        imm: Option<u32>,
+    ) -> Result<StagedOp> {
         self.check_write_target(dst)?;
         if let Some(src) = src {
             self.check_local(src)?;
@@ -1268,7 +1290,7 @@ impl TransferEngine {
         }
         dst.check_range(dst_offset, len)?;
         let src = src.map(|s| s.inner.clone());
-        self.submit_staged(StagedOp::Write { src, dst: dst.clone(), runs: vec![(src_offset, dst_offset, len)], imm })
+        Ok(StagedOp::Write { src, dst: dst.clone(), runs: vec![(src_offset, dst_offset, len)], imm })
     }
 
     /// Writes pages: page `src_pages[i]` of `src` to page `dst_pages[i]` of
@@ -1302,6 +1324,19 @@ impl TransferEngine {
         dst_pages: Vec<u32>,
         imm: Option<u32>,
     ) -> Result<Transfer> {
+        let op = self.staged_paged_op(src, dst, layout, src_pages, dst_pages, imm)?;
+        self.submit_staged(op)
+    }
+
+    fn staged_paged_op(
+        &self,
+        src: &MemoryRegion,
+        dst: &MrDesc,
+        layout: PagedLayout,
+        src_pages: Vec<u32>,
+        dst_pages: Vec<u32>,
+        imm: Option<u32>,
+    ) -> Result<StagedOp> {
         self.check_local(src)?;
         self.check_write_target(dst)?;
         let mut plan = PagedPlan::new(layout, src_pages, dst_pages, src.len(), dst.len(), 0, 1, 1, u64::MAX)?;
@@ -1309,7 +1344,7 @@ impl TransferEngine {
         while let Some(p) = plan.next_piece() {
             runs.push((p.src_offset, p.dst_offset, p.len));
         }
-        self.submit_staged(StagedOp::Write { src: Some(src.inner.clone()), dst: dst.clone(), runs, imm })
+        Ok(StagedOp::Write { src: Some(src.inner.clone()), dst: dst.clone(), runs, imm })
     }
 
     fn paged_op(
@@ -1355,6 +1390,10 @@ impl TransferEngine {
         list: &CopyList,
         imm: Option<u32>,
     ) -> Result<Transfer> {
+        if dst.is_staged() || src.inner.staged() {
+            let op = self.staged_copies(src, src_base, dst, dst_base, list, imm, false)?;
+            return self.submit_staged(op);
+        }
         let op = self.copies_op(src, src_base, dst, dst_base, list, imm, false)?;
         self.submit(op)
     }
@@ -1370,8 +1409,54 @@ impl TransferEngine {
         src_base: u64,
         list: &CopyList,
     ) -> Result<Transfer> {
+        if src.is_staged() || dst.inner.staged() {
+            let op = self.staged_copies(dst, dst_base, src, src_base, list, None, true)?;
+            return self.submit_staged(op);
+        }
         let op = self.copies_op(dst, dst_base, src, src_base, list, None, true)?;
         self.submit(op)
+    }
+
+    /// A strided copy list from or to staged device memory: checked as
+    /// `copies_op` checks it, its rows as runs (rows contiguous on both
+    /// sides joined) packed into staging slots.
+    #[allow(clippy::too_many_arguments)]
+    fn staged_copies(
+        &self,
+        local: &MemoryRegion,
+        local_base: u64,
+        remote: &MrDesc,
+        remote_base: u64,
+        list: &CopyList,
+        imm: Option<u32>,
+        read: bool,
+    ) -> Result<StagedOp> {
+        self.check_local(local)?;
+        let (src_base, dst_base, src_len, dst_len) = if read {
+            self.check_read_source(remote)?;
+            (remote_base, local_base, remote.len(), local.len())
+        } else {
+            self.check_write_target(remote)?;
+            (local_base, remote_base, local.len(), remote.len())
+        };
+        // The plan's checks (extents inside both regions), not its pieces.
+        StridedPlan::new(list, src_base, dst_base, src_len, dst_len, 0, 1, 1, u64::MAX, 1)?;
+        let mut runs: Vec<staging::Run> = Vec::with_capacity(list.rows() as usize);
+        for c in list.copies() {
+            for r in 0..c.rows {
+                let (s, d) = (src_base + c.src_offset + r * c.src_stride, dst_base + c.dst_offset + r * c.dst_stride);
+                match runs.last_mut() {
+                    Some(last) if last.0 + last.2 == s && last.1 + last.2 == d => last.2 += c.row_len,
+                    _ => runs.push((s, d, c.row_len)),
+                }
+            }
+        }
+        if read {
+            // (offset in the peer's region, offset in the local one, length)
+            Ok(StagedOp::Read { dst: local.inner.clone(), src: remote.clone(), runs })
+        } else {
+            Ok(StagedOp::Write { src: Some(local.inner.clone()), dst: remote.clone(), runs, imm })
+        }
     }
 
     /// `local`/`local_base` is the source of a write and the destination of
@@ -1482,7 +1567,7 @@ impl TransferEngine {
         check_range("source", src_offset, len, src.len())?;
         if src.is_staged() || dst.inner.staged() {
             let (dst, src) = (dst.inner.clone(), src.clone());
-            return self.submit_staged(StagedOp::Read { dst, dst_offset, src, src_offset, len });
+            return self.submit_staged(StagedOp::Read { dst, src, runs: vec![(src_offset, dst_offset, len)] });
         }
         let plan = ShardPlan::new(
             dst_offset,
@@ -1619,7 +1704,7 @@ impl TransferEngine {
     /// An empty [`Batch`]: requests added to it are checked as they are
     /// added and handed to the worker together.
     pub fn batch(&self) -> Batch<'_> {
-        Batch { engine: self, ops: Vec::new(), parts: Vec::new() }
+        Batch { engine: self, ops: Vec::new(), parts: Vec::new(), staged: Vec::new() }
     }
 
     /// Stops the worker now (clones of the handle then fail with
@@ -1658,6 +1743,9 @@ pub struct Batch<'a> {
     ops: Vec<RequestOp>,
     /// Operations per request, in order (a scatter is several).
     parts: Vec<u32>,
+    /// Requests that move staged device memory, with their index: they go
+    /// to the stager, not to the worker (one part each, none in `ops`).
+    staged: Vec<(usize, StagedOp)>,
 }
 
 impl fmt::Debug for Batch<'_> {
@@ -1677,6 +1765,10 @@ impl Batch<'_> {
         len: u64,
         imm: Option<u32>,
     ) -> Result<&mut Self> {
+        if dst.is_staged() || src.inner.staged() {
+            let op = self.engine.staged_write_op(Some(src), src_offset, dst, dst_offset, len, imm)?;
+            return Ok(self.push_staged(op));
+        }
         let op = self.engine.write_op(Some(src), src_offset, dst, dst_offset, len, imm)?;
         Ok(self.push(std::iter::once(op)))
     }
@@ -1697,6 +1789,25 @@ impl Batch<'_> {
         let engine = self.engine;
         engine.check_write_target(dst)?;
         engine.check_local(src)?;
+        if dst.is_staged() || src.inner.staged() {
+            let (staged_before, parts_before) = (self.staged.len(), self.parts.len());
+            for (i, (src_offset, dst_offset, len)) in ranges.into_iter().enumerate() {
+                match engine.staged_write_op(Some(src), src_offset, dst, dst_offset, len, imm) {
+                    Ok(op) => {
+                        self.push_staged(op);
+                    }
+                    Err(e) => {
+                        self.staged.truncate(staged_before);
+                        self.parts.truncate(parts_before);
+                        return Err(match e {
+                            Error::InvalidRequest(m) => Error::InvalidRequest(format!("write {i} of the batch: {m}")),
+                            e => e,
+                        });
+                    }
+                }
+            }
+            return Ok(self);
+        }
         let (ops_before, parts_before) = (self.ops.len(), self.parts.len());
         for (i, (src_offset, dst_offset, len)) in ranges.into_iter().enumerate() {
             match engine.checked_write_op(Some(src), src_offset, dst, dst_offset, len, imm) {
@@ -1719,6 +1830,10 @@ impl Batch<'_> {
 
     /// Adds a [`TransferEngine::write_imm`].
     pub fn write_imm(&mut self, dst: &MrDesc, imm: u32) -> Result<&mut Self> {
+        if dst.is_staged() {
+            let op = self.engine.staged_write_op(None, 0, dst, 0, 0, Some(imm))?;
+            return Ok(self.push_staged(op));
+        }
         let op = self.engine.write_op(None, 0, dst, 0, 0, Some(imm))?;
         Ok(self.push(std::iter::once(op)))
     }
@@ -1733,6 +1848,10 @@ impl Batch<'_> {
         dst_pages: Vec<u32>,
         imm: Option<u32>,
     ) -> Result<&mut Self> {
+        if dst.is_staged() || src.inner.staged() {
+            let op = self.engine.staged_paged_op(src, dst, layout, src_pages, dst_pages, imm)?;
+            return Ok(self.push_staged(op));
+        }
         let op = self.engine.paged_op(src, dst, layout, src_pages, dst_pages, imm)?;
         Ok(self.push(std::iter::once(op)))
     }
@@ -1747,6 +1866,10 @@ impl Batch<'_> {
         list: &CopyList,
         imm: Option<u32>,
     ) -> Result<&mut Self> {
+        if dst.is_staged() || src.inner.staged() {
+            let op = self.engine.staged_copies(src, src_base, dst, dst_base, list, imm, false)?;
+            return Ok(self.push_staged(op));
+        }
         let op = self.engine.copies_op(src, src_base, dst, dst_base, list, imm, false)?;
         Ok(self.push(std::iter::once(op)))
     }
@@ -1761,6 +1884,12 @@ impl Batch<'_> {
     pub fn barrier(&mut self, peers: &[MrDesc], imm: u32) -> Result<&mut Self> {
         let ops = self.engine.barrier_ops(peers, imm)?;
         Ok(self.push(ops))
+    }
+
+    fn push_staged(&mut self, op: StagedOp) -> &mut Self {
+        self.staged.push((self.parts.len(), op));
+        self.parts.push(1);
+        self
     }
 
     fn push(&mut self, ops: impl IntoIterator<Item = RequestOp>) -> &mut Self {
@@ -1787,11 +1916,16 @@ impl Batch<'_> {
         let mut transfers = Vec::with_capacity(self.parts.len());
         let mut submissions = Vec::with_capacity(self.ops.len());
         let mut ops = self.ops.into_iter();
+        let mut staged = self.staged.into_iter().peekable();
         let submitted = Instant::now();
-        for &parts in &self.parts {
+        for (i, &parts) in self.parts.iter().enumerate() {
             let completion = Completion::new(parts);
-            for op in ops.by_ref().take(parts as usize) {
-                submissions.push(Submission { op, guard: PartGuard::new(completion.clone()), submitted });
+            if let Some((_, op)) = staged.next_if(|(r, _)| *r == i) {
+                self.engine.submit_staged_part(op, PartGuard::new(completion.clone()));
+            } else {
+                for op in ops.by_ref().take(parts as usize) {
+                    submissions.push(Submission { op, guard: PartGuard::new(completion.clone()), submitted });
+                }
             }
             transfers.push(Transfer::driven(completion, link.clone()));
         }
@@ -1807,9 +1941,25 @@ impl Batch<'_> {
     /// succeeds when every request has, else carries the first error.
     /// Fails with [`Error::InvalidRequest`] on an empty batch.
     pub fn submit_joined(self) -> Result<Transfer> {
-        if self.ops.is_empty() {
+        if self.ops.is_empty() && self.staged.is_empty() {
             return Err(Error::InvalidRequest("an empty batch".into()));
         }
-        self.engine.submit_all(self.ops)
+        if self.staged.is_empty() {
+            return self.engine.submit_all(self.ops);
+        }
+        let completion = Completion::new((self.ops.len() + self.staged.len()) as u32);
+        let submitted = Instant::now();
+        let submissions: Vec<Submission> = self
+            .ops
+            .into_iter()
+            .map(|op| Submission { op, guard: PartGuard::new(completion.clone()), submitted })
+            .collect();
+        for (_, op) in self.staged {
+            self.engine.submit_staged_part(op, PartGuard::new(completion.clone()));
+        }
+        if !submissions.is_empty() {
+            let _ = self.engine.shared.link.send(Command::SubmitBatch(submissions));
+        }
+        Ok(Transfer::driven(completion, self.engine.shared.link.clone()))
     }
 }

@@ -57,8 +57,10 @@
 //!   [`MAX_RUNS`]), then per run the destination offset and length (u64
 //!   LE each; the runs lie one after another in the asker's slot), then
 //!   the asker's staging pool descriptor ([`MrDesc`] encoding) to the end.
-//! * Get (2): key, offset, length, the asker's slot offset (u64 LE each),
-//!   then the asker's staging pool descriptor to the end.
+//! * Get (2): key (u64 LE), the asker's slot offset (u64 LE), run count
+//!   (u16 LE, 1 to [`MAX_RUNS`]), per run the source offset and length
+//!   (u64 LE each; packed one after another into the asker's slot), then
+//!   the asker's staging pool descriptor to the end.
 //! * Done (3): status (u8: 0 done, 1 no such region, 2 access or range
 //!   refused, 3 failed), then the answering engine's address.
 //!
@@ -67,10 +69,17 @@
 //! per chunk, a run longer than what is left of a slot continuing in the
 //! next), so a KV block list costs one `Put` per slot, not one per page.
 //!
+//! Strided copy lists (`write_copies`, `read_copies`: the KV, MoE and
+//! weights primitives) are staged the same way: their rows, joined where
+//! they are contiguous on both sides, are the runs (an NHD head slice is a
+//! run per token, so its chunks carry up to [`MAX_RUNS`] rows each). Reads
+//! pack the peer's runs with `Get` the same way. Batches hand their staged
+//! requests to the stager and the others to the worker.
+//!
 //! # Not staged
-//! Strided copy lists, scatters and barriers refuse staged memory with
-//! [`Error::InvalidRequest`] (rows of a few hundred bytes would cost a
-//! copy each: use HND layouts, or a transport with GPUDirect).
+//! Scatters and barriers refuse staged memory with
+//! [`Error::InvalidRequest`] (write each target, or barrier through a host
+//! region's descriptor).
 //!
 //! [`TransferEngine::write_paged`]: crate::TransferEngine::write_paged
 //!
@@ -186,12 +195,11 @@ pub(crate) enum StagedOp {
         runs: Vec<(u64, u64, u64)>,
         imm: Option<u32>,
     },
+    /// `runs`: (offset in the peer's `src`, offset in `dst`, length).
     Read {
         dst: Arc<MrInner>,
-        dst_offset: u64,
         src: MrDesc,
-        src_offset: u64,
-        len: u64,
+        runs: Vec<Run>,
     },
     Send {
         peer: EngineAddress,
@@ -222,7 +230,7 @@ pub(crate) enum Msg {
 #[derive(Debug, PartialEq)]
 enum Wire {
     Put { cookie: u64, key: u64, imm: Option<u32>, slot: u64, runs: Vec<(u64, u64)>, pool: MrDesc },
-    Get { cookie: u64, key: u64, offset: u64, len: u64, slot: u64, pool: MrDesc },
+    Get { cookie: u64, key: u64, slot: u64, runs: Vec<(u64, u64)>, pool: MrDesc },
     Done { cookie: u64, status: u8, from: EngineAddress },
 }
 
@@ -244,15 +252,13 @@ impl Wire {
                 out.push(imm.is_some() as u8);
                 out.extend_from_slice(&imm.unwrap_or(0).to_le_bytes());
                 u64s(&mut out, &[*slot]);
-                out.extend_from_slice(&(runs.len() as u16).to_le_bytes());
-                for &(offset, len) in runs {
-                    u64s(&mut out, &[offset, len]);
-                }
+                put_runs(&mut out, runs);
                 out.extend_from_slice(&pool.to_bytes());
             }
-            Wire::Get { cookie, key, offset, len, slot, pool } => {
+            Wire::Get { cookie, key, slot, runs, pool } => {
                 out.push(GET);
-                u64s(&mut out, &[*cookie, *key, *offset, *len, *slot]);
+                u64s(&mut out, &[*cookie, *key, *slot]);
+                put_runs(&mut out, runs);
                 out.extend_from_slice(&pool.to_bytes());
             }
             Wire::Done { cookie, status, from } => {
@@ -282,23 +288,13 @@ impl Wire {
                     1 => Some(imm),
                     other => return Err(r.error(format!("has-immediate {other}"))),
                 };
-                let count = r.u16("run count")? as usize;
-                if !(1..=MAX_RUNS).contains(&count) {
-                    return Err(r.error(format!("{count} runs (1 to {MAX_RUNS})")));
-                }
-                let mut runs = Vec::with_capacity(count);
-                for _ in 0..count {
-                    let (offset, len) = (r.u64("run offset")?, r.u64("run length")?);
-                    if offset.checked_add(len).is_none() {
-                        return Err(r.error("run offset + length overflows"));
-                    }
-                    runs.push((offset, len));
-                }
+                let runs = read_runs(&mut r)?;
                 Ok(Wire::Put { cookie, key, imm, slot, runs, pool: rest(r)? })
             }
             GET => {
-                let (key, offset, len, slot) = (r.u64("key")?, r.u64("offset")?, r.u64("length")?, r.u64("slot")?);
-                Ok(Wire::Get { cookie, key, offset, len, slot, pool: rest(r)? })
+                let (key, slot) = (r.u64("key")?, r.u64("slot")?);
+                let runs = read_runs(&mut r)?;
+                Ok(Wire::Get { cookie, key, slot, runs, pool: rest(r)? })
             }
             DONE => {
                 let status = r.u8("status")?;
@@ -312,6 +308,30 @@ impl Wire {
             other => Err(r.error(format!("unknown kind {other}"))),
         }
     }
+}
+
+fn put_runs(out: &mut Vec<u8>, runs: &[(u64, u64)]) {
+    out.extend_from_slice(&(runs.len() as u16).to_le_bytes());
+    for &(offset, len) in runs {
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+}
+
+fn read_runs(r: &mut Reader<'_>) -> Result<Vec<(u64, u64)>> {
+    let count = r.u16("run count")? as usize;
+    if !(1..=MAX_RUNS).contains(&count) {
+        return Err(r.error(format!("{count} runs (1 to {MAX_RUNS})")));
+    }
+    let mut runs = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (offset, len) = (r.u64("run offset")?, r.u64("run length")?);
+        if offset.checked_add(len).is_none() {
+            return Err(r.error("run offset + length overflows"));
+        }
+        runs.push((offset, len));
+    }
+    Ok(runs)
 }
 
 /// One step of a chunk. Offsets into the chunk's slot are `at`.
@@ -358,12 +378,12 @@ enum Step {
         runs: Vec<(u64, u64)>,
         imm: Option<u32>,
     },
-    /// Ask the owner of a staged region for bytes into the slot.
+    /// Ask the owner of a staged region for the bytes of `runs` (source
+    /// offset, length), packed into the slot from its start.
     Get {
         owner: EngineAddress,
         key: u64,
-        offset: u64,
-        len: u64,
+        runs: Vec<(u64, u64)>,
     },
     /// Deliver an immediate to this engine.
     Imm(u32),
@@ -541,7 +561,8 @@ impl Stager {
         let id = self.id();
         let bytes = match &op {
             StagedOp::Write { runs, .. } => runs.iter().map(|r| r.2).sum(),
-            StagedOp::Read { len, .. } | StagedOp::Send { len, .. } => *len,
+            StagedOp::Read { runs, .. } => runs.iter().map(|r| r.2).sum(),
+            StagedOp::Send { len, .. } => *len,
         };
         // Chunks of a slot, but small enough that a request of a few slots
         // still spreads over all of them (copies overlap the network).
@@ -584,19 +605,26 @@ impl Stager {
                     chunks.push(self.chunk(Role::Asker, id, at > 0, steps, keep));
                 }
             }
-            StagedOp::Read { dst, dst_offset, src, src_offset, len } => {
+            StagedOp::Read { dst, src, runs } => {
                 let device = dst.device.is_some();
-                for off in (0..len).step_by(size as usize) {
-                    let n = size.min(len - off);
+                for (pieces, _) in pack(&runs, size) {
                     let mut steps = VecDeque::new();
                     if src.is_staged() {
                         let owner = src.owner().clone();
-                        steps.push_back(Step::Get { owner, key: src.key(0), offset: src_offset + off, len: n });
+                        let runs = pieces.iter().map(|&(s, _, l)| (s, l)).collect();
+                        steps.push_back(Step::Get { owner, key: src.key(0), runs });
                     } else {
-                        steps.push_back(Step::Read { src: src.clone(), offset: src_offset + off, at: 0, len: n });
+                        let mut at = 0;
+                        for &(offset, _, len) in &pieces {
+                            steps.push_back(Step::Read { src: src.clone(), offset, at, len });
+                            at += len;
+                        }
                     }
-                    let to = dst.ptr as u64 + dst_offset + off;
-                    steps.push_back(Step::FromSlot { to, at: 0, len: n, device });
+                    let mut at = 0;
+                    for &(_, dst_offset, len) in &pieces {
+                        steps.push_back(Step::FromSlot { to: dst.ptr as u64 + dst_offset, at, len, device });
+                        at += len;
+                    }
                     chunks.push(self.chunk(Role::Asker, id, true, steps, vec![dst.clone()]));
                 }
             }
@@ -721,9 +749,9 @@ impl Stager {
                     let wire = Wire::Put { cookie: id, key, imm, slot: slot_offset, runs, pool };
                     self.ask(owner, wire)
                 }
-                Step::Get { owner, key, offset, len } => {
+                Step::Get { owner, key, runs } => {
                     let pool = self.cfg.pool.desc.clone();
-                    let wire = Wire::Get { cookie: id, key, offset, len, slot: slot_offset, pool };
+                    let wire = Wire::Get { cookie: id, key, slot: slot_offset, runs, pool };
                     self.ask(owner, wire)
                 }
                 Step::Imm(value) => self.cfg.link.send(Command::DeliverImm(value)).map(|()| Wait::Ready),
@@ -957,20 +985,36 @@ impl Stager {
                 chunk.reply = Some((owner, cookie));
                 self.start(chunk);
             }
-            Wire::Get { cookie, key, offset, len, slot, pool } => {
+            Wire::Get { cookie, key, slot, runs, pool } => {
                 let owner = pool.owner().clone();
-                let region = match self.serve(key, offset, len, false) {
-                    Ok(r) => r,
-                    Err(status) => return self.answer(owner, cookie, status),
-                };
-                let mut steps = VecDeque::new();
-                let size = self.slot_size();
-                for at in (0..len).step_by(size as usize) {
-                    let n = size.min(len - at);
-                    steps.push_back(Step::ToSlot { from: region.ptr as u64 + offset + at, at: 0, len: n });
-                    steps.push_back(Step::Write { dst: pool.clone(), offset: slot + at, at: 0, len: n, imm: None });
+                let mut region = None;
+                for &(offset, len) in &runs {
+                    match self.serve(key, offset, len, false) {
+                        Ok(r) => region = Some(r),
+                        Err(status) => return self.answer(owner, cookie, status),
+                    }
                 }
-                let mut chunk = self.chunk(Role::Server, 0, len > 0, steps, vec![region]);
+                let region = region.expect("at least one run");
+                let size = self.slot_size();
+                let total: u64 = runs.iter().map(|r| r.1).sum();
+                let mut steps = VecDeque::new();
+                // Windows of one of this engine's slots over the packed runs,
+                // as for a Put, the other way round.
+                for window in (0..total).step_by(size as usize) {
+                    let end = total.min(window + size);
+                    let mut run_start = 0;
+                    for &(offset, len) in &runs {
+                        let (from, to) = (run_start.max(window), (run_start + len).min(end));
+                        if from < to {
+                            let src = region.ptr as u64 + offset + (from - run_start);
+                            steps.push_back(Step::ToSlot { from: src, at: from - window, len: to - from });
+                        }
+                        run_start += len;
+                    }
+                    let (offset, len) = (slot + window, end - window);
+                    steps.push_back(Step::Write { dst: pool.clone(), offset, at: 0, len, imm: None });
+                }
+                let mut chunk = self.chunk(Role::Server, 0, total > 0, steps, vec![region]);
                 chunk.reply = Some((owner, cookie));
                 self.start(chunk);
             }
@@ -990,7 +1034,7 @@ impl Stager {
 }
 
 /// (source offset, destination offset, length) of a staged write.
-type Run = (u64, u64, u64);
+pub(crate) type Run = (u64, u64, u64);
 
 /// Packs `runs` (source offset, destination offset, length) into chunks of
 /// at most `size` bytes and [`MAX_RUNS`] runs, splitting runs longer than
@@ -1052,7 +1096,7 @@ mod tests {
         let messages = [
             Wire::Put { cookie: 1, key: 2, imm: Some(5), slot: 6, runs: vec![(3, 4)], pool: pool.clone() },
             Wire::Put { cookie: 1, key: 2, imm: None, slot: 6, runs: vec![(3, 4), (100, 7)], pool: pool.clone() },
-            Wire::Get { cookie: 7, key: 8, offset: 9, len: 10, slot: 11, pool },
+            Wire::Get { cookie: 7, key: 8, slot: 11, runs: vec![(9, 10), (40, 2)], pool },
             Wire::Done { cookie: 12, status: REFUSED, from: address() },
         ];
         for m in messages {

@@ -135,17 +135,6 @@ fn requests_that_cannot_take_staged_memory_are_refused_before_posting() {
     let (a, b) = (engine(Duration::from_secs(10)), engine(Duration::from_secs(10)));
     let dev = b.alloc_device(1 << 16, 0, Access::REMOTE_READ_WRITE).unwrap();
     let host = a.alloc(1 << 16, Access::LOCAL).unwrap();
-    let list = CopyList::new(vec![Strided {
-        src_offset: 0,
-        dst_offset: 0,
-        row_len: 64,
-        rows: 4,
-        src_stride: 128,
-        dst_stride: 128,
-    }])
-    .unwrap();
-    let strided = a.write_copies(&host, 0, dev.descriptor(), 0, &list, None).unwrap_err();
-    assert!(matches!(strided, Error::InvalidRequest(ref m) if m.contains("staged")), "{strided}");
     let target = ScatterTarget { dst: dev.descriptor().clone(), src_offset: 0, dst_offset: 0, len: 16, imm: None };
     assert!(matches!(a.scatter(&host, &[target]), Err(Error::InvalidRequest(_))));
     assert!(matches!(a.barrier(&[dev.descriptor().clone()], 1), Err(Error::InvalidRequest(_))));
@@ -287,4 +276,56 @@ fn paged_writes_between_device_caches_pack_pages_into_slots() {
         let want = &data[(*s as u64 * page) as usize..((*s as u64 + 1) * page) as usize];
         assert_eq!(host.to_vec(*d as u64 * page, page).unwrap(), want, "host page {s} -> {d}");
     }
+}
+
+#[test]
+fn strided_copy_lists_and_batches_move_staged_memory() {
+    let (a, b) = (engine(Duration::from_secs(10)), engine(Duration::from_secs(10)));
+    // An NHD-like head slice: 300 rows of 96 bytes out of rows of 256, into
+    // rows of 128 (two row strides, so nothing coalesces).
+    let copy = Strided { src_offset: 32, dst_offset: 16, rows: 300, row_len: 96, src_stride: 256, dst_stride: 128 };
+    let list = CopyList::new(vec![copy]).unwrap();
+    let src = a.alloc_device(300 * 256 + 64, 0, Access::LOCAL).unwrap();
+    let data = pattern(300 * 256 + 64, 8);
+    src.write_at(0, &data).unwrap();
+    let dst = b.alloc_device(300 * 128 + 64, 0, Access::REMOTE_READ_WRITE).unwrap();
+    let landed = b.expect_imm(41, 1).unwrap();
+    a.write_copies(&src, 0, dst.descriptor(), 0, &list, Some(41)).unwrap().wait_timeout(WAIT).unwrap();
+    landed.wait_timeout(WAIT).unwrap();
+    let got = dst.to_vec(0, 300 * 128 + 64).unwrap();
+    for r in 0..300usize {
+        let (s, d) = (32 + r * 256, 16 + r * 128);
+        assert_eq!(got[d..d + 96], data[s..s + 96], "row {r}");
+    }
+    // Read back with a list (the peer's rows are the source now).
+    let back_copy = Strided { src_offset: 16, dst_offset: 0, rows: 300, row_len: 96, src_stride: 128, dst_stride: 96 };
+    let back_list = CopyList::new(vec![back_copy]).unwrap();
+    let back = a.alloc(300 * 96, Access::LOCAL).unwrap();
+    a.read_copies(&back, 0, dst.descriptor(), 0, &back_list).unwrap().wait_timeout(WAIT).unwrap();
+    let back = back.to_vec(0, 300 * 96).unwrap();
+    for r in 0..300usize {
+        assert_eq!(back[r * 96..(r + 1) * 96], data[32 + r * 256..32 + r * 256 + 96], "read row {r}");
+    }
+    // A batch mixing staged and host requests: each its own outcome.
+    let host_dst = b.alloc(4096, Access::REMOTE_WRITE).unwrap();
+    let host_src = a.alloc(4096, Access::LOCAL).unwrap();
+    host_src.write_at(0, &[5u8; 4096]).unwrap();
+    let mut batch = a.batch();
+    batch.write(&src, 0, dst.descriptor(), 0, 64, None).unwrap();
+    batch.write(&host_src, 0, host_dst.descriptor(), 0, 4096, None).unwrap();
+    batch.write_copies(&src, 0, dst.descriptor(), 0, &list, None).unwrap();
+    batch.writes(&src, host_dst.descriptor(), [(0, 0, 100), (200, 200, 100)], None).unwrap();
+    let transfers = batch.submit().unwrap();
+    assert_eq!(transfers.len(), 5);
+    for t in &transfers {
+        t.wait_timeout(WAIT).unwrap();
+    }
+    let host_got = host_dst.to_vec(0, 4096).unwrap();
+    assert_eq!(host_got[..100], data[..100]);
+    assert_eq!(host_got[200..300], data[200..300]);
+    assert_eq!(host_got[100..200], [5u8; 100]);
+    let mut joined = a.batch();
+    joined.write(&src, 0, dst.descriptor(), 0, 64, None).unwrap();
+    joined.write(&host_src, 0, host_dst.descriptor(), 0, 64, None).unwrap();
+    joined.submit_joined().unwrap().wait_timeout(WAIT).unwrap();
 }
