@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{pattern, skipped, TIMEOUT};
 use cudarc::driver::sys;
-use strait::{Access, MrDesc, PagedLayout, Provider, StreamTrigger, TransferEngine, TriggerPoll};
+use strait::{Access, CopyList, MrDesc, PagedLayout, Provider, StreamTrigger, Strided, TransferEngine, TriggerPoll};
 
 /// GPU 0 when CUDA is usable, else `None` after printing why.
 fn gpu(what: &str) -> Option<u32> {
@@ -77,7 +77,7 @@ fn gpu_to_gpu_write_lands_before_its_immediate() {
 
 #[test]
 fn paged_write_between_gpu_caches() {
-    let Some(g) = gpu("paged write between GPU caches") else { return };
+    let Some(g) = gpu("paged write and strided copies between GPU caches") else { return };
     let (a, b) = (engine(), engine());
     let (page, pages) = (16u64 << 10, 256u32);
     let src = a.alloc_device(page * pages as u64, g, Access::LOCAL).unwrap();
@@ -95,6 +95,14 @@ fn paged_write_between_gpu_caches() {
     for (s, d) in src_pages.iter().zip(&dst_pages) {
         let want = &data[(*s as u64 * page) as usize..((*s as u64 + 1) * page) as usize];
         assert!(dst.to_vec(*d as u64 * page, page).unwrap() == want, "page {s} -> {d}");
+    }
+    // An NHD head slice: a strided row per token, GPU to GPU.
+    let copy = Strided { src_offset: 64, dst_offset: 0, rows: 4096, row_len: 256, src_stride: 1024, dst_stride: 512 };
+    let list = CopyList::new(vec![copy]).unwrap();
+    a.write_copies(&src, 0, dst.descriptor(), 0, &list, None).unwrap().wait_timeout(TIMEOUT).unwrap();
+    let got = dst.to_vec(0, 4096 * 512).unwrap();
+    for r in 0..4096usize {
+        assert!(got[r * 512..r * 512 + 256] == data[64 + r * 1024..64 + r * 1024 + 256], "row {r}");
     }
 }
 
