@@ -917,6 +917,11 @@ impl Stager {
                     let r = self.requests.remove(&chunk.request).expect("present");
                     if let Some(guard) = r.guard {
                         guard.finish(r.error.map_or(Ok(()), Err));
+                        // A thread waiting on a batch's handle drives the
+                        // worker and may sleep on its descriptors: wake it
+                        // to see the outcome (a staged part ends here, not
+                        // on the worker).
+                        self.cfg.link.wake();
                     }
                 }
             }
