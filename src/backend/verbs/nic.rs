@@ -1300,13 +1300,7 @@ impl Nic for VerbsNic {
     }
 
     unsafe fn register(&mut self, addr: *mut u8, len: u64, access: Access) -> Result<NicRegion> {
-        let mut flags = sys::ibv_access_flags_IBV_ACCESS_LOCAL_WRITE;
-        if access.remote_write {
-            flags |= sys::ibv_access_flags_IBV_ACCESS_REMOTE_WRITE;
-        }
-        if access.remote_read {
-            flags |= sys::ibv_access_flags_IBV_ACCESS_REMOTE_READ;
-        }
+        let flags = access_flags(access);
         let lib = self.lib();
         let reg = |flags: u32| -> *mut sys::ibv_mr {
             match lib.ibv_reg_mr_iova2 {
@@ -1358,13 +1352,7 @@ impl Nic for VerbsNic {
         _gpu: u32,
         dmabuf: Option<(i32, u64)>,
     ) -> Result<NicRegion> {
-        let mut flags = sys::ibv_access_flags_IBV_ACCESS_LOCAL_WRITE;
-        if access.remote_write {
-            flags |= sys::ibv_access_flags_IBV_ACCESS_REMOTE_WRITE;
-        }
-        if access.remote_read {
-            flags |= sys::ibv_access_flags_IBV_ACCESS_REMOTE_READ;
-        }
+        let flags = access_flags(access);
         let lib = self.lib();
         let (mr, call) = match (dmabuf, lib.ibv_reg_dmabuf_mr) {
             (Some((fd, offset)), Some(reg)) => {
@@ -1640,6 +1628,19 @@ impl Drop for VerbsNic {
             }
         }
     }
+}
+
+/// The verbs access flags of a region: local write always (reads land in
+/// it; read-only memory retries without), remote write and read as asked.
+fn access_flags(access: Access) -> u32 {
+    let mut flags = sys::ibv_access_flags_IBV_ACCESS_LOCAL_WRITE;
+    if access.remote_write {
+        flags |= sys::ibv_access_flags_IBV_ACCESS_REMOTE_WRITE;
+    }
+    if access.remote_read {
+        flags |= sys::ibv_access_flags_IBV_ACCESS_REMOTE_READ;
+    }
+    flags
 }
 
 #[cfg(test)]
