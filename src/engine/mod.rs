@@ -816,8 +816,9 @@ impl TransferEngine {
     /// ([`EngineBuilder::staging`]), keeping every semantic of a direct
     /// transfer: a write into a peer's device region completes only once
     /// the bytes are in the peer's GPU memory, and the peer's immediate is
-    /// delivered only after that. Staged memory takes every request but
-    /// scatters and barriers ([`send`](Self::send) of at most a slot);
+    /// delivered only after that. Staged memory takes every request
+    /// ([`send`](Self::send) of at most a slot; `Batch::scatter` and
+    /// `Batch::barrier` excepted);
     /// strided copy lists and paged writes have their rows packed into
     /// the staging slots (see `engine::staging`).
     ///
@@ -1177,7 +1178,7 @@ impl TransferEngine {
         if let Some(src) = src {
             self.check_local(src)?;
         }
-        self.refuse_staged(src, dst, "a scatter, barrier or ping")?;
+        self.refuse_staged(src, dst, "a batched scatter or barrier")?;
         self.checked_write_op(src, src_offset, dst, dst_offset, len, imm)
     }
 
@@ -1505,6 +1506,19 @@ impl TransferEngine {
     /// all: it succeeds when every target has, else carries the first error.
     /// Every target is validated before any is posted.
     pub fn scatter(&self, src: &MemoryRegion, targets: &[ScatterTarget]) -> Result<Transfer> {
+        if src.inner.staged() || targets.iter().any(|t| t.dst.is_staged()) {
+            // Staged memory: the same checks, each target a write of a
+            // joined batch (staged ones through the stager).
+            if targets.is_empty() {
+                return Err(Error::InvalidRequest("scatter with no targets".into()));
+            }
+            check_disjoint(targets)?;
+            let mut batch = self.batch();
+            for t in targets {
+                batch.write(src, t.src_offset, &t.dst, t.dst_offset, t.len, t.imm)?;
+            }
+            return batch.submit_joined();
+        }
         let ops = self.scatter_ops(src, targets)?;
         self.submit_all(ops)
     }
@@ -1520,6 +1534,16 @@ impl TransferEngine {
     /// Delivers immediate `imm` to the owner of each descriptor (one per
     /// peer): a barrier's signal. Succeeds once every peer has it.
     pub fn barrier(&self, peers: &[MrDesc], imm: u32) -> Result<Transfer> {
+        if peers.iter().any(MrDesc::is_staged) {
+            if peers.is_empty() {
+                return Err(Error::InvalidRequest("barrier with no peers".into()));
+            }
+            let mut batch = self.batch();
+            for p in peers {
+                batch.write_imm(p, imm)?;
+            }
+            return batch.submit_joined();
+        }
         let ops = self.barrier_ops(peers, imm)?;
         self.submit_all(ops)
     }
@@ -1697,6 +1721,9 @@ impl TransferEngine {
     /// and fails like any write when it is not (within the request
     /// timeout).
     pub fn ping(&self, peer: &MrDesc) -> Result<Transfer> {
+        if peer.is_staged() {
+            return self.staged_write(None, 0, peer, 0, 0, Some(reserved::PING_IMM));
+        }
         let op = self.write_op(None, 0, peer, 0, 0, Some(reserved::PING_IMM))?;
         self.submit(op)
     }

@@ -76,10 +76,12 @@
 //! pack the peer's runs with `Get` the same way. Batches hand their staged
 //! requests to the stager and the others to the worker.
 //!
+//! Scatters, barriers and pings with staged memory are joined batches of
+//! writes (and immediates).
+//!
 //! # Not staged
-//! Scatters and barriers refuse staged memory with
-//! [`Error::InvalidRequest`] (write each target, or barrier through a host
-//! region's descriptor).
+//! `Batch::scatter` and `Batch::barrier` refuse staged memory with
+//! [`Error::InvalidRequest`] (add each write to the batch instead).
 //!
 //! [`TransferEngine::write_paged`]: crate::TransferEngine::write_paged
 //!
@@ -418,6 +420,8 @@ struct Chunk {
     filed: Instant,
     /// Its first step has run.
     started: bool,
+    /// The owner a `Put` or `Get` went to: only its `Done` counts.
+    asked: Option<EngineAddress>,
     /// The asker's request (Asker), or whom to answer (Server).
     request: u64,
     reply: Option<(EngineAddress, u64)>,
@@ -665,6 +669,7 @@ impl Stager {
             role,
             filed,
             started: false,
+            asked: None,
             request,
             reply: None,
             needs_slot,
@@ -710,6 +715,9 @@ impl Stager {
             }
             chunk.started = true;
             let Some(step) = chunk.steps.pop_front() else { return self.end_chunk(id, Ok(())) };
+            if let Step::Put { owner, .. } | Step::Get { owner, .. } = &step {
+                chunk.asked = Some(owner.clone());
+            }
             let slot_index = chunk.slot;
             let slot = slot_index.map(|s| self.slot_addr(s));
             let slot_offset = slot_index.map_or(0, |s| s as u64 * self.slot_size());
@@ -936,7 +944,9 @@ impl Stager {
     fn on_wire(&mut self, wire: Wire) {
         match wire {
             Wire::Done { cookie, status, from } => {
-                if !self.chunks.get(&cookie).is_some_and(|c| matches!(c.wait, Wait::Answer(_))) {
+                let asked = |c: &Chunk| matches!(c.wait, Wait::Answer(_)) && c.asked.as_ref() == Some(&from);
+                if !self.chunks.get(&cookie).is_some_and(asked) {
+                    // Late (the chunk ended), or not from the owner asked.
                     return;
                 }
                 let result = match status {

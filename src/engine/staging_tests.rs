@@ -131,13 +131,37 @@ fn two_engines_staging_into_each_other_at_once_do_not_deadlock() {
 }
 
 #[test]
-fn requests_that_cannot_take_staged_memory_are_refused_before_posting() {
+fn scatters_barriers_and_pings_take_staged_memory_and_checks_still_hold() {
     let (a, b) = (engine(Duration::from_secs(10)), engine(Duration::from_secs(10)));
     let dev = b.alloc_device(1 << 16, 0, Access::REMOTE_READ_WRITE).unwrap();
+    let host_dst = b.alloc(1 << 16, Access::REMOTE_WRITE).unwrap();
     let host = a.alloc(1 << 16, Access::LOCAL).unwrap();
-    let target = ScatterTarget { dst: dev.descriptor().clone(), src_offset: 0, dst_offset: 0, len: 16, imm: None };
-    assert!(matches!(a.scatter(&host, &[target]), Err(Error::InvalidRequest(_))));
-    assert!(matches!(a.barrier(&[dev.descriptor().clone()], 1), Err(Error::InvalidRequest(_))));
+    let data = pattern(1 << 16, 9);
+    host.write_at(0, &data).unwrap();
+    // A scatter to a staged and a host region: one outcome, both landed,
+    // each immediate once.
+    let got = b.expect_imm(51, 2).unwrap();
+    let targets = [
+        ScatterTarget { dst: dev.descriptor().clone(), src_offset: 0, dst_offset: 100, len: 5000, imm: Some(51) },
+        ScatterTarget { dst: host_dst.descriptor().clone(), src_offset: 5000, dst_offset: 0, len: 3000, imm: Some(51) },
+    ];
+    a.scatter(&host, &targets).unwrap().wait_timeout(WAIT).unwrap();
+    got.wait_timeout(WAIT).unwrap();
+    assert_eq!(dev.to_vec(100, 5000).unwrap(), data[..5000]);
+    assert_eq!(host_dst.to_vec(0, 3000).unwrap(), data[5000..8000]);
+    // A barrier over both kinds, and a ping of a staged region's owner.
+    let barrier = b.expect_imm(52, 2).unwrap();
+    a.barrier(&[dev.descriptor().clone(), host_dst.descriptor().clone()], 52).unwrap().wait_timeout(WAIT).unwrap();
+    barrier.wait_timeout(WAIT).unwrap();
+    a.ping(dev.descriptor()).unwrap().wait_timeout(WAIT).unwrap();
+    // Overlapping scatter targets are refused as for host memory, and a
+    // batch's own scatter refuses staged memory.
+    let overlap = [
+        ScatterTarget { dst: dev.descriptor().clone(), src_offset: 0, dst_offset: 0, len: 16, imm: None },
+        ScatterTarget { dst: dev.descriptor().clone(), src_offset: 0, dst_offset: 8, len: 16, imm: None },
+    ];
+    assert!(matches!(a.scatter(&host, &overlap), Err(Error::InvalidRequest(_))));
+    assert!(matches!(a.batch().scatter(&host, &overlap[..1]), Err(Error::InvalidRequest(_))));
     // Access and ranges are checked as for host memory.
     let read_only = b.alloc_device(4096, 0, Access::REMOTE_READ).unwrap();
     assert!(matches!(a.write(&host, 0, read_only.descriptor(), 0, 16, None), Err(Error::RemoteAccess(_))));
