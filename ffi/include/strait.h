@@ -256,6 +256,13 @@ typedef struct strait_stats strait_stats;
 // from several threads. Destroying it does not cancel the request.
 typedef struct strait_transfer strait_transfer;
 
+// A slot that CUDA streams store into (`strait_trigger_fire_on_stream`)
+// or kernels write (`strait_trigger_address`), watched by a thread that
+// calls the callback with every value after the last one it saw, in
+// order: submit the prepared transfers from it (non-blocking), never wait
+// on them there. Thread-safe.
+typedef struct strait_trigger strait_trigger;
+
 // An immediate (a counter reaching its count, or an unclaimed immediate).
 // Runs on the engine's thread.
 typedef void (*strait_imm_fn)(uint32_t imm,
@@ -957,6 +964,45 @@ enum strait_status strait_imm_counter_rearm(const struct strait_imm_counter *cou
 enum strait_status strait_imm_counter_on_reached(const struct strait_imm_counter *counter,
                                                  strait_imm_fn callback,
                                                  void *user_data);
+
+// Enqueues on CUDA stream `stream` (a `CUstream`) a wait for the
+// counter, with no CPU round trip: work queued after it runs once the
+// counter's current round has reached its count. With `clear`, the wait
+// consumes the reach (one reach releases one wait), which a captured CUDA
+// graph replayed round after round needs. Destroying or cancelling the
+// counter releases waiting streams. `CUDA` without a driver.
+enum strait_status strait_imm_counter_wait_on_stream(const struct strait_imm_counter *counter,
+                                                     uint64_t stream,
+                                                     bool clear);
+
+// Creates a trigger; `callback(value, user_data)` runs on its watcher
+// thread. `host`: fired from the CPU only (`strait_trigger_fire`), no CUDA
+// needed. `spin`: the watcher spins on a core (lowest latency) instead of
+// spinning 2 ms after each fire and then napping 50 us.
+enum strait_status strait_trigger_create(strait_imm_fn callback,
+                                         void *user_data,
+                                         bool host,
+                                         bool spin,
+                                         struct strait_trigger **out);
+
+// Enqueues on CUDA stream `stream` a store of `value` into the trigger's
+// slot, after the work queued before it (capturable in a CUDA graph).
+enum strait_status strait_trigger_fire_on_stream(const struct strait_trigger *trigger,
+                                                 uint64_t stream,
+                                                 uint32_t value);
+
+// Stores `value` from the CPU.
+enum strait_status strait_trigger_fire(const struct strait_trigger *trigger,
+                                       uint32_t value);
+
+// The slot's address, for a kernel to store into (valid on every GPU and
+// on the host).
+enum strait_status strait_trigger_address(const struct strait_trigger *trigger,
+                                          uint64_t *address);
+
+// Stops the watcher and frees the trigger (NULL: nothing). No stream may
+// still hold a store into it.
+enum strait_status strait_trigger_destroy(struct strait_trigger *trigger);
 
 // Disarms and frees a counter (NULL: nothing).
 enum strait_status strait_imm_counter_destroy(struct strait_imm_counter *counter);

@@ -1483,6 +1483,101 @@ pub unsafe extern "C" fn strait_imm_counter_on_reached(
     })
 }
 
+/// Enqueues on CUDA stream `stream` (a `CUstream`) a wait for the
+/// counter, with no CPU round trip: work queued after it runs once the
+/// counter's current round has reached its count. With `clear`, the wait
+/// consumes the reach (one reach releases one wait), which a captured CUDA
+/// graph replayed round after round needs. Destroying or cancelling the
+/// counter releases waiting streams. `CUDA` without a driver.
+#[no_mangle]
+pub unsafe extern "C" fn strait_imm_counter_wait_on_stream(
+    counter: *const strait_imm_counter,
+    stream: u64,
+    clear: bool,
+) -> strait_status {
+    call(|| {
+        // SAFETY: header contract.
+        let c = unsafe { counter_of(counter)? };
+        Ok(if clear { c.wait_on_stream_and_clear(stream)? } else { c.wait_on_stream(stream)? })
+    })
+}
+
+/// A slot that CUDA streams store into (`strait_trigger_fire_on_stream`)
+/// or kernels write (`strait_trigger_address`), watched by a thread that
+/// calls the callback with every value after the last one it saw, in
+/// order: submit the prepared transfers from it (non-blocking), never wait
+/// on them there. Thread-safe.
+#[derive(Debug)]
+pub struct strait_trigger {
+    _opaque: [u8; 0],
+}
+handle!(strait_trigger, strait_rs::StreamTrigger, 0x5354_5452_4947_4752);
+
+/// Creates a trigger; `callback(value, user_data)` runs on its watcher
+/// thread. `host`: fired from the CPU only (`strait_trigger_fire`), no CUDA
+/// needed. `spin`: the watcher spins on a core (lowest latency) instead of
+/// spinning 2 ms after each fire and then napping 50 us.
+#[no_mangle]
+pub unsafe extern "C" fn strait_trigger_create(
+    callback: strait_imm_fn,
+    user_data: *mut c_void,
+    host: bool,
+    spin: bool,
+    out: *mut *mut strait_trigger,
+) -> strait_status {
+    call(|| {
+        // SAFETY: header contract.
+        unsafe { clear_out(out, "out")? };
+        let cb = callback.ok_or_else(|| fail(S::NullArgument, "callback is NULL"))?;
+        let user = UserData(user_data);
+        // SAFETY: the caller registered `cb` with `user`.
+        let on_fire = move |v| unsafe { cb(v, user.get()) };
+        let poll = if spin { strait_rs::TriggerPoll::Spin } else { strait_rs::TriggerPoll::default() };
+        let t = if host {
+            strait_rs::StreamTrigger::on_host(poll, on_fire)?
+        } else {
+            strait_rs::StreamTrigger::new(poll, on_fire)?
+        };
+        // SAFETY: checked above.
+        unsafe { put(out, new_handle::<strait_trigger>(t), "out") }
+    })
+}
+
+/// Enqueues on CUDA stream `stream` a store of `value` into the trigger's
+/// slot, after the work queued before it (capturable in a CUDA graph).
+#[no_mangle]
+pub unsafe extern "C" fn strait_trigger_fire_on_stream(
+    trigger: *const strait_trigger,
+    stream: u64,
+    value: u32,
+) -> strait_status {
+    // SAFETY: header contract.
+    call(|| Ok(unsafe { get::<strait_trigger>(trigger, "trigger")? }.fire_on_stream(stream, value)?))
+}
+
+/// Stores `value` from the CPU.
+#[no_mangle]
+pub unsafe extern "C" fn strait_trigger_fire(trigger: *const strait_trigger, value: u32) -> strait_status {
+    // SAFETY: header contract.
+    call(|| unsafe { get::<strait_trigger>(trigger, "trigger") }.map(|t| t.fire(value)))
+}
+
+/// The slot's address, for a kernel to store into (valid on every GPU and
+/// on the host).
+#[no_mangle]
+pub unsafe extern "C" fn strait_trigger_address(trigger: *const strait_trigger, address: *mut u64) -> strait_status {
+    // SAFETY: header contract.
+    call(|| unsafe { put(address, get::<strait_trigger>(trigger, "trigger")?.address(), "address") })
+}
+
+/// Stops the watcher and frees the trigger (NULL: nothing). No stream may
+/// still hold a store into it.
+#[no_mangle]
+pub unsafe extern "C" fn strait_trigger_destroy(trigger: *mut strait_trigger) -> strait_status {
+    // SAFETY: header contract.
+    call(|| unsafe { take::<strait_trigger>(trigger, "trigger") }.map(drop))
+}
+
 /// Disarms and frees a counter (NULL: nothing).
 #[no_mangle]
 pub unsafe extern "C" fn strait_imm_counter_destroy(counter: *mut strait_imm_counter) -> strait_status {

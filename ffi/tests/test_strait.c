@@ -239,9 +239,37 @@ static void test_register(strait_engine *a, strait_engine *b) {
     free(theirs);
 }
 
+static atomic_uint fired;
+
+static void on_fire(uint32_t value, void *user) {
+    (void)user;
+    atomic_store(&fired, value);
+}
+
+/* Triggers fired from the CPU need no CUDA; from a stream they do. */
+static void test_trigger(strait_engine *b) {
+    strait_trigger *t = NULL;
+    OK(strait_trigger_create(on_fire, NULL, true, false, &t));
+    OK(strait_trigger_fire(t, 3));
+    struct timespec nap = {0, 1000000};
+    for (int i = 0; i < 10000 && atomic_load(&fired) != 3; i++) nanosleep(&nap, NULL);
+    CHECK(atomic_load(&fired) == 3);
+    uint64_t address = 0;
+    OK(strait_trigger_address(t, &address));
+    CHECK(address != 0);
+    FAILS(STRAIT_STATUS_CUDA, strait_trigger_fire_on_stream(t, 0, 4));
+    OK(strait_trigger_destroy(t));
+    strait_imm_counter *c = NULL;
+    OK(strait_expect_imm(b, 4242, 1, &c));
+    strait_status s = strait_imm_counter_wait_on_stream(c, 0, false);
+    CHECK(s == STRAIT_STATUS_CUDA || s == STRAIT_STATUS_OK);
+    OK(strait_imm_counter_destroy(c));
+}
+
 /* Device memory: staged over tcp/shm where CUDA is present; without a
  * driver the call reports CUDA with the reason (a normal condition). */
 static void test_device(strait_engine *a, strait_engine *b) {
+    test_trigger(b);
     strait_mr *dev = NULL;
     strait_status s = strait_engine_alloc_device(b, 1 << 20, 0, STRAIT_ACCESS_REMOTE_WRITE, &dev);
     if (s == STRAIT_STATUS_CUDA) {
