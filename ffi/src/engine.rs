@@ -1498,7 +1498,12 @@ pub unsafe extern "C" fn strait_imm_counter_wait_on_stream(
     call(|| {
         // SAFETY: header contract.
         let c = unsafe { counter_of(counter)? };
-        Ok(if clear { c.wait_on_stream_and_clear(stream)? } else { c.wait_on_stream(stream)? })
+        if clear {
+            c.wait_on_stream_and_clear(stream)?;
+        } else {
+            c.wait_on_stream(stream)?;
+        }
+        Ok(())
     })
 }
 
