@@ -45,16 +45,23 @@ fn gbps(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / secs / 1e9
 }
 
-/// GPU 0's primary context, current on this thread; a stream on it.
-fn stream() -> u64 {
-    let (mut dev, mut ctx, mut s) = (0, std::ptr::null_mut(), std::ptr::null_mut());
+/// Makes GPU 0's primary context current on this thread.
+fn bind_gpu0() {
+    let (mut dev, mut ctx) = (0, std::ptr::null_mut());
     // SAFETY: plain driver calls writing their out-parameters.
     unsafe {
         check("cuDeviceGet", sys::cuDeviceGet(&mut dev, 0));
         check("cuDevicePrimaryCtxRetain", sys::cuDevicePrimaryCtxRetain(&mut ctx, dev));
         check("cuCtxSetCurrent", sys::cuCtxSetCurrent(ctx));
-        check("cuStreamCreate", sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32));
     }
+}
+
+/// A stream on GPU 0's primary context (made current on this thread).
+fn stream() -> u64 {
+    bind_gpu0();
+    let mut s = std::ptr::null_mut();
+    // SAFETY: writes the stream.
+    check("cuStreamCreate", unsafe { sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) });
     s as u64
 }
 
@@ -94,7 +101,7 @@ fn throughput(repeat: usize) {
 /// Median seconds of a synchronous device-to-host then host-to-device copy
 /// of `len` bytes through pinned host memory.
 fn memcpy_round_trip(len: u64, repeat: usize) -> f64 {
-    let _ = stream();
+    bind_gpu0();
     let (mut d_src, mut d_dst, mut host) = (0, 0, std::ptr::null_mut());
     // SAFETY: allocations of len bytes, freed below.
     unsafe {

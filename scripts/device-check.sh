@@ -19,6 +19,10 @@ cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = prepare ]; then
   set -e
+  if [ ! -x python/.venv/bin/maturin ]; then
+    echo "device-check prepare: python/.venv has no maturin: run scripts/test.sh once first (it makes the venv)" >&2
+    exit 1
+  fi
   rm -rf .device
   mkdir -p .device/lib
   grep -qxF '/.device/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.device/' >> .git/info/exclude; }

@@ -95,17 +95,21 @@ impl MrInner {
         MrInner { id, ptr, len, descs, desc, host: true, device: None, owned, link }
     }
 
-    /// Device memory that no NIC registered: the stager moves its bytes.
+    /// Device memory: registered with every NIC (`descs`, GPUDirect), or
+    /// with none (`descs` empty, a staged descriptor: the stager moves its
+    /// bytes).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new_device(
         id: u64,
         ptr: *mut u8,
         len: u64,
+        descs: Box<[*mut c_void]>,
         desc: MrDesc,
         device: DeviceMemory,
         owned: Option<Owner>,
         link: Arc<Link>,
     ) -> Self {
-        MrInner { id, ptr, len, descs: Box::new([]), desc, host: false, device: Some(device), owned, link }
+        MrInner { id, ptr, len, descs, desc, host: false, device: Some(device), owned, link }
     }
 
     /// Copies `len` bytes from `src` to `dst`, one of them inside this
@@ -130,22 +134,7 @@ impl MrInner {
 
     /// Device memory no NIC registered: the stager moves its bytes.
     pub(crate) fn staged(&self) -> bool {
-        self.device.as_ref().is_some_and(|d| !d.direct)
-    }
-
-    /// Device memory registered with every NIC (GPUDirect).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new_device_direct(
-        id: u64,
-        ptr: *mut u8,
-        len: u64,
-        descs: Box<[*mut c_void]>,
-        desc: MrDesc,
-        device: DeviceMemory,
-        owned: Option<Owner>,
-        link: Arc<Link>,
-    ) -> Self {
-        MrInner { id, ptr, len, descs, desc, host: false, device: Some(device), owned, link }
+        self.desc.is_staged()
     }
 }
 
@@ -156,8 +145,6 @@ pub(crate) struct DeviceMemory {
     /// The GPU's primary context; `None` for the host-memory stand-in of
     /// the tests (device regions that are host memory).
     pub(crate) context: Option<Arc<crate::cuda::Context>>,
-    /// Registered with the NICs (GPUDirect), not staged.
-    pub(crate) direct: bool,
 }
 
 impl Drop for MrInner {

@@ -953,9 +953,9 @@ impl TransferEngine {
         let key = self.shared.device_keys.fetch_add(1, Ordering::Relaxed);
         let keys = vec![key; self.shared.nic_count];
         let desc = MrDesc::with_staging(self.shared.address.clone(), 0, len, access, keys, true);
-        let device = DeviceMemory { gpu, context, direct: false };
-        let inner =
-            Arc::new(MrInner::new_device(key, ptr as *mut u8, len, desc, device, owned, self.shared.link.clone()));
+        let device = DeviceMemory { gpu, context };
+        let link = self.shared.link.clone();
+        let inner = Arc::new(MrInner::new_device(key, ptr as *mut u8, len, Box::new([]), desc, device, owned, link));
         stager.tx.send(staging::Msg::AddRegion { key, region: Arc::downgrade(&inner) }).map_err(|_| Error::Shutdown)?;
         Ok(MemoryRegion { inner })
     }
@@ -993,10 +993,10 @@ impl TransferEngine {
         let keys = registration.regions.iter().map(|r| r.key).collect();
         let descs = registration.regions.iter().map(|r| r.desc).collect();
         let desc = MrDesc::new(self.shared.address.clone(), base, len, access, keys);
-        let device = DeviceMemory { gpu, context, direct: true };
+        let device = DeviceMemory { gpu, context };
         let link = self.shared.link.clone();
         let owned = owned.take();
-        let inner = MrInner::new_device_direct(registration.id, ptr as *mut u8, len, descs, desc, device, owned, link);
+        let inner = MrInner::new_device(registration.id, ptr as *mut u8, len, descs, desc, device, owned, link);
         Ok(MemoryRegion { inner: Arc::new(inner) })
     }
 
@@ -1085,17 +1085,6 @@ impl TransferEngine {
         }
     }
 
-    /// Refuses staged memory in requests that do not take it.
-    fn refuse_staged(&self, local: Option<&MemoryRegion>, remote: &MrDesc, what: &str) -> Result<()> {
-        if remote.is_staged() || local.is_some_and(|l| l.inner.staged()) {
-            return Err(Error::InvalidRequest(format!(
-                "{what} does not take staged device memory (this transport has no GPUDirect): write to each \
-                 target, or barrier through host regions"
-            )));
-        }
-        Ok(())
-    }
-
     fn register_inner(
         &self,
         ptr: *mut u8,
@@ -1178,7 +1167,13 @@ impl TransferEngine {
         if let Some(src) = src {
             self.check_local(src)?;
         }
-        self.refuse_staged(src, dst, "a batched scatter or barrier")?;
+        // Staged memory reaches here only from a batch's scatter or barrier
+        // (every other caller routes it to the stager first).
+        if dst.is_staged() || src.is_some_and(|s| s.inner.staged()) {
+            return Err(Error::InvalidRequest(
+                "a batch's scatter or barrier does not take staged device memory: add each write to the batch".into(),
+            ));
+        }
         self.checked_write_op(src, src_offset, dst, dst_offset, len, imm)
     }
 
@@ -1359,7 +1354,6 @@ impl TransferEngine {
     ) -> Result<RequestOp> {
         self.check_local(src)?;
         self.check_write_target(dst)?;
-        self.refuse_staged(Some(src), dst, "a paged write")?;
         let plan = PagedPlan::new(
             layout,
             src_pages,
@@ -1474,7 +1468,6 @@ impl TransferEngine {
         read: bool,
     ) -> Result<RequestOp> {
         self.check_local(local)?;
-        self.refuse_staged(Some(local), remote, "a strided copy list")?;
         let (nics, remote_nics) = (self.shared.nic_count, remote.owner().nic_count());
         let max_piece = self.shared.shard.max_piece;
         // The list's source side is where bytes come from: the remote

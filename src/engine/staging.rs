@@ -410,7 +410,7 @@ enum Wait {
     /// An engine request.
     Transfer,
     /// A peer's `Done`, until the deadline.
-    Answer(Option<Instant>),
+    Answer(Instant),
 }
 
 struct Chunk {
@@ -464,6 +464,8 @@ pub(crate) struct Stager {
     free: [Vec<usize>; 2],
     queued: [VecDeque<u64>; 2],
     quarantined: Vec<(usize, Instant)>,
+    /// When `expire` next scans the chunks.
+    next_expiry: Instant,
     next_id: u64,
     rotation: usize,
     copied: Vec<(u64, Result<()>)>,
@@ -485,6 +487,7 @@ impl Stager {
             free,
             queued: [VecDeque::new(), VecDeque::new()],
             quarantined: Vec::new(),
+            next_expiry: Instant::now(),
             next_id: 1,
             rotation: 0,
             copied: Vec::new(),
@@ -804,7 +807,7 @@ impl Stager {
             )));
         }
         self.cfg.link.send(Command::SendControl { to: owner, bytes })?;
-        Ok(Wait::Answer(Some(Instant::now() + self.timeout())))
+        Ok(Wait::Answer(Instant::now() + self.timeout()))
     }
 
     /// The step chunk `id` waited for ended.
@@ -834,10 +837,17 @@ impl Stager {
     /// Fails chunks whose answer is overdue, and returns quarantined slots.
     fn expire(&mut self) {
         let now = Instant::now();
+        // A scan of every chunk: every 10 ms at most, not every turn (the
+        // loop turns every 20 us while copies run, and a large request
+        // queues thousands of chunks).
+        if now < self.next_expiry {
+            return;
+        }
+        self.next_expiry = now + Duration::from_millis(10);
         let overdue: Vec<u64> = self
             .chunks
             .iter()
-            .filter(|(_, c)| matches!(c.wait, Wait::Answer(Some(d)) if d <= now))
+            .filter(|(_, c)| matches!(c.wait, Wait::Answer(d) if d <= now))
             .map(|(&id, _)| id)
             .collect();
         for id in overdue {

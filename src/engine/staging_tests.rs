@@ -36,8 +36,8 @@ fn device_to_device_writes_land_before_their_immediate() {
     let len = (1 << 20) + 4321;
     let src = a.alloc_device(len as u64, 0, Access::LOCAL).unwrap();
     let dst = b.alloc_device(len as u64 + 100, 0, Access::REMOTE_READ_WRITE).unwrap();
-    assert!(dst.descriptor().is_staged());
-    assert!(!src.descriptor().is_staged() || src.gpu() == Some(0));
+    assert!(dst.descriptor().is_staged() && src.descriptor().is_staged());
+    assert_eq!(src.gpu(), Some(0));
     let data = pattern(len, 1);
     src.write_at(0, &data).unwrap();
     let arrived = b.expect_imm(77, 1).unwrap();
