@@ -17,7 +17,10 @@ const FLAG_REMOTE_READ: u8 = 2;
 /// Device memory its owner stages through host buffers (see
 /// [`MrDesc::is_staged`]).
 const FLAG_STAGED: u8 = 4;
-const KNOWN_FLAGS: u8 = FLAG_REMOTE_WRITE | FLAG_REMOTE_READ | FLAG_STAGED;
+/// Host memory whose owner serves packed transfers of small runs (see
+/// [`MrDesc::is_packed`]).
+const FLAG_PACKED: u8 = 8;
+const KNOWN_FLAGS: u8 = FLAG_REMOTE_WRITE | FLAG_REMOTE_READ | FLAG_STAGED | FLAG_PACKED;
 
 /// What a region lets peers do. Local use (source of writes and sends,
 /// destination of reads and receives) is always allowed.
@@ -56,7 +59,8 @@ impl Access {
 /// who can reach the owner's NICs, until the owner drops the region.
 ///
 /// Encoding (version 1): `"STD" 1`, flags byte (bit 0 remote write, bit 1
-/// remote read, bit 2 staged device memory), base address (u64 LE; the owner's virtual address when its
+/// remote read, bit 2 staged device memory, bit 3 packed transfers
+/// served), base address (u64 LE; the owner's virtual address when its
 /// provider addresses regions by virtual address, else 0), length (u64 LE),
 /// then the owner's engine address (as [`EngineAddress`] encodes it) and one
 /// key (u64 LE) per NIC of that address.
@@ -69,6 +73,7 @@ pub struct MrDesc {
 struct Inner {
     access: Access,
     staged: bool,
+    packed: bool,
     base: u64,
     len: u64,
     owner: EngineAddress,
@@ -78,6 +83,21 @@ struct Inner {
 impl MrDesc {
     pub(crate) fn new(owner: EngineAddress, base: u64, len: u64, access: Access, keys: Vec<u64>) -> Self {
         Self::with_staging(owner, base, len, access, keys, false)
+    }
+
+    /// A descriptor of host memory whose owner's packer serves packed
+    /// transfers of small runs into and out of it (`packed`).
+    pub(crate) fn with_packing(
+        owner: EngineAddress,
+        base: u64,
+        len: u64,
+        access: Access,
+        keys: Vec<u64>,
+        packed: bool,
+    ) -> Self {
+        let mut d = Self::new(owner, base, len, access, keys);
+        Arc::get_mut(&mut d.inner).expect("just made").packed = packed;
+        d
     }
 
     /// A descriptor of device memory the owner stages (`staged`), or of
@@ -91,7 +111,7 @@ impl MrDesc {
         staged: bool,
     ) -> Self {
         debug_assert_eq!(keys.len(), owner.nic_count());
-        MrDesc { inner: Arc::new(Inner { access, staged, base, len, owner, keys }) }
+        MrDesc { inner: Arc::new(Inner { access, staged, packed: false, base, len, owner, keys }) }
     }
 
     /// Device memory that the owner's NICs cannot reach (a transport
@@ -104,6 +124,18 @@ impl MrDesc {
         self.inner.staged
     }
 
+    /// Host memory whose owner takes packed transfers: on transports whose
+    /// cost is per operation (libfabric tcp and shm), strided copies and
+    /// paged writes of short runs into (or reads out of) this region are
+    /// gathered into the writer's staging buffers and moved in one
+    /// operation per chunk, and the owner scatters them (see
+    /// [`EngineBuilder::packing`](crate::EngineBuilder::packing)). The
+    /// owner's engine sets it on regions with remote access when its NICs
+    /// gain from packing.
+    pub fn is_packed(&self) -> bool {
+        self.inner.packed
+    }
+
     /// Decodes a descriptor received from another process. Every field is
     /// checked: header, flags, address, that `base + len` does not overflow,
     /// one key per NIC, and no trailing bytes.
@@ -113,6 +145,9 @@ impl MrDesc {
         let flags = r.u8("flags")?;
         if flags & !KNOWN_FLAGS != 0 {
             return Err(r.error(format!("unknown flags {flags:#x}")));
+        }
+        if flags & FLAG_STAGED != 0 && flags & FLAG_PACKED != 0 {
+            return Err(r.error("staged and packed at once"));
         }
         let base = r.u64("base")?;
         let len = r.u64("length")?;
@@ -124,8 +159,10 @@ impl MrDesc {
         r.finish()?;
         let access =
             Access { remote_write: flags & FLAG_REMOTE_WRITE != 0, remote_read: flags & FLAG_REMOTE_READ != 0 };
-        let staged = flags & FLAG_STAGED != 0;
-        Ok(Self::with_staging(EngineAddress::new(provider, nics), base, len, access, keys, staged))
+        let (staged, packed) = (flags & FLAG_STAGED != 0, flags & FLAG_PACKED != 0);
+        let mut d = Self::with_staging(EngineAddress::new(provider, nics), base, len, access, keys, staged);
+        Arc::get_mut(&mut d.inner).expect("just made").packed = packed;
+        Ok(d)
     }
 
     /// The canonical byte encoding.
@@ -134,7 +171,8 @@ impl MrDesc {
         let mut out = Vec::with_capacity(4 + 1 + 16 + owner.len() + 8 * self.inner.keys.len());
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
-        out.push(self.inner.access.flags() | if self.inner.staged { FLAG_STAGED } else { 0 });
+        let mode = if self.inner.staged { FLAG_STAGED } else if self.inner.packed { FLAG_PACKED } else { 0 };
+        out.push(self.inner.access.flags() | mode);
         out.extend_from_slice(&self.inner.base.to_le_bytes());
         out.extend_from_slice(&self.inner.len.to_le_bytes());
         out.extend_from_slice(owner);

@@ -228,6 +228,14 @@ pub(crate) trait Nic: Send {
     fn max_rows(&self) -> u32 {
         1
     }
+    /// Runs (bytes) below which a strided copy list or paged write is
+    /// cheaper packed through the engine's staging buffers than posted as
+    /// one operation per run (see `engine::staging`): a transport whose
+    /// RMA is carried by the CPU in software, at a cost per operation far
+    /// above a memory copy (libfabric tcp and shm). 0 (the default): never.
+    fn pack_runs_below(&self) -> u64 {
+        0
+    }
     /// The largest operation (bytes) the NIC takes: the engine's pieces are
     /// never longer. Unlimited by default.
     fn max_piece(&self) -> u64 {

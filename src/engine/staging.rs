@@ -1,45 +1,69 @@
-//! Device memory on transports that cannot reach it: staged through
-//! host buffers, with every semantic of a direct transfer kept.
+//! Memory the NICs should not move directly, moved through host buffers
+//! with every semantic of a direct transfer kept: device memory on
+//! transports that cannot reach it, and small runs of host memory on
+//! transports whose per-operation cost dwarfs a memory copy.
 //!
 //! # When
-//! Debian's libfabric `tcp` and `shm` are built without CUDA support, and
-//! no provider can reach GPU memory without GPUDirect. On such transports
-//! (any whose NICs do not say `Nic::device_memory`) a device region
-//! ([`TransferEngine::register_device`]) is registered with no NIC. Its descriptor says it is staged ([`MrDesc::is_staged`]), and
-//! requests that touch device memory go through the engine's stager: a
-//! thread of its own, started with the engine's first device region or
-//! first request to a peer's staged region.
+//! * **Device memory.** Debian's libfabric `tcp` and `shm` are built
+//!   without CUDA support, and no provider can reach GPU memory without
+//!   GPUDirect. On such transports (any whose NICs do not say
+//!   `Nic::device_memory`) a device region
+//!   ([`TransferEngine::register_device`]) is registered with no NIC. Its
+//!   descriptor says it is staged ([`MrDesc::is_staged`]), and requests
+//!   that touch device memory go through the engine's *device stager*: a
+//!   thread of its own, started with the engine's first device region or
+//!   first request to a peer's staged region.
+//! * **Packed host memory.** libfabric `tcp` and `shm` carry RMA in
+//!   software: every operation costs system calls and wake-ups on both
+//!   sides (on this project's 2-core VM about 14 µs per tcp operation
+//!   whatever its size up to 32 KiB, against 0.1 µs to copy a KiB). A
+//!   strided copy list or paged write whose runs average fewer bytes than
+//!   the NICs' `Nic::pack_runs_below` (an NHD head slice of a KV block:
+//!   1 KiB per token) is packed instead: the *host packer*, a second
+//!   stager with its own pool and no CUDA, gathers the runs into a slot,
+//!   the target's host packer reads the slot in one operation and
+//!   scatters it, and only then answers. Targets opt in: a host region
+//!   registered with remote access on such an engine is served by its
+//!   packer, and its descriptor says so ([`MrDesc::is_packed`]); other
+//!   descriptors get direct operations. Requests made on the worker
+//!   thread before the packer runs go direct too.
 //!
 //! # How
-//! Each engine has a bounded pool of page-locked host buffers (slots,
-//! [`EngineBuilder::staging`]): half for requests it initiates, half for
-//! peers' requests it serves (the two never wait for each other, so two
-//! engines staging into each other at once cannot deadlock). A request is
-//! cut into chunks of a slot; chunks run concurrently, as many as there
-//! are slots, so the copy engine of one chunk overlaps the network
-//! transfer of another. Per chunk:
+//! Each stager has a bounded pool of page-locked host buffers (slots,
+//! [`EngineBuilder::staging`], [`EngineBuilder::packing`]): half for
+//! requests it initiates, half for peers' requests it serves (the two
+//! never wait for each other, so two engines staging into each other at
+//! once cannot deadlock). A request is cut into chunks of a slot; chunks
+//! run concurrently, as many as there are slots, so the copies of one
+//! chunk overlap the network transfer of another. Per chunk:
 //!
 //! * write from device memory to host memory: device -> slot (copy
 //!   engine), then an RDMA write from the slot;
-//! * write into a peer's staged region: (local device or host) -> slot,
-//!   then a control message `Put` to the owner, whose stager reads the
-//!   slot into one of its own, copies it into the GPU, and answers `Done`;
-//! * read of a peer's staged region: a control message `Get`; the owner
-//!   copies the GPU range into its slot, writes it into the asker's slot,
-//!   and answers `Done`; the asker copies the slot to its destination;
+//! * write into a peer's staged (or packed) region: (local device or host)
+//!   -> slot, then a control message `Put` to the owner, whose stager reads
+//!   the slot into one of its own, copies it into the region, and answers
+//!   `Done`;
+//! * read of a peer's staged (or packed) region: a control message `Get`;
+//!   the owner copies the range into its slot, writes it into the asker's
+//!   slot, and answers `Done`; the asker copies the slot to its
+//!   destination;
 //! * read into local device memory from a peer's host region: an RDMA read
 //!   into the slot, then slot -> device;
 //! * send from device memory: device -> slot, then the send (at most one
 //!   slot long).
 //!
+//! Copies between host memory and a slot are made on the stager's thread
+//! (one pass over the chunk's rows); copies that touch device memory go to
+//! the copy engine (CUDA streams), one per contiguous run.
+//!
 //! # Guarantees
-//! * A write into a peer's staged region completes at the writer only when
-//!   the owner has answered `Done` for every chunk, that is, when every
-//!   byte is in the owner's GPU memory.
+//! * A write into a peer's staged or packed region completes at the writer
+//!   only when the owner has answered `Done` for every chunk, that is,
+//!   when every byte is in the owner's memory.
 //! * The immediate of such a write travels on the last chunk's `Put`,
 //!   which is sent only after every other chunk is done, and the owner
 //!   delivers it (like any received immediate: counters, queues,
-//!   callbacks) only after that chunk's copy into the GPU has completed.
+//!   callbacks) only after that chunk's copy has completed.
 //! * A read completes once the bytes are in the reader's memory.
 //! * A chunk whose answer does not come within the request timeout fails
 //!   the request; its slot is kept out of use for two more timeouts, so a
@@ -47,34 +71,34 @@
 //!
 //! Control messages travel as the engine's other control messages do
 //! (sends with the control immediate, see [`super::access`]) and must fit
-//! the peer's receive buffers (about 100 bytes plus two engine addresses;
-//! the default buffers are 64 KiB).
+//! a control buffer ([`CONTROL_SLOT_SIZE`](super::worker::CONTROL_SLOT_SIZE)):
+//! a chunk carries as many spans as fit beside the asker's pool
+//! descriptor (about 60 with one NIC, 25 with 16 NICs of 64-byte
+//! addresses).
 //!
-//! # Encoding (version 1)
-//! `"STS" 1`, kind, cookie (u64 LE, the asker's chunk), then
+//! # Encoding (version 2)
+//! `"STS" 2`, lane (u8: 0 the device stagers, 1 the host packers), kind,
+//! cookie (u64 LE, the asker's chunk), then
 //! * Put (1): key (u64 LE), has-immediate (u8), immediate (u32 LE), the
-//!   asker's slot offset (u64 LE), run count (u16 LE, 1 to
-//!   [`MAX_RUNS`]), then per run the destination offset and length (u64
-//!   LE each; the runs lie one after another in the asker's slot), then
-//!   the asker's staging pool descriptor ([`MrDesc`] encoding) to the end.
-//! * Get (2): key (u64 LE), the asker's slot offset (u64 LE), run count
-//!   (u16 LE, 1 to [`MAX_RUNS`]), per run the source offset and length
-//!   (u64 LE each; packed one after another into the asker's slot), then
-//!   the asker's staging pool descriptor to the end.
+//!   asker's slot offset (u64 LE), span count (u16 LE, 0 for an immediate
+//!   alone), then per span the destination offset, row length, rows and
+//!   row stride (u64 LE each; the spans' rows lie one after another in
+//!   the asker's slot), then the asker's pool descriptor ([`MrDesc`]
+//!   encoding) to the end.
+//! * Get (2): key (u64 LE), the asker's slot offset (u64 LE), span count
+//!   (u16 LE, at least 1), per span the source offset, row length, rows
+//!   and stride (packed one after another into the asker's slot), then
+//!   the asker's pool descriptor to the end.
 //! * Done (3): status (u8: 0 done, 1 no such region, 2 access or range
 //!   refused, 3 failed), then the answering engine's address.
 //!
-//! Paged writes ([`TransferEngine::write_paged`]) are staged too: their
-//! coalesced runs of pages are packed into slots (up to [`MAX_RUNS`] runs
-//! per chunk, a run longer than what is left of a slot continuing in the
-//! next), so a KV block list costs one `Put` per slot, not one per page.
-//!
-//! Strided copy lists (`write_copies`, `read_copies`: the KV, MoE and
-//! weights primitives) are staged the same way: their rows, joined where
-//! they are contiguous on both sides, are the runs (an NHD head slice is a
-//! run per token, so its chunks carry up to [`MAX_RUNS`] rows each). Reads
-//! pack the peer's runs with `Get` the same way. Batches hand their staged
-//! requests to the stager and the others to the worker.
+//! Paged writes ([`TransferEngine::write_paged`]) and strided copy lists
+//! (`write_copies`, `read_copies`: the KV, MoE and weights primitives) are
+//! staged or packed as spans: a copy of many rows is one span, so an NHD
+//! head slice of a block (16 rows of 1 KiB) costs 32 bytes of a `Put`, and
+//! a chunk carries up to a slot of rows. Batches hand their staged
+//! requests to the device stager and the others to the worker (batches
+//! are never packed).
 //!
 //! Scatters, barriers and pings with staged memory are joined batches of
 //! writes (and immediates).
@@ -84,9 +108,9 @@
 //! [`Error::InvalidRequest`] (add each write to the batch instead).
 //!
 //! [`TransferEngine::write_paged`]: crate::TransferEngine::write_paged
-//!
 //! [`TransferEngine::register_device`]: crate::TransferEngine::register_device
 //! [`EngineBuilder::staging`]: crate::EngineBuilder::staging
+//! [`EngineBuilder::packing`]: crate::EngineBuilder::packing
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
@@ -97,29 +121,63 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use super::completion::{Completion, PartGuard, Transfer};
 use super::link::Link;
 use super::memory::MrInner;
-use super::worker::{Command, RequestOp, Submission};
+use super::worker::{Command, RequestOp, Submission, CONTROL_SLOT_SIZE};
 use crate::address::EngineAddress;
 use crate::descriptor::MrDesc;
 use crate::error::{Error, Result};
-use crate::plan::{ShardConfig, ShardPlan};
+use crate::plan::{ShardConfig, ShardPlan, Strided};
 use crate::wire::Reader;
 
 pub(crate) const MAGIC: &[u8; 3] = b"STS";
-/// Runs one chunk (one `Put`) carries at most: the pages of a paged write
-/// packed into a slot. 32 keeps the longest `Put` (32 runs and a pool
-/// descriptor naming 16 NICs of 64-byte addresses, about 1.7 KiB) inside a
-/// control buffer.
-pub(crate) const MAX_RUNS: usize = 32;
 /// The smallest chunk a request is cut into to spread it over the slots.
 const MIN_CHUNK: u64 = 256 << 10;
 /// How long answers are awaited when the engine has no request timeout.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const PUT: u8 = 1;
 const GET: u8 = 2;
 const DONE: u8 = 3;
+const LEASE: u8 = 4;
+const GRANT: u8 = 5;
+const COMMIT: u8 = 6;
+const RELEASE: u8 = 7;
+/// Bytes of a `Put` before its spans: magic, version, lane, kind, cookie,
+/// key, has-immediate, immediate, slot, span count.
+const PUT_HEADER: usize = 3 + 1 + 1 + 1 + 8 + 8 + 1 + 4 + 8 + 2;
+/// The packer's slot (and so lease and chunk) size: fixed, so that every
+/// engine's chunks fit every peer's leases.
+pub(crate) const PACK_SLOT: u64 = 1 << 20;
+/// Leases an asker holds at most per owner.
+const MAX_LEASES: usize = 4;
+/// Bytes of one encoded span.
+const SPAN_BYTES: usize = 32;
+/// The most bytes one `Put` or `Get` may name: no pool slot is larger
+/// (`EngineBuilder::staging` and `packing` cap slots at this), so a peer
+/// cannot make a stager plan an unbounded amount of work.
+pub(crate) const MAX_CHUNK: u64 = 1 << 30;
+/// Where a message's lane is: after the magic and the version.
+pub(crate) const LANE_AT: usize = 4;
 
-/// Sizing of the staging pool.
+/// Which of an engine's two stagers a message is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// The device stager: device memory on transports that cannot reach it.
+    Device = 0,
+    /// The host packer: small runs of host memory.
+    Host = 1,
+}
+
+impl Lane {
+    pub(crate) fn from_byte(b: u8) -> Option<Lane> {
+        match b {
+            0 => Some(Lane::Device),
+            1 => Some(Lane::Host),
+            _ => None,
+        }
+    }
+}
+
+/// Sizing of a stager's pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StagingConfig {
     /// Slots for the requests this engine initiates; as many again serve
@@ -154,8 +212,8 @@ pub(crate) trait CopyEngine: Send {
     fn busy(&self) -> bool;
 }
 
-/// Plain memory copies: the copy engine of host memory, and in tests the
-/// stand-in of a GPU's (device regions of host memory; see
+/// Plain memory copies: the copy engine of the host packer, and in tests
+/// the stand-in of a GPU's (device regions of host memory; see
 /// `EngineBuilder::host_device_stand_in`). A copy is made at the first
 /// poll after it starts, never at start, so the stager cannot rely on a
 /// copy having happened before it is reported.
@@ -185,23 +243,81 @@ impl CopyEngine for HostCopies {
     }
 }
 
+/// One side of a strided group of runs: `rows` runs of `row_len` bytes,
+/// `stride` apart, the first at `offset` in a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub offset: u64,
+    pub row_len: u64,
+    pub rows: u64,
+    pub stride: u64,
+}
+
+impl Span {
+    /// The source side of `g`.
+    pub(crate) fn source(g: &Strided) -> Span {
+        Span { offset: g.src_offset, row_len: g.row_len, rows: g.rows, stride: g.src_stride }
+    }
+
+    /// The destination side of `g`.
+    pub(crate) fn destination(g: &Strided) -> Span {
+        Span { offset: g.dst_offset, row_len: g.row_len, rows: g.rows, stride: g.dst_stride }
+    }
+
+    /// Bytes the span covers (the spans decoded from a peer never
+    /// overflow: [`read_spans`] checks).
+    fn len(&self) -> u64 {
+        self.rows * self.row_len
+    }
+
+    /// One past its last byte, or `None` on overflow.
+    fn end(&self) -> Option<u64> {
+        self.rows.checked_sub(1)?.checked_mul(self.stride)?.checked_add(self.offset)?.checked_add(self.row_len)
+    }
+}
+
+/// Calls `f(offset in the region, offset from `from`, length)` for each
+/// piece of the packed stream of `spans` (their rows one after another)
+/// that lies in `[from, to)`: one call per row, or part of a row at the
+/// window's edges.
+fn for_each_piece(spans: &[Span], from: u64, to: u64, mut f: impl FnMut(u64, u64, u64)) {
+    let mut start = 0;
+    for s in spans {
+        if start >= to {
+            return;
+        }
+        let len = s.len();
+        if s.row_len > 0 && start + len > from {
+            let mut row = from.saturating_sub(start) / s.row_len;
+            while row < s.rows {
+                let row_start = start + row * s.row_len;
+                if row_start >= to {
+                    break;
+                }
+                let (a, b) = (row_start.max(from), (row_start + s.row_len).min(to));
+                f(s.offset + row * s.stride + (a - row_start), a - from, b - a);
+                row += 1;
+            }
+        }
+        start += len;
+    }
+}
+
 /// A staged request, as the engine hands it over.
 pub(crate) enum StagedOp {
-    /// `src` None: an immediate only.
-    /// `runs`: (source offset, destination offset, length); a paged write
-    /// has one per coalesced run of pages. `len` 0 in a single run: an
-    /// immediate only.
+    /// `src` None: an immediate only (`groups` empty). `groups`: offsets in
+    /// `src` and in `dst`.
     Write {
         src: Option<Arc<MrInner>>,
         dst: MrDesc,
-        runs: Vec<(u64, u64, u64)>,
+        groups: Vec<Strided>,
         imm: Option<u32>,
     },
-    /// `runs`: (offset in the peer's `src`, offset in `dst`, length).
+    /// `groups`: offsets in the peer's `src` and in `dst`.
     Read {
         dst: Arc<MrInner>,
         src: MrDesc,
-        runs: Vec<Run>,
+        groups: Vec<Strided>,
     },
     Send {
         peer: EngineAddress,
@@ -220,7 +336,7 @@ pub(crate) enum Msg {
         chunk: u64,
         result: Result<()>,
     },
-    /// A device region the stager serves to peers.
+    /// A region the stager serves to peers.
     AddRegion {
         key: u64,
         region: Weak<MrInner>,
@@ -231,9 +347,27 @@ pub(crate) enum Msg {
 /// A decoded staged control message.
 #[derive(Debug, PartialEq)]
 enum Wire {
-    Put { cookie: u64, key: u64, imm: Option<u32>, slot: u64, runs: Vec<(u64, u64)>, pool: MrDesc },
-    Get { cookie: u64, key: u64, slot: u64, runs: Vec<(u64, u64)>, pool: MrDesc },
-    Done { cookie: u64, status: u8, from: EngineAddress },
+    /// (Device lane) "Read the rows of `spans` (destination side, in
+    /// region `key`) from `slot` in `pool`, copy them in, answer `Done`."
+    Put { lane: Lane, cookie: u64, key: u64, imm: Option<u32>, slot: u64, spans: Vec<Span>, pool: MrDesc },
+    /// "Write the rows of `spans` (source side, in region `key`) at `slot`
+    /// in `pool`, answer `Done`."
+    Get { lane: Lane, cookie: u64, key: u64, slot: u64, spans: Vec<Span>, pool: MrDesc },
+    /// The end of the asker's chunk `cookie`; `keep`: the lease it used
+    /// stays the asker's (host lane).
+    Done { lane: Lane, cookie: u64, status: u8, keep: bool, from: EngineAddress },
+    /// (Host lane) "Lend me one of your slots" (for chunk `cookie`).
+    Lease { lane: Lane, cookie: u64, from: EngineAddress },
+    /// (Host lane) The owner's answer: lease `lease` is its slot `slot`
+    /// (`len` bytes) in `pool`, the asker's until it releases it or a
+    /// `Done` says otherwise.
+    Grant { lane: Lane, cookie: u64, lease: u64, slot: u64, len: u64, pool: MrDesc },
+    /// (Host lane) "The rows of `spans` (destination side, in region
+    /// `key`) are in lease `lease`, one after another from its start: copy
+    /// them in, deliver `imm`, answer `Done`" (for chunk `cookie`).
+    Commit { lane: Lane, cookie: u64, lease: u64, key: u64, imm: Option<u32>, spans: Vec<Span>, from: EngineAddress },
+    /// (Host lane) "I am done with lease `lease`" (the message's cookie).
+    Release { lane: Lane, lease: u64, from: EngineAddress },
 }
 
 const OK: u8 = 0;
@@ -247,26 +381,51 @@ impl Wire {
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
         let u64s = |out: &mut Vec<u8>, vs: &[u64]| vs.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        let imm = |out: &mut Vec<u8>, imm: &Option<u32>| {
+            out.push(imm.is_some() as u8);
+            out.extend_from_slice(&imm.unwrap_or(0).to_le_bytes());
+        };
         match self {
-            Wire::Put { cookie, key, imm, slot, runs, pool } => {
-                out.push(PUT);
+            Wire::Put { lane, cookie, key, imm: i, slot, spans, pool } => {
+                out.extend_from_slice(&[*lane as u8, PUT]);
                 u64s(&mut out, &[*cookie, *key]);
-                out.push(imm.is_some() as u8);
-                out.extend_from_slice(&imm.unwrap_or(0).to_le_bytes());
+                imm(&mut out, i);
                 u64s(&mut out, &[*slot]);
-                put_runs(&mut out, runs);
+                put_spans(&mut out, spans);
                 out.extend_from_slice(&pool.to_bytes());
             }
-            Wire::Get { cookie, key, slot, runs, pool } => {
-                out.push(GET);
+            Wire::Get { lane, cookie, key, slot, spans, pool } => {
+                out.extend_from_slice(&[*lane as u8, GET]);
                 u64s(&mut out, &[*cookie, *key, *slot]);
-                put_runs(&mut out, runs);
+                put_spans(&mut out, spans);
                 out.extend_from_slice(&pool.to_bytes());
             }
-            Wire::Done { cookie, status, from } => {
-                out.push(DONE);
+            Wire::Done { lane, cookie, status, keep, from } => {
+                out.extend_from_slice(&[*lane as u8, DONE]);
                 u64s(&mut out, &[*cookie]);
-                out.push(*status);
+                out.extend_from_slice(&[*status, *keep as u8]);
+                out.extend_from_slice(from.encoded());
+            }
+            Wire::Lease { lane, cookie, from } => {
+                out.extend_from_slice(&[*lane as u8, LEASE]);
+                u64s(&mut out, &[*cookie]);
+                out.extend_from_slice(from.encoded());
+            }
+            Wire::Grant { lane, cookie, lease, slot, len, pool } => {
+                out.extend_from_slice(&[*lane as u8, GRANT]);
+                u64s(&mut out, &[*cookie, *lease, *slot, *len]);
+                out.extend_from_slice(&pool.to_bytes());
+            }
+            Wire::Commit { lane, cookie, lease, key, imm: i, spans, from } => {
+                out.extend_from_slice(&[*lane as u8, COMMIT]);
+                u64s(&mut out, &[*cookie, *lease, *key]);
+                imm(&mut out, i);
+                put_spans(&mut out, spans);
+                out.extend_from_slice(from.encoded());
+            }
+            Wire::Release { lane, lease, from } => {
+                out.extend_from_slice(&[*lane as u8, RELEASE]);
+                u64s(&mut out, &[*lease]);
                 out.extend_from_slice(from.encoded());
             }
         }
@@ -276,64 +435,108 @@ impl Wire {
     fn decode(bytes: &[u8]) -> Result<Wire> {
         let mut r = Reader::new(bytes, "staging message");
         r.header(MAGIC, VERSION)?;
+        let lane = r.u8("lane")?;
+        let lane = Lane::from_byte(lane).ok_or_else(|| r.error(format!("unknown lane {lane}")))?;
         let kind = r.u8("kind")?;
         let cookie = r.u64("cookie")?;
-        let rest = |mut r: Reader<'_>| MrDesc::from_bytes(r.rest());
+        let pool = |mut r: Reader<'_>| MrDesc::from_bytes(r.rest());
+        let address = |mut r: Reader<'_>| -> Result<EngineAddress> {
+            let (provider, nics) = EngineAddress::read(&mut r)?;
+            r.finish()?;
+            Ok(EngineAddress::new(provider, nics))
+        };
+        let imm = |r: &mut Reader<'_>| -> Result<Option<u32>> {
+            let has = r.u8("has immediate")?;
+            let value = r.u32("immediate")?;
+            match has {
+                0 => Ok(None),
+                1 => Ok(Some(value)),
+                other => Err(r.error(format!("has-immediate {other}"))),
+            }
+        };
         match kind {
             PUT => {
                 let key = r.u64("key")?;
-                let has_imm = r.u8("has immediate")?;
-                let imm = r.u32("immediate")?;
+                let imm = imm(&mut r)?;
                 let slot = r.u64("slot")?;
-                let imm = match has_imm {
-                    0 => None,
-                    1 => Some(imm),
-                    other => return Err(r.error(format!("has-immediate {other}"))),
-                };
-                let runs = read_runs(&mut r)?;
-                Ok(Wire::Put { cookie, key, imm, slot, runs, pool: rest(r)? })
+                let spans = read_spans(&mut r, 0)?;
+                Ok(Wire::Put { lane, cookie, key, imm, slot, spans, pool: pool(r)? })
             }
             GET => {
                 let (key, slot) = (r.u64("key")?, r.u64("slot")?);
-                let runs = read_runs(&mut r)?;
-                Ok(Wire::Get { cookie, key, slot, runs, pool: rest(r)? })
+                let spans = read_spans(&mut r, 1)?;
+                Ok(Wire::Get { lane, cookie, key, slot, spans, pool: pool(r)? })
             }
             DONE => {
                 let status = r.u8("status")?;
                 if status > FAILED {
                     return Err(r.error(format!("unknown status {status}")));
                 }
-                let (provider, nics) = EngineAddress::read(&mut r)?;
-                r.finish()?;
-                Ok(Wire::Done { cookie, status, from: EngineAddress::new(provider, nics) })
+                let keep = match r.u8("keep")? {
+                    0 => false,
+                    1 => true,
+                    other => return Err(r.error(format!("keep {other}"))),
+                };
+                Ok(Wire::Done { lane, cookie, status, keep, from: address(r)? })
             }
+            LEASE => Ok(Wire::Lease { lane, cookie, from: address(r)? }),
+            GRANT => {
+                let (lease, slot, len) = (r.u64("lease")?, r.u64("slot")?, r.u64("length")?);
+                if len == 0 || len > MAX_CHUNK || slot.checked_add(len).is_none() {
+                    return Err(r.error(format!("a lease of {len} bytes at {slot}")));
+                }
+                Ok(Wire::Grant { lane, cookie, lease, slot, len, pool: pool(r)? })
+            }
+            COMMIT => {
+                let (lease, key) = (r.u64("lease")?, r.u64("key")?);
+                let imm = imm(&mut r)?;
+                let spans = read_spans(&mut r, 0)?;
+                Ok(Wire::Commit { lane, cookie, lease, key, imm, spans, from: address(r)? })
+            }
+            RELEASE => Ok(Wire::Release { lane, lease: cookie, from: address(r)? }),
             other => Err(r.error(format!("unknown kind {other}"))),
         }
     }
 }
 
-fn put_runs(out: &mut Vec<u8>, runs: &[(u64, u64)]) {
-    out.extend_from_slice(&(runs.len() as u16).to_le_bytes());
-    for &(offset, len) in runs {
-        out.extend_from_slice(&offset.to_le_bytes());
-        out.extend_from_slice(&len.to_le_bytes());
+fn put_spans(out: &mut Vec<u8>, spans: &[Span]) {
+    out.extend_from_slice(&(spans.len() as u16).to_le_bytes());
+    for s in spans {
+        for v in [s.offset, s.row_len, s.rows, s.stride] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
     }
 }
 
-fn read_runs(r: &mut Reader<'_>) -> Result<Vec<(u64, u64)>> {
-    let count = r.u16("run count")? as usize;
-    if !(1..=MAX_RUNS).contains(&count) {
-        return Err(r.error(format!("{count} runs (1 to {MAX_RUNS})")));
+/// Reads at least `min` spans, each of at least one row of at least one
+/// byte, none overflowing, together at most [`MAX_CHUNK`] bytes.
+fn read_spans(r: &mut Reader<'_>, min: usize) -> Result<Vec<Span>> {
+    let count = r.u16("span count")? as usize;
+    if count < min {
+        return Err(r.error(format!("{count} spans (at least {min})")));
     }
-    let mut runs = Vec::with_capacity(count);
+    let mut spans = Vec::with_capacity(count.min(CONTROL_SLOT_SIZE / SPAN_BYTES));
+    let mut total = 0u64;
     for _ in 0..count {
-        let (offset, len) = (r.u64("run offset")?, r.u64("run length")?);
-        if offset.checked_add(len).is_none() {
-            return Err(r.error("run offset + length overflows"));
+        let span =
+            Span { offset: r.u64("span offset")?, row_len: r.u64("row length")?, rows: r.u64("rows")?, stride: r.u64("stride")? };
+        if span.rows == 0 || span.row_len == 0 {
+            return Err(r.error("a span without bytes"));
         }
-        runs.push((offset, len));
+        let len = span.rows.checked_mul(span.row_len);
+        match (span.end(), len.and_then(|l| l.checked_add(total))) {
+            (Some(_), Some(t)) if t <= MAX_CHUNK => total = t,
+            _ => return Err(r.error(format!("spans past {MAX_CHUNK} bytes or overflowing"))),
+        }
+        spans.push(span);
     }
-    Ok(runs)
+    Ok(spans)
+}
+
+/// The most spans a `Put` or `Get` from a pool whose descriptor encodes in
+/// `desc_len` bytes may carry within a control buffer (at least 1).
+pub(crate) fn max_spans(desc_len: usize) -> usize {
+    (CONTROL_SLOT_SIZE.saturating_sub(PUT_HEADER + desc_len) / SPAN_BYTES).max(1)
 }
 
 /// One step of a chunk. Offsets into the chunk's slot are `at`.
@@ -371,21 +574,59 @@ enum Step {
         peer: EngineAddress,
         len: u64,
     },
-    /// Ask the owner of a staged region to take the slot's bytes: `runs`
-    /// (destination offset, length) lie one after another from the slot's
-    /// start.
+    /// Copy, on this thread, the pieces of the packed stream of `spans`
+    /// that lie in `[from, to)` between host memory at `base` (plus each
+    /// span's offsets) and the slot (the window's first byte at its start):
+    /// into the slot when `to_slot`, else out of it.
+    Pack {
+        base: u64,
+        spans: Arc<[Span]>,
+        from: u64,
+        to: u64,
+        to_slot: bool,
+    },
+    /// Ask the owner of a staged or packed region to take the slot's
+    /// bytes: the rows of `spans` (destination side) lie one after another
+    /// from the slot's start.
     Put {
         owner: EngineAddress,
         key: u64,
-        runs: Vec<(u64, u64)>,
+        spans: Vec<Span>,
         imm: Option<u32>,
     },
-    /// Ask the owner of a staged region for the bytes of `runs` (source
-    /// offset, length), packed into the slot from its start.
+    /// Ask the owner of a staged or packed region for the rows of `spans`
+    /// (source side), packed into the slot from its start.
     Get {
         owner: EngineAddress,
         key: u64,
-        runs: Vec<(u64, u64)>,
+        spans: Vec<Span>,
+    },
+    /// (Asker, host lane) Take a lease on one of `owner`'s slots: an idle
+    /// one this engine holds, else a new one (a `Lease` answered by a
+    /// `Grant`), else wait for one to come back.
+    Acquire {
+        owner: EngineAddress,
+    },
+    /// (Asker, host lane) Write `len` bytes into the chunk's lease: from
+    /// `src` at its offset (a contiguous source: no gather), or from the
+    /// chunk's slot.
+    WriteLeased {
+        src: Option<(Arc<MrInner>, u64)>,
+        len: u64,
+    },
+    /// (Asker, host lane) Tell the owner the lease holds the rows of
+    /// `spans` (destination side), and wait for its `Done`.
+    Commit {
+        owner: EngineAddress,
+        key: u64,
+        spans: Vec<Span>,
+        imm: Option<u32>,
+    },
+    /// (Owner, host lane) Lend the chunk's slot to `to` for its chunk
+    /// `cookie`.
+    GrantLease {
+        to: EngineAddress,
+        cookie: u64,
     },
     /// Deliver an immediate to this engine.
     Imm(u32),
@@ -409,8 +650,11 @@ enum Wait {
     Copy,
     /// An engine request.
     Transfer,
-    /// A peer's `Done`, until the deadline.
+    /// A peer's `Done` (or `Grant`), until the deadline.
     Answer(Instant),
+    /// (Host lane) A lease to come back from another chunk, until the
+    /// deadline.
+    Lease(Instant),
 }
 
 struct Chunk {
@@ -429,8 +673,48 @@ struct Chunk {
     slot: Option<usize>,
     steps: VecDeque<Step>,
     wait: Wait,
+    /// (Asker) The lease it writes into: the owner, the lease.
+    lease: Option<(EngineAddress, u64)>,
+    /// (Asker) It sent a `Lease` and awaits the `Grant`.
+    acquiring: bool,
+    /// (Asker) The owner's `Done` left the lease with this engine.
+    keep: bool,
+    /// (Owner) The lease whose slot it copies out of (`slot` is the
+    /// lease's, not the chunk's: it goes back to the lease at the end).
+    leased: Option<u64>,
     /// The regions whose memory the steps touch, held until the chunk ends.
     _keep: Vec<Arc<MrInner>>,
+}
+
+/// (Asker) A lease on a slot of an owner's packer.
+struct Held {
+    lease: u64,
+    /// Where the slot is in the owner's `pool`, and its length.
+    slot: u64,
+    len: u64,
+    pool: MrDesc,
+    /// A chunk uses it.
+    busy: bool,
+}
+
+/// (Asker) The leases held on one owner's slots.
+#[derive(Default)]
+struct PeerLeases {
+    held: Vec<Held>,
+    /// `Lease` requests awaiting their `Grant`.
+    asking: usize,
+    /// Chunks waiting for a lease to come back.
+    waiting: VecDeque<u64>,
+}
+
+/// (Owner) A slot lent to a peer.
+struct Lent {
+    asker: EngineAddress,
+    slot: usize,
+    /// A committed chunk is being copied out of it.
+    busy: bool,
+    /// When it was last granted or finished with.
+    since: Instant,
 }
 
 struct Request {
@@ -451,6 +735,9 @@ pub(crate) struct StagerConfig {
     pub staging: StagingConfig,
     /// The registered pool: `2 * slots` slots of `slot_size`, askers' first.
     pub pool: Arc<MrInner>,
+    /// Which stager this is: its messages carry it, and the peer's stager
+    /// of the same lane serves them.
+    pub lane: Lane,
 }
 
 pub(crate) struct Stager {
@@ -470,13 +757,21 @@ pub(crate) struct Stager {
     rotation: usize,
     copied: Vec<(u64, Result<()>)>,
     stopping: bool,
+    /// Spans one `Put` or `Get` carries at most (see [`max_spans`]).
+    max_spans: usize,
+    /// (Host lane, asker) Leases on peers' slots.
+    held: HashMap<EngineAddress, PeerLeases>,
+    /// (Host lane, owner) This engine's slots lent to peers.
+    lent: HashMap<u64, Lent>,
 }
 
 impl Stager {
     pub(crate) fn new(cfg: StagerConfig, copies: Box<dyn CopyEngine>, tx: Sender<Msg>, rx: Receiver<Msg>) -> Self {
         let n = cfg.staging.slots;
         let free = [(0..n).rev().collect(), (n..2 * n).rev().collect()];
+        let max_spans = max_spans(cfg.pool.desc.to_bytes().len());
         Stager {
+            max_spans,
             cfg,
             tx,
             rx,
@@ -492,6 +787,8 @@ impl Stager {
             rotation: 0,
             copied: Vec::new(),
             stopping: false,
+            held: HashMap::new(),
+            lent: HashMap::new(),
         }
     }
 
@@ -567,8 +864,7 @@ impl Stager {
     fn submit(&mut self, op: StagedOp, guard: PartGuard) {
         let id = self.id();
         let bytes = match &op {
-            StagedOp::Write { runs, .. } => runs.iter().map(|r| r.2).sum(),
-            StagedOp::Read { runs, .. } => runs.iter().map(|r| r.2).sum(),
+            StagedOp::Write { groups, .. } | StagedOp::Read { groups, .. } => groups.iter().map(Strided::len).sum(),
             StagedOp::Send { len, .. } => *len,
         };
         // Chunks of a slot, but small enough that a request of a few slots
@@ -577,61 +873,63 @@ impl Stager {
         let mut chunks = Vec::new();
         let mut tail_imm = None;
         match op {
-            StagedOp::Write { src, dst, runs, imm } => {
+            StagedOp::Write { src, dst, groups, imm } => {
                 tail_imm = imm;
-                for (pieces, last) in pack(&runs, size) {
+                for (pieces, last) in pack(&groups, size, self.max_spans) {
                     let imm = if last { imm } else { None };
+                    let total: u64 = pieces.iter().map(Strided::len).sum();
+                    if self.cfg.lane == Lane::Host && total > 0 {
+                        let src = src.clone().expect("packed writes have a source");
+                        chunks.push(self.leased_chunk(id, src, &dst, &pieces, total, imm));
+                        continue;
+                    }
+                    // The device stager hands chunks for staged regions to
+                    // their owner, and writes the others itself.
+                    let to_owner = dst.is_staged();
                     let mut steps = VecDeque::new();
                     let mut keep = Vec::new();
-                    let mut at = 0;
                     if let Some(src) = &src {
-                        for &(src_offset, _, len) in &pieces {
-                            steps.push_back(Step::ToSlot { from: src.ptr as u64 + src_offset, at, len });
-                            at += len;
-                        }
+                        let spans: Arc<[Span]> = pieces.iter().map(Span::source).collect();
+                        copy_steps(&mut steps, src, &spans, 0, total, true);
                         keep.push(src.clone());
                     }
-                    if dst.is_staged() {
-                        let mut runs: Vec<(u64, u64)> = pieces.iter().map(|&(_, d, l)| (d, l)).collect();
-                        if runs.is_empty() {
-                            runs.push((0, 0));
-                        }
-                        steps.push_back(Step::Put { owner: dst.owner().clone(), key: dst.key(0), runs, imm });
+                    if to_owner {
+                        let spans = pieces.iter().map(Span::destination).collect();
+                        steps.push_back(Step::Put { owner: dst.owner().clone(), key: dst.key(0), spans, imm });
                     } else if pieces.is_empty() {
                         // No bytes (an immediate alone): a zero-length write.
                         steps.push_back(Step::Write { dst: dst.clone(), offset: 0, at: 0, len: 0, imm });
                     } else {
-                        let mut at = 0;
-                        let n = pieces.len();
-                        for (i, &(_, offset, len)) in pieces.iter().enumerate() {
+                        // One write per contiguous destination run.
+                        let spans: Vec<Span> = pieces.iter().map(Span::destination).collect();
+                        let mut runs = Vec::new();
+                        for_each_piece(&spans, 0, total, |offset, at, len| runs.push((offset, at, len)));
+                        let n = runs.len();
+                        for (i, (offset, at, len)) in runs.into_iter().enumerate() {
                             let imm = if i + 1 == n { imm } else { None };
                             steps.push_back(Step::Write { dst: dst.clone(), offset, at, len, imm });
-                            at += len;
                         }
                     }
-                    chunks.push(self.chunk(Role::Asker, id, at > 0, steps, keep));
+                    chunks.push(self.chunk(Role::Asker, id, total > 0, steps, keep));
                 }
             }
-            StagedOp::Read { dst, src, runs } => {
-                let device = dst.device.is_some();
-                for (pieces, _) in pack(&runs, size) {
+            StagedOp::Read { dst, src, groups } => {
+                let to_owner = src.is_staged() || self.cfg.lane == Lane::Host;
+                for (pieces, _) in pack(&groups, size, self.max_spans) {
                     let mut steps = VecDeque::new();
-                    if src.is_staged() {
+                    let total: u64 = pieces.iter().map(Strided::len).sum();
+                    if to_owner {
                         let owner = src.owner().clone();
-                        let runs = pieces.iter().map(|&(s, _, l)| (s, l)).collect();
-                        steps.push_back(Step::Get { owner, key: src.key(0), runs });
+                        let spans = pieces.iter().map(Span::source).collect();
+                        steps.push_back(Step::Get { owner, key: src.key(0), spans });
                     } else {
-                        let mut at = 0;
-                        for &(offset, _, len) in &pieces {
-                            steps.push_back(Step::Read { src: src.clone(), offset, at, len });
-                            at += len;
-                        }
+                        let spans: Vec<Span> = pieces.iter().map(Span::source).collect();
+                        for_each_piece(&spans, 0, total, |offset, at, len| {
+                            steps.push_back(Step::Read { src: src.clone(), offset, at, len })
+                        });
                     }
-                    let mut at = 0;
-                    for &(_, dst_offset, len) in &pieces {
-                        steps.push_back(Step::FromSlot { to: dst.ptr as u64 + dst_offset, at, len, device });
-                        at += len;
-                    }
+                    let spans: Arc<[Span]> = pieces.iter().map(Span::destination).collect();
+                    copy_steps(&mut steps, &dst, &spans, 0, total, false);
                     chunks.push(self.chunk(Role::Asker, id, true, steps, vec![dst.clone()]));
                 }
             }
@@ -659,6 +957,32 @@ impl Stager {
         }
     }
 
+    /// A packed write's chunk: gathered into a slot unless its source is
+    /// one contiguous range, written into a lease on the owner's slots,
+    /// committed.
+    fn leased_chunk(
+        &self,
+        request: u64,
+        src: Arc<MrInner>,
+        dst: &MrDesc,
+        pieces: &[Strided],
+        total: u64,
+        imm: Option<u32>,
+    ) -> Chunk {
+        let mut steps = VecDeque::new();
+        let direct = contiguous_source(pieces);
+        if direct.is_none() {
+            let spans: Arc<[Span]> = pieces.iter().map(Span::source).collect();
+            copy_steps(&mut steps, &src, &spans, 0, total, true);
+        }
+        let owner = dst.owner().clone();
+        steps.push_back(Step::Acquire { owner: owner.clone() });
+        steps.push_back(Step::WriteLeased { src: direct.map(|at| (src.clone(), at)), len: total });
+        let spans = pieces.iter().map(Span::destination).collect();
+        steps.push_back(Step::Commit { owner, key: dst.key(0), spans, imm });
+        self.chunk(Role::Asker, request, direct.is_none(), steps, vec![src])
+    }
+
     fn chunk(
         &self,
         role: Role,
@@ -679,6 +1003,10 @@ impl Stager {
             slot: None,
             steps,
             wait: Wait::Ready,
+            lease: None,
+            acquiring: false,
+            keep: true,
+            leased: None,
             _keep: keep,
         }
     }
@@ -718,7 +1046,7 @@ impl Stager {
             }
             chunk.started = true;
             let Some(step) = chunk.steps.pop_front() else { return self.end_chunk(id, Ok(())) };
-            if let Step::Put { owner, .. } | Step::Get { owner, .. } = &step {
+            if let Step::Put { owner, .. } | Step::Get { owner, .. } | Step::Commit { owner, .. } = &step {
                 chunk.asked = Some(owner.clone());
             }
             let slot_index = chunk.slot;
@@ -732,6 +1060,21 @@ impl Stager {
                 Step::FromSlot { to, at, len, device } => {
                     let src = slot.expect("copies have a slot") + at;
                     self.copies.start(id, to, src, len as usize, device).map(|()| Wait::Copy)
+                }
+                Step::Pack { base, spans, from, to, to_slot } => {
+                    let slot = slot.expect("copies have a slot");
+                    for_each_piece(&spans, from, to, |offset, at, len| {
+                        let (host, slot) = ((base + offset) as *mut u8, (slot + at) as *mut u8);
+                        let (src, dst) = if to_slot { (host, slot) } else { (slot, host) };
+                        // SAFETY: `host` lies in a region the chunk holds
+                        // (`_keep`), inside it (checked when the request was
+                        // made, or `serve` checked the peer's spans); `slot`
+                        // lies in this chunk's slot (a window is at most a
+                        // slot). The region is host memory and no transfer
+                        // of this engine touches the slot meanwhile.
+                        unsafe { std::ptr::copy_nonoverlapping(src, dst, len as usize) };
+                    });
+                    Ok(Wait::Ready)
                 }
                 Step::Write { dst, offset, at, len, imm } => {
                     let plan = self.plan(slot_offset + at, offset, len, dst.owner().nic_count());
@@ -755,15 +1098,49 @@ impl Stager {
                     };
                     self.engine_request(id, op).map(|()| Wait::Transfer)
                 }
-                Step::Put { owner, key, runs, imm } => {
-                    let pool = self.cfg.pool.desc.clone();
-                    let wire = Wire::Put { cookie: id, key, imm, slot: slot_offset, runs, pool };
+                Step::Put { owner, key, spans, imm } => {
+                    let (lane, pool) = (self.cfg.lane, self.cfg.pool.desc.clone());
+                    let wire = Wire::Put { lane, cookie: id, key, imm, slot: slot_offset, spans, pool };
                     self.ask(owner, wire)
                 }
-                Step::Get { owner, key, runs } => {
-                    let pool = self.cfg.pool.desc.clone();
-                    let wire = Wire::Get { cookie: id, key, slot: slot_offset, runs, pool };
+                Step::Get { owner, key, spans } => {
+                    let (lane, pool) = (self.cfg.lane, self.cfg.pool.desc.clone());
+                    let wire = Wire::Get { lane, cookie: id, key, slot: slot_offset, spans, pool };
                     self.ask(owner, wire)
+                }
+                Step::Acquire { owner } => self.acquire(id, owner),
+                Step::WriteLeased { src, len } => {
+                    let chunk = self.chunks.get(&id).expect("advancing");
+                    let (owner, lease) = chunk.lease.as_ref().expect("acquired before writing");
+                    let held = self.held.get(owner).and_then(|p| p.held.iter().find(|h| h.lease == *lease));
+                    let held = held.expect("a chunk's lease is held");
+                    if len > held.len {
+                        let e = format!("a packed chunk of {len} bytes does not fit the owner's lease of {}", held.len);
+                        Err(Error::InvalidRequest(e))
+                    } else {
+                        let (dst, at) = (held.pool.clone(), held.slot);
+                        let (local, from) = match src {
+                            Some((region, offset)) => (region, offset),
+                            None => (self.cfg.pool.clone(), slot_offset),
+                        };
+                        let plan = self.plan(from, at, len, dst.owner().nic_count());
+                        let op = RequestOp::Write { src: Some(local), dst, plan, imm: None };
+                        self.engine_request(id, op).map(|()| Wait::Transfer)
+                    }
+                }
+                Step::Commit { owner, key, spans, imm } => {
+                    let lease = self.chunks.get(&id).and_then(|c| c.lease.as_ref()).map(|l| l.1).expect("acquired");
+                    let (lane, from) = (self.cfg.lane, self.cfg.address.clone());
+                    self.ask(owner, Wire::Commit { lane, cookie: id, lease, key, imm, spans, from })
+                }
+                Step::GrantLease { to, cookie } => {
+                    let chunk = self.chunks.get_mut(&id).expect("advancing");
+                    let slot = chunk.slot.take().expect("a grant has its slot");
+                    let lease = id;
+                    self.lent.insert(lease, Lent { asker: to.clone(), slot, busy: false, since: Instant::now() });
+                    let (lane, pool, len) = (self.cfg.lane, self.cfg.pool.desc.clone(), self.slot_size());
+                    let grant = Wire::Grant { lane, cookie, lease, slot: slot_offset, len, pool };
+                    self.tell(to, grant).map(|()| Wait::Ready)
                 }
                 Step::Imm(value) => self.cfg.link.send(Command::DeliverImm(value)).map(|()| Wait::Ready),
             };
@@ -797,16 +1174,90 @@ impl Stager {
         self.cfg.link.send(Command::Submit(submission))
     }
 
-    fn ask(&mut self, owner: EngineAddress, wire: Wire) -> Result<Wait> {
+    /// (Asker) Step `Acquire` of chunk `id`: an idle lease on `owner`'s
+    /// slots, else a `Lease` request (up to [`MAX_LEASES`] per owner), else
+    /// a wait for a lease to come back.
+    fn acquire(&mut self, id: u64, owner: EngineAddress) -> Result<Wait> {
+        let deadline = Instant::now() + self.timeout();
+        let peer = self.held.entry(owner.clone()).or_default();
+        if let Some(h) = peer.held.iter_mut().find(|h| !h.busy) {
+            h.busy = true;
+            let lease = h.lease;
+            if let Some(c) = self.chunks.get_mut(&id) {
+                c.lease = Some((owner, lease));
+            }
+            return Ok(Wait::Ready);
+        }
+        if peer.held.len() + peer.asking >= MAX_LEASES {
+            peer.waiting.push_back(id);
+            return Ok(Wait::Lease(deadline));
+        }
+        peer.asking += 1;
+        if let Some(c) = self.chunks.get_mut(&id) {
+            c.acquiring = true;
+            c.asked = Some(owner.clone());
+        }
+        let (lane, from) = (self.cfg.lane, self.cfg.address.clone());
+        self.ask(owner, Wire::Lease { lane, cookie: id, from })
+    }
+
+    /// (Asker) A chunk has finished with `lease` on `owner`'s slots
+    /// (`keep`: the owner left it with this engine): the next chunk
+    /// waiting for one takes it, or it goes back.
+    fn lease_done(&mut self, owner: &EngineAddress, lease: u64, keep: bool) {
+        let Some(peer) = self.held.get_mut(owner) else { return };
+        let Some(at) = peer.held.iter().position(|h| h.lease == lease) else { return };
+        if keep {
+            while let Some(next) = peer.waiting.pop_front() {
+                let Some(c) = self.chunks.get_mut(&next).filter(|c| matches!(c.wait, Wait::Lease(_))) else {
+                    continue;
+                };
+                c.lease = Some((owner.clone(), lease));
+                c.wait = Wait::Ready;
+                return self.advance(next);
+            }
+        }
+        peer.held.swap_remove(at);
+        if keep {
+            let (lane, from) = (self.cfg.lane, self.cfg.address.clone());
+            let _ = self.tell(owner.clone(), Wire::Release { lane, lease, from });
+        }
+        // A lease fewer: a waiting chunk may ask for one of its own.
+        self.retry_acquire(owner);
+    }
+
+    /// (Asker) Lets the first chunk waiting for a lease on `owner`'s slots
+    /// ask for a new one, if the owner's leases allow.
+    fn retry_acquire(&mut self, owner: &EngineAddress) {
+        let Some(peer) = self.held.get_mut(owner) else { return };
+        if peer.held.len() + peer.asking >= MAX_LEASES {
+            return;
+        }
+        while let Some(next) = peer.waiting.pop_front() {
+            if let Some(c) = self.chunks.get_mut(&next).filter(|c| matches!(c.wait, Wait::Lease(_))) {
+                c.steps.push_front(Step::Acquire { owner: owner.clone() });
+                c.wait = Wait::Ready;
+                return self.advance(next);
+            }
+        }
+    }
+
+    /// Sends `wire` to `to`, expecting no answer.
+    fn tell(&mut self, to: EngineAddress, wire: Wire) -> Result<()> {
         let bytes = wire.encode();
-        if bytes.len() > super::worker::CONTROL_SLOT_SIZE {
+        if bytes.len() > CONTROL_SLOT_SIZE {
             return Err(Error::InvalidRequest(format!(
-                "a staging message of {} bytes does not fit a control buffer ({} bytes)",
+                "a staging message of {} bytes does not fit a control buffer ({CONTROL_SLOT_SIZE} bytes)",
                 bytes.len(),
-                super::worker::CONTROL_SLOT_SIZE
             )));
         }
-        self.cfg.link.send(Command::SendControl { to: owner, bytes })?;
+        self.cfg.link.send(Command::SendControl { to, bytes })
+    }
+
+    /// Sends `wire` to `owner` (the peer of a chunk) and waits, at most
+    /// the timeout, for its answer.
+    fn ask(&mut self, owner: EngineAddress, wire: Wire) -> Result<Wait> {
+        self.tell(owner, wire)?;
         Ok(Wait::Answer(Instant::now() + self.timeout()))
     }
 
@@ -847,13 +1298,23 @@ impl Stager {
         let overdue: Vec<u64> = self
             .chunks
             .iter()
-            .filter(|(_, c)| matches!(c.wait, Wait::Answer(d) if d <= now))
+            .filter(|(_, c)| matches!(c.wait, Wait::Answer(d) | Wait::Lease(d) if d <= now))
             .map(|(&id, _)| id)
             .collect();
         for id in overdue {
             // end_chunk keeps the slot out of use for a while: the peer may
             // still read it or write into it.
             self.end_chunk(id, Err(Error::Timeout(self.timeout())));
+        }
+        // Slots lent to a peer that has used them for nothing for a
+        // timeout (a dead asker, or one that lost track): kept out of use
+        // for two more, as any slot a peer may still write into.
+        let timeout = self.timeout();
+        let stale: Vec<u64> =
+            self.lent.iter().filter(|(_, l)| !l.busy && now.duration_since(l.since) > timeout).map(|(&k, _)| k).collect();
+        for lease in stale {
+            let l = self.lent.remove(&lease).expect("listed");
+            self.quarantined.push((l.slot, now + 2 * timeout));
         }
         if !self.quarantined.is_empty() {
             let (back, kept): (Vec<_>, Vec<_>) = self.quarantined.drain(..).partition(|&(_, at)| at <= now);
@@ -877,7 +1338,9 @@ impl Stager {
     }
 
     fn end_chunk(&mut self, id: u64, result: Result<()>) {
-        let Some(chunk) = self.chunks.remove(&id) else { return };
+        let Some(mut chunk) = self.chunks.remove(&id) else { return };
+        // A lease's slot goes back to the lease, not to the pool.
+        let leased = chunk.leased.map(|lease| (lease, chunk.slot.take()));
         if let Some(slot) = chunk.slot {
             if result.is_err() {
                 // A failed step may leave operations in the provider that
@@ -900,11 +1363,24 @@ impl Stager {
                         FAILED
                     }
                 };
+                let keep = match leased {
+                    Some((lease, _)) => self.lease_back(lease, result.is_ok()),
+                    None => false,
+                };
                 if let Some((to, cookie)) = chunk.reply {
-                    self.answer(to, cookie, status);
+                    self.answer(to, cookie, status, keep);
                 }
             }
             Role::Asker => {
+                if chunk.acquiring && chunk.lease.is_none() {
+                    // Its `Lease` is unanswered: a late grant is released.
+                    if let Some(peer) = chunk.asked.as_ref().and_then(|o| self.held.get_mut(o)) {
+                        peer.asking -= 1;
+                    }
+                }
+                if let Some((owner, lease)) = &chunk.lease {
+                    self.lease_done(owner, *lease, chunk.keep && result.is_ok());
+                }
                 let Some(r) = self.requests.get_mut(&chunk.request) else { return };
                 if let Err(e) = result {
                     if r.error.is_none() {
@@ -946,19 +1422,40 @@ impl Stager {
         }
     }
 
-    fn answer(&mut self, to: EngineAddress, cookie: u64, status: u8) {
-        let wire = Wire::Done { cookie, status, from: self.cfg.address.clone() };
+    fn answer(&mut self, to: EngineAddress, cookie: u64, status: u8, keep: bool) {
+        let wire = Wire::Done { lane: self.cfg.lane, cookie, status, keep, from: self.cfg.address.clone() };
         let _ = self.cfg.link.send(Command::SendControl { to, bytes: wire.encode() });
+    }
+
+    /// (Owner) A committed chunk has been copied out of `lease` (`ok`) or
+    /// failed: the lease stays lent (true) unless it failed or other
+    /// peers' requests wait for a slot, when the slot comes back (or,
+    /// after a failure, is kept out of use for two timeouts).
+    fn lease_back(&mut self, lease: u64, ok: bool) -> bool {
+        let Some(l) = self.lent.get_mut(&lease) else { return false };
+        l.busy = false;
+        l.since = Instant::now();
+        if ok && self.queued[Role::Server as usize].is_empty() {
+            return true;
+        }
+        let l = self.lent.remove(&lease).expect("present");
+        if ok {
+            self.release(l.slot);
+        } else {
+            self.quarantined.push((l.slot, Instant::now() + 2 * self.timeout()));
+        }
+        false
     }
 
     fn on_wire(&mut self, wire: Wire) {
         match wire {
-            Wire::Done { cookie, status, from } => {
-                let asked = |c: &Chunk| matches!(c.wait, Wait::Answer(_)) && c.asked.as_ref() == Some(&from);
-                if !self.chunks.get(&cookie).is_some_and(asked) {
+            Wire::Done { lane: _, cookie, status, keep, from } => {
+                let asked = |c: &&mut Chunk| matches!(c.wait, Wait::Answer(_)) && c.asked.as_ref() == Some(&from);
+                let Some(chunk) = self.chunks.get_mut(&cookie).filter(asked) else {
                     // Late (the chunk ended), or not from the owner asked.
                     return;
-                }
+                };
+                chunk.keep = keep;
                 let result = match status {
                     OK => Ok(()),
                     NO_REGION => {
@@ -974,34 +1471,84 @@ impl Stager {
                 };
                 self.step_done(cookie, result);
             }
-            Wire::Put { cookie, key, imm, slot, runs, pool } => {
+            Wire::Lease { lane: _, cookie, from } => {
+                // A slot to lend, when one is free: the grant is the chunk's
+                // only step (its slot becomes the lease's).
+                let steps = VecDeque::from([Step::GrantLease { to: from, cookie }]);
+                let chunk = self.chunk(Role::Server, 0, true, steps, Vec::new());
+                self.start(chunk);
+            }
+            Wire::Grant { lane: _, cookie, lease, slot, len, pool } => {
                 let owner = pool.owner().clone();
-                let mut region = None;
-                for &(offset, len) in &runs {
-                    match self.serve(key, offset, len, true) {
-                        Ok(r) => region = Some(r),
-                        Err(status) => return self.answer(owner, cookie, status),
+                let waiting = |c: &&mut Chunk| {
+                    c.acquiring && matches!(c.wait, Wait::Answer(_)) && c.asked.as_ref() == Some(&owner)
+                };
+                let Some(chunk) = self.chunks.get_mut(&cookie).filter(waiting) else {
+                    // Its chunk gave up waiting: the lease goes straight back.
+                    let (lane, from) = (self.cfg.lane, self.cfg.address.clone());
+                    let _ = self.tell(owner, Wire::Release { lane, lease, from });
+                    return;
+                };
+                chunk.acquiring = false;
+                chunk.lease = Some((owner.clone(), lease));
+                let peer = self.held.entry(owner).or_default();
+                peer.asking -= 1;
+                peer.held.push(Held { lease, slot, len, pool, busy: true });
+                self.step_done(cookie, Ok(()));
+            }
+            Wire::Commit { lane: _, cookie, lease, key, imm, spans, from } => {
+                let total: u64 = spans.iter().map(Span::len).sum();
+                let slot_size = self.slot_size();
+                let lent = self.lent.get(&lease).filter(|l| l.asker == from && !l.busy).map(|l| l.slot);
+                let Some(slot) = lent else {
+                    // Not a lease of this asker's (expired, or forged): its
+                    // bytes went to a slot that is out of use.
+                    return self.answer(from, cookie, REFUSED, false);
+                };
+                let served = self.serve(key, &spans, true).and_then(|r| if total <= slot_size { Ok(r) } else { Err(REFUSED) });
+                let region = match served {
+                    Ok(r) => r,
+                    Err(status) => {
+                        // The lease ends: its slot may hold the refused bytes.
+                        self.lease_back(lease, false);
+                        return self.answer(from, cookie, status, false);
                     }
+                };
+                let spans: Arc<[Span]> = spans.into();
+                let mut steps = VecDeque::new();
+                copy_steps(&mut steps, &region, &spans, 0, total, false);
+                if let Some(v) = imm {
+                    steps.push_back(Step::Imm(v));
                 }
-                let region = region.expect("at least one run");
-                let device = region.device.is_some();
+                self.lent.get_mut(&lease).expect("checked").busy = true;
+                let mut chunk = self.chunk(Role::Server, 0, false, steps, vec![region]);
+                chunk.slot = Some(slot);
+                chunk.leased = Some(lease);
+                chunk.reply = Some((from, cookie));
+                self.start(chunk);
+            }
+            Wire::Release { lane: _, lease, from } => {
+                if self.lent.get(&lease).is_some_and(|l| l.asker == from && !l.busy) {
+                    let l = self.lent.remove(&lease).expect("present");
+                    self.release(l.slot);
+                }
+            }
+            Wire::Put { lane: _, cookie, key, imm, slot, spans, pool } => {
+                let owner = pool.owner().clone();
+                let region = match self.serve(key, &spans, true) {
+                    Ok(r) => r,
+                    Err(status) => return self.answer(owner, cookie, status, false),
+                };
                 let size = self.slot_size();
-                let total: u64 = runs.iter().map(|r| r.1).sum();
+                let total: u64 = spans.iter().map(Span::len).sum();
+                let spans: Arc<[Span]> = spans.into();
                 let mut steps = VecDeque::new();
                 // Windows of one of this engine's slots over the asker's
-                // packed runs (whose slots may be larger than ours).
+                // packed rows (whose slots may be larger than ours).
                 for window in (0..total).step_by(size as usize) {
                     let end = total.min(window + size);
                     steps.push_back(Step::Read { src: pool.clone(), offset: slot + window, at: 0, len: end - window });
-                    let mut run_start = 0;
-                    for &(offset, len) in &runs {
-                        let (from, to) = (run_start.max(window), (run_start + len).min(end));
-                        if from < to {
-                            let dst = region.ptr as u64 + offset + (from - run_start);
-                            steps.push_back(Step::FromSlot { to: dst, at: from - window, len: to - from, device });
-                        }
-                        run_start += len;
-                    }
+                    copy_steps(&mut steps, &region, &spans, window, end, false);
                 }
                 if let Some(v) = imm {
                     steps.push_back(Step::Imm(v));
@@ -1010,32 +1557,21 @@ impl Stager {
                 chunk.reply = Some((owner, cookie));
                 self.start(chunk);
             }
-            Wire::Get { cookie, key, slot, runs, pool } => {
+            Wire::Get { lane: _, cookie, key, slot, spans, pool } => {
                 let owner = pool.owner().clone();
-                let mut region = None;
-                for &(offset, len) in &runs {
-                    match self.serve(key, offset, len, false) {
-                        Ok(r) => region = Some(r),
-                        Err(status) => return self.answer(owner, cookie, status),
-                    }
-                }
-                let region = region.expect("at least one run");
+                let region = match self.serve(key, &spans, false) {
+                    Ok(r) => r,
+                    Err(status) => return self.answer(owner, cookie, status, false),
+                };
                 let size = self.slot_size();
-                let total: u64 = runs.iter().map(|r| r.1).sum();
+                let total: u64 = spans.iter().map(Span::len).sum();
+                let spans: Arc<[Span]> = spans.into();
                 let mut steps = VecDeque::new();
-                // Windows of one of this engine's slots over the packed runs,
+                // Windows of one of this engine's slots over the packed rows,
                 // as for a Put, the other way round.
                 for window in (0..total).step_by(size as usize) {
                     let end = total.min(window + size);
-                    let mut run_start = 0;
-                    for &(offset, len) in &runs {
-                        let (from, to) = (run_start.max(window), (run_start + len).min(end));
-                        if from < to {
-                            let src = region.ptr as u64 + offset + (from - run_start);
-                            steps.push_back(Step::ToSlot { from: src, at: from - window, len: to - from });
-                        }
-                        run_start += len;
-                    }
+                    copy_steps(&mut steps, &region, &spans, window, end, true);
                     let (offset, len) = (slot + window, end - window);
                     steps.push_back(Step::Write { dst: pool.clone(), offset, at: 0, len, imm: None });
                 }
@@ -1046,38 +1582,88 @@ impl Stager {
         }
     }
 
-    /// The region a peer's request names, if it exists and allows it.
-    fn serve(&self, key: u64, offset: u64, len: u64, write: bool) -> std::result::Result<Arc<MrInner>, u8> {
+    /// The region a peer's request names, if it exists, allows it, and
+    /// holds every span.
+    fn serve(&self, key: u64, spans: &[Span], write: bool) -> std::result::Result<Arc<MrInner>, u8> {
         let region = self.regions.get(&key).and_then(Weak::upgrade).ok_or(NO_REGION)?;
         let access = region.desc.access();
         let allowed = if write { access.remote_write } else { access.remote_read };
-        if !allowed || offset.checked_add(len).is_none_or(|end| end > region.len) {
+        if !allowed || spans.iter().any(|s| s.end().is_none_or(|end| end > region.len)) {
             return Err(REFUSED);
         }
         Ok(region)
     }
 }
 
-/// (source offset, destination offset, length) of a staged write.
-pub(crate) type Run = (u64, u64, u64);
+/// The steps that copy the window `[from, to)` of the packed rows of
+/// `spans` (offsets in `region`) into the slot (`to_slot`) or out of it:
+/// one inline pass for host memory, one copy-engine copy per run for
+/// device memory.
+fn copy_steps(steps: &mut VecDeque<Step>, region: &MrInner, spans: &Arc<[Span]>, from: u64, to: u64, to_slot: bool) {
+    let base = region.ptr as u64;
+    if region.device.is_none() {
+        if from < to {
+            steps.push_back(Step::Pack { base, spans: spans.clone(), from, to, to_slot });
+        }
+        return;
+    }
+    for_each_piece(spans, from, to, |offset, at, len| {
+        steps.push_back(if to_slot {
+            Step::ToSlot { from: base + offset, at, len }
+        } else {
+            Step::FromSlot { to: base + offset, at, len, device: true }
+        })
+    });
+}
 
-/// Packs `runs` (source offset, destination offset, length) into chunks of
-/// at most `size` bytes and [`MAX_RUNS`] runs, splitting runs longer than
-/// what is left of a chunk; each chunk with whether it is the last. Only
-/// empty runs (an immediate alone) make one empty chunk.
-fn pack(runs: &[Run], size: u64) -> Vec<(Vec<Run>, bool)> {
-    let mut chunks: Vec<Vec<Run>> = Vec::new();
-    let mut current = Vec::new();
+/// The offset of the chunk's source, when its rows lie back to back in
+/// one contiguous range of the source region (then it is written from
+/// there, with no gather).
+fn contiguous_source(pieces: &[Strided]) -> Option<u64> {
+    let first = pieces.first()?.src_offset;
+    let mut next = first;
+    for g in pieces {
+        if g.src_offset != next || (g.rows > 1 && g.src_stride != g.row_len) {
+            return None;
+        }
+        next += g.len();
+    }
+    Some(first)
+}
+
+/// Packs `groups` into chunks of at most `size` bytes and `max` groups,
+/// each chunk with whether it is the last. A group is split between rows
+/// where a chunk fills up; a row that does not fit what is left of a chunk
+/// starts the next one, unless it is longer than a chunk, when it is cut
+/// into pieces that fill chunks. Only no bytes at all (an immediate alone)
+/// make one empty chunk.
+fn pack(groups: &[Strided], size: u64, max: usize) -> Vec<(Vec<Strided>, bool)> {
+    let mut chunks: Vec<Vec<Strided>> = Vec::new();
+    let mut current: Vec<Strided> = Vec::new();
     let mut used = 0;
-    for &(mut src, mut dst, mut len) in runs.iter().filter(|r| r.2 > 0) {
-        while len > 0 {
-            if used == size || current.len() == MAX_RUNS {
+    for g in groups.iter().filter(|g| g.len() > 0) {
+        let (mut row, mut within) = (0, 0);
+        while row < g.rows {
+            if used == size || current.len() == max || (within == 0 && used > 0 && g.row_len > size - used) {
                 chunks.push(std::mem::take(&mut current));
                 used = 0;
             }
-            let n = len.min(size - used);
-            current.push((src, dst, n));
-            (src, dst, len, used) = (src + n, dst + n, len - n, used + n);
+            let (src, dst) = (g.src_offset + row * g.src_stride, g.dst_offset + row * g.dst_stride);
+            if within == 0 && g.row_len <= size - used {
+                let rows = (g.rows - row).min((size - used) / g.row_len);
+                current.push(Strided { src_offset: src, dst_offset: dst, rows, ..*g });
+                used += rows * g.row_len;
+                row += rows;
+            } else {
+                // A row longer than a chunk, in pieces.
+                let n = (g.row_len - within).min(size - used);
+                current.push(Strided::contiguous(src + within, dst + within, n));
+                used += n;
+                within += n;
+                if within == g.row_len {
+                    (row, within) = (row + 1, 0);
+                }
+            }
         }
     }
     if !current.is_empty() || chunks.is_empty() {
@@ -1092,23 +1678,86 @@ mod tests {
     use super::*;
     use crate::provider::ProviderKind;
 
+    fn run(src: u64, dst: u64, len: u64) -> Strided {
+        Strided::contiguous(src, dst, len)
+    }
+
     #[test]
-    fn runs_pack_into_slots() {
+    fn groups_pack_into_chunks() {
         // An immediate alone: one empty chunk.
-        let c = pack(&[(0, 0, 0)], 100);
-        assert_eq!(c, vec![(vec![], true)]);
-        // A long run splits at slot boundaries.
-        let c = pack(&[(0, 1000, 250)], 100);
-        let lens: Vec<Vec<(u64, u64, u64)>> = c.iter().map(|x| x.0.clone()).collect();
-        assert_eq!(lens, vec![vec![(0, 1000, 100)], vec![(100, 1100, 100)], vec![(200, 1200, 50)]]);
-        // Small runs share a slot; a run crossing the end is split.
-        let c = pack(&[(0, 0, 40), (500, 900, 40), (1000, 2000, 40)], 100);
-        assert_eq!(c[0].0, vec![(0, 0, 40), (500, 900, 40), (1000, 2000, 20)]);
-        assert_eq!(c[1], (vec![(1020, 2020, 20)], true));
-        // At most MAX_RUNS per chunk.
-        let many: Vec<_> = (0..MAX_RUNS as u64 + 1).map(|i| (i * 10, i * 10, 1)).collect();
-        let c = pack(&many, 1 << 20);
-        assert_eq!((c.len(), c[0].0.len(), c[1].0.len()), (2, MAX_RUNS, 1));
+        assert_eq!(pack(&[], 100, 8), vec![(vec![], true)]);
+        // A run longer than a chunk is cut to fill chunks.
+        let c = pack(&[run(0, 1000, 250)], 100, 8);
+        let pieces: Vec<Vec<Strided>> = c.iter().map(|x| x.0.clone()).collect();
+        assert_eq!(pieces, vec![vec![run(0, 1000, 100)], vec![run(100, 1100, 100)], vec![run(200, 1200, 50)]]);
+        // Small runs share a chunk; one that does not fit what is left
+        // starts the next.
+        let c = pack(&[run(0, 0, 40), run(500, 900, 40), run(1000, 2000, 40)], 100, 8);
+        assert_eq!(c[0].0, vec![run(0, 0, 40), run(500, 900, 40)]);
+        assert_eq!(c[1], (vec![run(1000, 2000, 40)], true));
+        // At most `max` groups per chunk.
+        let many: Vec<_> = (0..9u64).map(|i| run(i * 10, i * 10, 1)).collect();
+        let c = pack(&many, 1 << 20, 8);
+        assert_eq!((c.len(), c[0].0.len(), c[1].0.len()), (2, 8, 1));
+        // A strided group splits between rows.
+        let g = Strided { src_offset: 0, dst_offset: 5, rows: 10, row_len: 30, src_stride: 30, dst_stride: 100 };
+        let c = pack(&[g], 100, 8);
+        assert_eq!(c.len(), 4);
+        assert_eq!(c[0].0, vec![Strided { rows: 3, ..g }]);
+        assert_eq!(c[1].0, vec![Strided { src_offset: 90, dst_offset: 305, rows: 3, ..g }]);
+        assert_eq!(c[3], (vec![Strided { src_offset: 270, dst_offset: 905, rows: 1, ..g }], true));
+    }
+
+    proptest::proptest! {
+        /// Packing keeps every byte of every row, once, in order, within
+        /// the chunk limits.
+        #[test]
+        fn packing_keeps_every_byte(
+            groups in proptest::collection::vec((0u64..4, 1u64..40, 1u64..6, 0u64..20), 0..8),
+            size in 1u64..120, max in 1usize..5,
+        ) {
+            let mut at = 0;
+            let groups: Vec<Strided> = groups.into_iter().map(|(gap, row_len, rows, pad)| {
+                let g = Strided { src_offset: at + gap, dst_offset: 7 * at + gap, rows, row_len,
+                                  src_stride: row_len + pad, dst_stride: row_len + 2 * pad };
+                at += gap + rows * (row_len + 2 * pad) + 1;
+                g
+            }).collect();
+            let bytes = |gs: &[Strided]| {
+                let mut v = Vec::new();
+                for g in gs {
+                    for r in 0..g.rows {
+                        for b in 0..g.row_len {
+                            v.push((g.src_offset + r * g.src_stride + b, g.dst_offset + r * g.dst_stride + b));
+                        }
+                    }
+                }
+                v
+            };
+            let chunks = pack(&groups, size, max);
+            let mut all = Vec::new();
+            for (i, (c, last)) in chunks.iter().enumerate() {
+                proptest::prop_assert_eq!(*last, i + 1 == chunks.len());
+                proptest::prop_assert!(c.len() <= max);
+                proptest::prop_assert!(c.iter().map(Strided::len).sum::<u64>() <= size);
+                all.extend(bytes(c));
+            }
+            proptest::prop_assert_eq!(all, bytes(&groups));
+        }
+    }
+
+    #[test]
+    fn pieces_walk_a_window_of_the_packed_rows() {
+        let spans = [
+            Span { offset: 100, row_len: 4, rows: 3, stride: 10 },
+            Span { offset: 1000, row_len: 5, rows: 1, stride: 5 },
+        ];
+        let mut got = Vec::new();
+        for_each_piece(&spans, 0, 17, |o, a, l| got.push((o, a, l)));
+        assert_eq!(got, vec![(100, 0, 4), (110, 4, 4), (120, 8, 4), (1000, 12, 5)]);
+        got.clear();
+        for_each_piece(&spans, 6, 14, |o, a, l| got.push((o, a, l)));
+        assert_eq!(got, vec![(112, 0, 2), (120, 2, 4), (1000, 6, 2)]);
     }
 
     fn address() -> EngineAddress {
@@ -1118,29 +1767,74 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         let pool = MrDesc::new(address(), 0, 1 << 20, crate::Access::REMOTE_READ_WRITE, vec![9]);
+        let span = |offset, row_len, rows, stride| Span { offset, row_len, rows, stride };
+        let (d, h) = (Lane::Device, Lane::Host);
         let messages = [
-            Wire::Put { cookie: 1, key: 2, imm: Some(5), slot: 6, runs: vec![(3, 4)], pool: pool.clone() },
-            Wire::Put { cookie: 1, key: 2, imm: None, slot: 6, runs: vec![(3, 4), (100, 7)], pool: pool.clone() },
-            Wire::Get { cookie: 7, key: 8, slot: 11, runs: vec![(9, 10), (40, 2)], pool },
-            Wire::Done { cookie: 12, status: REFUSED, from: address() },
+            Wire::Put { lane: d, cookie: 1, key: 2, imm: Some(5), slot: 6, spans: vec![span(3, 4, 1, 4)], pool: pool.clone() },
+            Wire::Put { lane: h, cookie: 1, key: 2, imm: Some(5), slot: 6, spans: vec![], pool: pool.clone() },
+            Wire::Put {
+                lane: h,
+                cookie: 1,
+                key: 2,
+                imm: None,
+                slot: 6,
+                spans: vec![span(3, 4, 1, 4), span(100, 7, 16, 2048)],
+                pool: pool.clone(),
+            },
+            Wire::Get { lane: h, cookie: 7, key: 8, slot: 11, spans: vec![span(9, 10, 1, 10), span(40, 2, 3, 9)], pool },
+            Wire::Done { lane: d, cookie: 12, status: REFUSED, from: address() },
         ];
         for m in messages {
-            assert_eq!(Wire::decode(&m.encode()).unwrap(), m);
+            let bytes = m.encode();
+            assert_eq!(Lane::from_byte(bytes[LANE_AT]), Some(match &m {
+                Wire::Put { lane, .. } | Wire::Get { lane, .. } | Wire::Done { lane, .. } => *lane,
+            }));
+            assert_eq!(Wire::decode(&bytes).unwrap(), m);
         }
     }
 
     #[test]
     fn malformed_messages_are_refused() {
-        let done = Wire::Done { cookie: 12, status: OK, from: address() }.encode();
+        let done = Wire::Done { lane: Lane::Host, cookie: 12, status: OK, from: address() }.encode();
         for cut in 0..done.len() {
             assert!(Wire::decode(&done[..cut]).is_err(), "cut at {cut}");
         }
         let mut bad = done.clone();
-        bad[13] = 9;
+        bad[14] = 9; // the status
+        assert!(Wire::decode(&bad).is_err());
+        let mut bad = done.clone();
+        bad[LANE_AT] = 2;
         assert!(Wire::decode(&bad).is_err());
         let mut trailing = done;
         trailing.push(0);
         assert!(Wire::decode(&trailing).is_err());
+        // Spans without bytes, overflowing, or past the chunk limit.
+        let pool = MrDesc::new(address(), 0, 1 << 20, crate::Access::REMOTE_READ_WRITE, vec![9]);
+        for span in [
+            Span { offset: 0, row_len: 0, rows: 1, stride: 0 },
+            Span { offset: 0, row_len: 1, rows: 0, stride: 0 },
+            Span { offset: u64::MAX, row_len: 2, rows: 1, stride: 2 },
+            Span { offset: 0, row_len: 1, rows: 3, stride: u64::MAX },
+            Span { offset: 0, row_len: MAX_CHUNK, rows: 2, stride: MAX_CHUNK },
+        ] {
+            let put = Wire::Put { lane: Lane::Host, cookie: 1, key: 2, imm: None, slot: 0, spans: vec![span], pool: pool.clone() };
+            assert!(Wire::decode(&put.encode()).is_err(), "{span:?}");
+        }
+        let get = Wire::Get { lane: Lane::Host, cookie: 1, key: 2, slot: 0, spans: vec![], pool };
+        assert!(Wire::decode(&get.encode()).is_err(), "a get of nothing");
+    }
+
+    #[test]
+    fn a_full_put_fits_a_control_buffer() {
+        // 16 NICs with 64-byte addresses: the largest pool descriptor.
+        let nics = vec![vec![7u8; crate::MAX_NIC_ADDRESS_LEN].into_boxed_slice(); crate::MAX_NICS];
+        let owner = EngineAddress::new(ProviderKind::Tcp, nics);
+        let pool = MrDesc::new(owner, 0, 1 << 20, crate::Access::REMOTE_READ_WRITE, vec![9; crate::MAX_NICS]);
+        let n = max_spans(pool.to_bytes().len());
+        assert!(n >= 16, "{n} spans");
+        let spans = vec![Span { offset: 1, row_len: 2, rows: 3, stride: 4 }; n];
+        let put = Wire::Put { lane: Lane::Host, cookie: 1, key: 2, imm: Some(3), slot: 0, spans, pool };
+        assert!(put.encode().len() <= CONTROL_SLOT_SIZE);
     }
 
     #[test]

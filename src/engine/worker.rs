@@ -109,8 +109,9 @@ pub(crate) enum Command {
     /// Delivers an immediate as if a peer's had arrived (a staged write's,
     /// once its bytes are in device memory).
     DeliverImm(u32),
-    /// From now on, staged control messages go to the stager.
-    Staging(Sender<super::staging::Msg>),
+    /// From now on, staged control messages of this lane go to this
+    /// stager.
+    Staging(super::staging::Lane, Sender<super::staging::Msg>),
     Shutdown,
 }
 
@@ -387,7 +388,8 @@ pub(crate) struct Worker<N: Nic> {
     diagnoses: Vec<Diagnosis>,
     answers: Vec<PendingAnswer>,
     /// The stager, once the engine has one: staged control messages go there.
-    staging: Option<Sender<super::staging::Msg>>,
+    /// The stagers, by lane (device, host packer).
+    staging: [Option<Sender<super::staging::Msg>>; 2],
     next_cookie: u64,
     control: Vec<Option<ControlPool>>,
     scratch: Vec<u8>,
@@ -432,7 +434,7 @@ impl<N: Nic> Worker<N> {
             address: config.address,
             diagnoses: Vec::new(),
             answers: Vec::new(),
-            staging: None,
+            staging: [None, None],
             next_cookie: 1,
             control,
             scratch: Vec::new(),
@@ -706,6 +708,7 @@ impl<N: Nic> Worker<N> {
         if !self.commands.is_empty() || !self.ready.is_empty() {
             return None;
         }
+
         let all_have_fds = self.nics.iter().all(|n| n.wait_fd().is_some());
         for nic in &mut self.nics {
             if !nic.ready_to_sleep() {
@@ -804,7 +807,7 @@ impl<N: Nic> Worker<N> {
             Command::DeliverImm(value) => {
                 let _ = self.imm.deliver(value, self.now);
             }
-            Command::Staging(tx) => self.staging = Some(tx),
+            Command::Staging(lane, tx) => self.staging[lane as usize] = Some(tx),
             Command::Shutdown => self.stopping = true,
         }
     }
@@ -1191,7 +1194,7 @@ impl<N: Nic> Worker<N> {
                 self.nic_stats[nic].receives_posted = self.nic_stats[nic].receives_posted.saturating_sub(1);
                 if message && imm.is_some() {
                     // Only the engine's control messages carry an immediate.
-                    if imm == Some(CONTROL_IMM) && (self.diagnose || self.introduce || self.staging.is_some()) {
+                    if imm == Some(CONTROL_IMM) && (self.diagnose || self.introduce || self.staging.iter().any(Option::is_some)) {
                         let pool = &self.pools[nic];
                         // SAFETY: as for messages below.
                         let bytes = unsafe {
@@ -1401,7 +1404,8 @@ impl<N: Nic> Worker<N> {
                 }
             }
             Control::Staged(bytes) => {
-                if let Some(tx) = &self.staging {
+                let lane = bytes.get(super::staging::LANE_AT).copied().and_then(super::staging::Lane::from_byte);
+                if let Some(tx) = lane.and_then(|l| self.staging[l as usize].as_ref()) {
                     let _ = tx.send(super::staging::Msg::Control(bytes));
                 }
             }
