@@ -10,6 +10,8 @@ mod imm;
 mod link;
 mod mailbox;
 mod memory;
+#[cfg(test)]
+mod packing_tests;
 mod progress;
 mod reserved;
 pub(crate) mod staging;
@@ -294,12 +296,6 @@ impl EngineBuilder {
     /// takes the first that opens; when none does, the error lists why each
     /// was unavailable.
     pub fn build(mut self) -> Result<TransferEngine> {
-        // TEMP-TUNING
-        if let Ok(v) = std::env::var("STRAIT_TUNE_PACK") {
-            let v: Vec<u64> = v.split(',').map(|x| x.parse().unwrap()).collect();
-            self.pack_below = Some(v[0]);
-            self.packing = StagingConfig { slots: v[1] as usize, slot_size: staging::PACK_SLOT };
-        }
         self.place_for_gpu()?;
         self.check_nics()?;
         match self.provider {
@@ -346,32 +342,40 @@ impl EngineBuilder {
     }
 
     /// Packs strided copies and paged writes between host regions whose
-    /// runs average fewer than `runs_below` bytes (0: never; the default
-    /// is the NICs' own figure: 32 KiB on libfabric tcp, 8 KiB on shm,
-    /// never on verbs and EFA, whose per-operation cost is a few tens of
-    /// nanoseconds). Packed requests are gathered into a staging slot,
-    /// moved as one operation per chunk, and scattered by the target's
-    /// engine before it answers and delivers the immediate: the same
-    /// semantics as a direct transfer, at the cost of two memory copies
-    /// instead of an operation per run (an NHD KV head slice, 1 KiB per
-    /// token, goes from about 0.3 to about 2 GB/s on tcp; see the README).
-    /// A request of fewer than 16 runs always goes direct. A target takes
+    /// runs average fewer than `runs_below` bytes (0: never). The default
+    /// is the NICs' own figure: 64 KiB on libfabric tcp, whose cost is per
+    /// operation (about 14 µs each on a 2-core VM, whatever the size up to
+    /// 32 KiB); never on shm, verbs and EFA.
+    ///
+    /// A packed request moves in chunks of up to 2 MiB: the engine's
+    /// packer gathers each chunk's runs (or writes straight from the
+    /// source, when its runs are back to back there) into a slot the
+    /// target's packer lent it, tells the target, which copies the runs
+    /// into place and answers; the immediate is delivered after the last
+    /// chunk's copy. The semantics are a direct transfer's: the request
+    /// completes once every byte is in the target region. An NHD KV head
+    /// slice (1 KiB per token, TP 2:1) goes from about 0.4 to about 2 GB/s
+    /// on tcp (see the README).
+    ///
+    /// Requests of fewer than 16 runs always go direct. A target takes
     /// packed requests into the regions it registered with remote access
     /// while its own packing was on ([`MrDesc::is_packed`]); requests to
     /// other regions, batches, and requests made on the engine's own
     /// thread before its packer started go direct. The packer's pool is
-    /// [`packing_pool`](Self::packing_pool).
+    /// [`packing_pool`](Self::packing_pool); its counters are
+    /// [`stats`](TransferEngine::stats)' `packed`.
     pub fn packing(mut self, runs_below: u64) -> Self {
         self.pack_below = Some(runs_below);
         self
     }
 
     /// Sizes the packer's pool (see [`packing`](Self::packing)): `slots`
-    /// slots of 1 MiB for this engine's packed requests and as many lent
-    /// to its peers, allocated when the engine first packs or first
-    /// registers a region with remote access. The default is 4 + 4 (8 MiB).
-    /// A packed request moves in chunks of at most a slot, as many at
-    /// once as there are slots (and at most 4 per peer).
+    /// slots of 2 MiB for gathering this engine's packed chunks and as
+    /// many to lend to its peers, allocated (not touched) when the engine
+    /// first packs or first registers a region with remote access. The
+    /// default is 4 + 4 (16 MiB). A peer holds at most 4 of this engine's
+    /// slots at once; a lent slot goes back when its holder has no chunk
+    /// waiting for it, or when another peer waits for a slot.
     pub fn packing_pool(mut self, slots: usize) -> Self {
         self.packing = StagingConfig { slots: slots.max(1), slot_size: staging::PACK_SLOT };
         self
@@ -547,6 +551,7 @@ impl EngineBuilder {
                 staging: self.staging,
                 pack_below,
                 packing: self.packing,
+                packed: Arc::default(),
                 host_device_stand_in: self.host_device_stand_in,
                 request_timeout: self.request_timeout,
                 gpu_pci: self.gpu_pci,
@@ -670,6 +675,7 @@ struct Shared {
     /// Runs shorter than this on average are packed (0: never).
     pack_below: u64,
     packing: StagingConfig,
+    packed: Arc<staging::PackedCounters>,
     host_device_stand_in: bool,
     request_timeout: Option<Duration>,
     /// `for_gpu`'s GPU, by PCI address.
@@ -718,8 +724,8 @@ impl Shared {
 
 /// How long shutdown waits for the worker to stop.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
-/// The packer's default pool: 4 + 4 slots of 1 MiB (a packed chunk is at
-/// most a slot; 1 MiB keeps a chunk's copies short next to its transfer).
+/// The packer's default pool: 4 + 4 slots of 2 MiB (a packed chunk is at
+/// most a slot).
 const DEFAULT_PACKING: StagingConfig = StagingConfig { slots: 4, slot_size: staging::PACK_SLOT };
 /// Requests of fewer runs go direct whatever their size: packing costs a
 /// control message each way per chunk, and the target's copy.
@@ -1146,6 +1152,7 @@ impl TransferEngine {
             staging: config,
             pool: pool.inner.clone(),
             lane,
+            counters: self.shared.packed.clone(),
         };
         drop(pool);
         let stager = staging::Stager::new(cfg, copies, tx.clone(), rx);
@@ -1182,6 +1189,7 @@ impl TransferEngine {
     /// Hands a packed request to the packer.
     fn submit_packed(&self, op: StagedOp) -> Result<Transfer> {
         let packer = self.packer()?;
+        self.shared.packed.requests.fetch_add(1, Ordering::Relaxed);
         let completion = Completion::new(1);
         let guard = PartGuard::new(completion.clone());
         // A failed send drops the guard: the request ends with Shutdown.
@@ -1853,6 +1861,7 @@ impl TransferEngine {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.shared.link.send(Command::Stats { reply: tx })?;
         let mut s = rx.recv().map_err(|_| Error::Shutdown)?;
+        s.packed = self.shared.packed.snapshot();
         let labels = self.shared.labels.lock().unwrap_or_else(|e| e.into_inner());
         for p in &mut s.peers {
             p.label = labels.get(&p.address).cloned();

@@ -146,7 +146,7 @@ const RELEASE: u8 = 7;
 const PUT_HEADER: usize = 3 + 1 + 1 + 1 + 8 + 8 + 1 + 4 + 8 + 2;
 /// The packer's slot (and so lease and chunk) size: fixed, so that every
 /// engine's chunks fit every peer's leases.
-pub(crate) const PACK_SLOT: u64 = 1 << 20;
+pub(crate) const PACK_SLOT: u64 = 2 << 20;
 /// Leases an asker holds at most per owner.
 const MAX_LEASES: usize = 4;
 /// Bytes of one encoded span.
@@ -677,7 +677,10 @@ struct Chunk {
     lease: Option<(EngineAddress, u64)>,
     /// (Asker) It sent a `Lease` and awaits the `Grant`.
     acquiring: bool,
-    /// (Asker) The owner's `Done` left the lease with this engine.
+    /// (Asker) Its lease is in a known state: not written into yet, or
+    /// the owner's `Done` left it with this engine. False from the write
+    /// into it until that `Done`: a chunk that fails in between drops the
+    /// lease (the owner expires it).
     keep: bool,
     /// (Owner) The lease whose slot it copies out of (`slot` is the
     /// lease's, not the chunk's: it goes back to the lease at the end).
@@ -725,6 +728,25 @@ struct Request {
     tail: Option<Chunk>,
 }
 
+/// The host packer's counters (`EngineStats::packed`).
+#[derive(Default)]
+pub(crate) struct PackedCounters {
+    pub requests: std::sync::atomic::AtomicU64,
+    pub chunks: std::sync::atomic::AtomicU64,
+    pub served: std::sync::atomic::AtomicU64,
+}
+
+impl PackedCounters {
+    pub(crate) fn snapshot(&self) -> crate::stats::PackedStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::stats::PackedStats {
+            requests: self.requests.load(Relaxed),
+            chunks: self.chunks.load(Relaxed),
+            served: self.served.load(Relaxed),
+        }
+    }
+}
+
 /// What the stager needs of its engine.
 pub(crate) struct StagerConfig {
     pub link: Arc<Link>,
@@ -738,6 +760,7 @@ pub(crate) struct StagerConfig {
     /// Which stager this is: its messages carry it, and the peer's stager
     /// of the same lane serves them.
     pub lane: Lane,
+    pub counters: Arc<PackedCounters>,
 }
 
 pub(crate) struct Stager {
@@ -1110,7 +1133,8 @@ impl Stager {
                 }
                 Step::Acquire { owner } => self.acquire(id, owner),
                 Step::WriteLeased { src, len } => {
-                    let chunk = self.chunks.get(&id).expect("advancing");
+                    let chunk = self.chunks.get_mut(&id).expect("advancing");
+                    chunk.keep = false;
                     let (owner, lease) = chunk.lease.as_ref().expect("acquired before writing");
                     let held = self.held.get(owner).and_then(|p| p.held.iter().find(|h| h.lease == *lease));
                     let held = held.expect("a chunk's lease is held");
@@ -1130,6 +1154,7 @@ impl Stager {
                 }
                 Step::Commit { owner, key, spans, imm } => {
                     let lease = self.chunks.get(&id).and_then(|c| c.lease.as_ref()).map(|l| l.1).expect("acquired");
+                    self.cfg.counters.chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let (lane, from) = (self.cfg.lane, self.cfg.address.clone());
                     self.ask(owner, Wire::Commit { lane, cookie: id, lease, key, imm, spans, from })
                 }
@@ -1364,7 +1389,12 @@ impl Stager {
                     }
                 };
                 let keep = match leased {
-                    Some((lease, _)) => self.lease_back(lease, result.is_ok()),
+                    Some((lease, _)) => {
+                        if result.is_ok() {
+                            self.cfg.counters.served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        self.lease_back(lease, result.is_ok())
+                    }
                     None => false,
                 };
                 if let Some((to, cookie)) = chunk.reply {
@@ -1379,7 +1409,7 @@ impl Stager {
                     }
                 }
                 if let Some((owner, lease)) = &chunk.lease {
-                    self.lease_done(owner, *lease, chunk.keep && result.is_ok());
+                    self.lease_done(owner, *lease, chunk.keep);
                 }
                 let Some(r) = self.requests.get_mut(&chunk.request) else { return };
                 if let Err(e) = result {
@@ -1427,10 +1457,11 @@ impl Stager {
         let _ = self.cfg.link.send(Command::SendControl { to, bytes: wire.encode() });
     }
 
-    /// (Owner) A committed chunk has been copied out of `lease` (`ok`) or
-    /// failed: the lease stays lent (true) unless it failed or other
-    /// peers' requests wait for a slot, when the slot comes back (or,
-    /// after a failure, is kept out of use for two timeouts).
+    /// (Owner) A committed chunk is done with `lease`: copied out or
+    /// refused (`ok`), or failed. The lease stays lent (true) unless it
+    /// failed or other peers' requests wait for a slot, when the slot
+    /// comes back (or, after a failure, is kept out of use for two
+    /// timeouts).
     fn lease_back(&mut self, lease: u64, ok: bool) -> bool {
         let Some(l) = self.lent.get_mut(&lease) else { return false };
         l.busy = false;
@@ -1509,9 +1540,10 @@ impl Stager {
                 let region = match served {
                     Ok(r) => r,
                     Err(status) => {
-                        // The lease ends: its slot may hold the refused bytes.
-                        self.lease_back(lease, false);
-                        return self.answer(from, cookie, status, false);
+                        // Refused: the slot is as good as before (the asker's
+                        // write into it had completed), so the lease stands.
+                        let keep = self.lease_back(lease, true);
+                        return self.answer(from, cookie, status, keep);
                     }
                 };
                 let spans: Arc<[Span]> = spans.into();
@@ -1781,21 +1813,42 @@ mod tests {
                 spans: vec![span(3, 4, 1, 4), span(100, 7, 16, 2048)],
                 pool: pool.clone(),
             },
-            Wire::Get { lane: h, cookie: 7, key: 8, slot: 11, spans: vec![span(9, 10, 1, 10), span(40, 2, 3, 9)], pool },
-            Wire::Done { lane: d, cookie: 12, status: REFUSED, from: address() },
+            Wire::Get { lane: h, cookie: 7, key: 8, slot: 11, spans: vec![span(9, 10, 1, 10), span(40, 2, 3, 9)], pool: pool.clone() },
+            Wire::Done { lane: d, cookie: 12, status: REFUSED, keep: false, from: address() },
+            Wire::Done { lane: h, cookie: 12, status: OK, keep: true, from: address() },
+            Wire::Lease { lane: h, cookie: 13, from: address() },
+            Wire::Grant { lane: h, cookie: 13, lease: 14, slot: 2 << 20, len: 2 << 20, pool },
+            Wire::Commit {
+                lane: h,
+                cookie: 15,
+                lease: 14,
+                key: 2,
+                imm: Some(7),
+                spans: vec![span(100, 1024, 16, 2048)],
+                from: address(),
+            },
+            Wire::Commit { lane: h, cookie: 15, lease: 14, key: 2, imm: None, spans: vec![], from: address() },
+            Wire::Release { lane: h, lease: 14, from: address() },
         ];
         for m in messages {
             let bytes = m.encode();
-            assert_eq!(Lane::from_byte(bytes[LANE_AT]), Some(match &m {
-                Wire::Put { lane, .. } | Wire::Get { lane, .. } | Wire::Done { lane, .. } => *lane,
-            }));
+            let lane = match &m {
+                Wire::Put { lane, .. }
+                | Wire::Get { lane, .. }
+                | Wire::Done { lane, .. }
+                | Wire::Lease { lane, .. }
+                | Wire::Grant { lane, .. }
+                | Wire::Commit { lane, .. }
+                | Wire::Release { lane, .. } => *lane,
+            };
+            assert_eq!(Lane::from_byte(bytes[LANE_AT]), Some(lane));
             assert_eq!(Wire::decode(&bytes).unwrap(), m);
         }
     }
 
     #[test]
     fn malformed_messages_are_refused() {
-        let done = Wire::Done { lane: Lane::Host, cookie: 12, status: OK, from: address() }.encode();
+        let done = Wire::Done { lane: Lane::Host, cookie: 12, status: OK, keep: true, from: address() }.encode();
         for cut in 0..done.len() {
             assert!(Wire::decode(&done[..cut]).is_err(), "cut at {cut}");
         }
@@ -1803,13 +1856,24 @@ mod tests {
         bad[14] = 9; // the status
         assert!(Wire::decode(&bad).is_err());
         let mut bad = done.clone();
+        bad[15] = 2; // keep
+        assert!(Wire::decode(&bad).is_err());
+        let mut bad = done.clone();
         bad[LANE_AT] = 2;
         assert!(Wire::decode(&bad).is_err());
+        let mut bad = done.clone();
+        bad[LANE_AT + 1] = 99; // kind
+        assert!(Wire::decode(&bad).is_err());
+        // Grants of nothing, or past the largest chunk.
+        let pool = MrDesc::new(address(), 0, 1 << 20, crate::Access::REMOTE_READ_WRITE, vec![9]);
+        for (slot, len) in [(0, 0), (0, MAX_CHUNK + 1), (u64::MAX, 2)] {
+            let grant = Wire::Grant { lane: Lane::Host, cookie: 1, lease: 2, slot, len, pool: pool.clone() };
+            assert!(Wire::decode(&grant.encode()).is_err(), "a grant of {len} at {slot}");
+        }
         let mut trailing = done;
         trailing.push(0);
         assert!(Wire::decode(&trailing).is_err());
         // Spans without bytes, overflowing, or past the chunk limit.
-        let pool = MrDesc::new(address(), 0, 1 << 20, crate::Access::REMOTE_READ_WRITE, vec![9]);
         for span in [
             Span { offset: 0, row_len: 0, rows: 1, stride: 0 },
             Span { offset: 0, row_len: 1, rows: 0, stride: 0 },

@@ -267,6 +267,20 @@ pub struct EngineStats {
     pub latency: Latency,
     /// Receive buffers posted (for two-sided messages) per NIC.
     pub receive_buffers: usize,
+    /// Packed transfers (see `EngineBuilder::packing`).
+    pub packed: PackedStats,
+}
+
+/// Packed transfers of short runs (see `EngineBuilder::packing`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PackedStats {
+    /// This engine's requests that went packed.
+    pub requests: u64,
+    /// Chunks of them committed to peers (each one write of up to a
+    /// packer slot, and a copy at the peer).
+    pub chunks: u64,
+    /// Chunks this engine copied into its regions for peers.
+    pub served: u64,
 }
 
 impl EngineStats {
@@ -279,7 +293,9 @@ impl EngineStats {
     /// address): `{p}_peer_bytes_posted_total`,
     /// `{p}_peer_requests_total{outcome}`, `{p}_peer_in_flight`,
     /// `{p}_peer_oldest_in_flight_seconds`, `{p}_peer_expired_total`,
-    /// `{p}_peer_errors_total{kind}`; `{p}_in_flight`, and
+    /// `{p}_peer_errors_total{kind}`; `{p}_in_flight`,
+    /// `{p}_packed_requests_total`, `{p}_packed_chunks_total{role}`
+    /// (`asker`: committed to peers, `owner`: served for them), and
     /// `{p}_request_seconds{kind}` (a summary: quantiles 0.5, 0.9, 0.99,
     /// sum and count).
     pub fn prometheus(&self, prefix: &str) -> String {
@@ -288,6 +304,11 @@ impl EngineStats {
         let help = |s: &mut String, name: &str, kind: &str, text: &str| {
             let _ = writeln!(s, "# HELP {p}_{name} {text}\n# TYPE {p}_{name} {kind}");
         };
+        help(&mut s, "packed_requests_total", "counter", "Requests moved packed (short runs gathered, copied in by the target).");
+        let _ = writeln!(s, "{p}_packed_requests_total {}", self.packed.requests);
+        help(&mut s, "packed_chunks_total", "counter", "Packed chunks, committed to peers (asker) or served for them (owner).");
+        let _ = writeln!(s, "{p}_packed_chunks_total{{role=\"asker\"}} {}", self.packed.chunks);
+        let _ = writeln!(s, "{p}_packed_chunks_total{{role=\"owner\"}} {}", self.packed.served);
         help(&mut s, "ops_posted_total", "counter", "Operations posted, by NIC and kind.");
         for (i, n) in self.nics.iter().enumerate() {
             for (kind, v) in [("write", n.posted.writes), ("read", n.posted.reads), ("send", n.posted.sends)] {
@@ -427,6 +448,10 @@ impl EngineStats {
                 us(p.oldest_in_flight),
                 p.expired
             );
+        }
+        let pk = &self.packed;
+        if pk.requests + pk.served > 0 {
+            let _ = writeln!(s, "packed: {} requests, {} chunks sent, {} served", pk.requests, pk.chunks, pk.served);
         }
         for (kind, h) in self.latency.kinds() {
             if h.count() > 0 {

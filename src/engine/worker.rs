@@ -774,6 +774,7 @@ impl<N: Nic> Worker<N> {
             oldest_in_flight: oldest,
             latency: self.latency.clone(),
             receive_buffers: self.recv.count,
+            packed: Default::default(),
         }
     }
 

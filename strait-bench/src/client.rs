@@ -300,15 +300,22 @@ impl Client {
             if spec.layerwise { "layer-wise" } else { "whole" }
         );
         self.progress(&format!("kv {label}: setting up"));
-        let (mut kv, senders) = crate::kv::KvClient::new(&self.engine, spec.clone())?;
-        self.ch.send(&Msg::KvSetup { spec: spec.clone(), senders })?;
-        let decoders = self.ch.expect("KV ready", |m| match m {
-            Msg::KvReady { decoders } => Some(decoders),
-            _ => None,
-        })?;
-        kv.set_decoders(&decoders)?;
+        let kv = self.kv_setup(0, &spec)?;
         let bytes = kv.bytes()?;
-        let mut runs: [Vec<Row>; 3] = Default::default();
+        // Heterogeneous TP: the same bytes moved by a same-TP (1:1) push,
+        // the figure the split is measured against.
+        let same_tp = if spec.prefill_tp != 1 || spec.decode_tp != 1 {
+            self.progress(&format!("kv {label}: setting up the same-TP baseline"));
+            let same = crate::kv::KvSpec { prefill_tp: 1, decode_tp: 1, ..spec.clone() };
+            let kv = self.kv_setup(1, &same)?;
+            if kv.bytes()? != bytes {
+                return Err(format!("the same-TP baseline moves {} bytes, not {bytes}", kv.bytes()?));
+            }
+            Some(kv)
+        } else {
+            None
+        };
+        let mut runs: [Vec<Row>; 4] = Default::default();
         let kv_row = |driver: &str, r: crate::kv::KvRun| {
             let mut row = row(Workload::Kv, driver, bytes, None, 1, r.seconds);
             row.label = Some(label.clone());
@@ -320,28 +327,26 @@ impl Client {
         // One unmeasured round first: connections and first touches.
         for measured in std::iter::once(false).chain(std::iter::repeat_n(true, self.plan.repeat as usize)) {
             self.progress(&format!("kv {label}: strait"));
-            self.ch.send(&Msg::KvExpect)?;
-            let requests = self.ch.expect("KV requests", |m| match m {
-                Msg::KvRequests { requests } => Some(requests),
-                _ => None,
-            })?;
-            let run = kv.strait(&requests)?;
-            self.ch.send(&Msg::KvWait)?;
-            if let Some(e) = self.ch.expect("KV done", |m| match m {
-                Msg::KvDone { error } => Some(error),
-                _ => None,
-            })? {
-                return Err(format!("the decoder's request failed: {e}"));
-            }
+            let run = self.kv_push(0, &kv)?;
             self.progress(&format!("kv {label}: contiguous"));
             let contiguous = kv.contiguous()?;
             self.progress(&format!("kv {label}: per-block"));
             let per_block = kv.per_block()?;
+            let same = match &same_tp {
+                Some(same) => {
+                    self.progress(&format!("kv {label}: same-TP"));
+                    Some(self.kv_push(1, same)?)
+                }
+                None => None,
+            };
             if measured {
                 runs[0].push(kv_row(STRAIT, run));
                 runs[1].push(kv_row("contiguous", contiguous));
                 if let Some(p) = per_block {
                     runs[2].push(kv_row("per-block", p));
+                }
+                if let Some(s) = same {
+                    runs[3].push(kv_row("same-TP", s));
                 }
             }
         }
@@ -349,6 +354,37 @@ impl Client {
             self.rows.push(median(r));
         }
         Ok(())
+    }
+
+    /// Builds KV setup number `setup` for `spec` on both ends.
+    fn kv_setup(&mut self, setup: usize, spec: &crate::kv::KvSpec) -> Result<crate::kv::KvClient, String> {
+        let (mut kv, senders) = crate::kv::KvClient::new(&self.engine, spec.clone())?;
+        self.ch.send(&Msg::KvSetup { setup, spec: spec.clone(), senders })?;
+        let decoders = self.ch.expect("KV ready", |m| match m {
+            Msg::KvReady { decoders } => Some(decoders),
+            _ => None,
+        })?;
+        kv.set_decoders(&decoders)?;
+        Ok(kv)
+    }
+
+    /// One request of setup `setup`, pushed by strait and waited for on
+    /// both ends.
+    fn kv_push(&mut self, setup: usize, kv: &crate::kv::KvClient) -> Result<crate::kv::KvRun, String> {
+        self.ch.send(&Msg::KvExpect { setup })?;
+        let requests = self.ch.expect("KV requests", |m| match m {
+            Msg::KvRequests { requests } => Some(requests),
+            _ => None,
+        })?;
+        let run = kv.strait(&requests)?;
+        self.ch.send(&Msg::KvWait { setup })?;
+        if let Some(e) = self.ch.expect("KV done", |m| match m {
+            Msg::KvDone { error } => Some(error),
+            _ => None,
+        })? {
+            return Err(format!("the decoder's request failed: {e}"));
+        }
+        Ok(run)
     }
 
     /// First contact on every path (connection set-up on tcp takes many

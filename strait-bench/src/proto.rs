@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes.
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 
 /// The raw baseline's endpoints and target buffer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -75,17 +75,19 @@ pub enum Msg {
     TcpPort { port: u16 },
     /// Server -> client: bytes received on all streams, once all closed.
     TcpCount { bytes: u64 },
-    /// Client -> server: build the decode ranks' KV caches for `spec`; the
+    /// Client -> server: build the decode ranks' KV caches for `spec` (as
+    /// setup number `setup`: 0, then 1 for the same-TP baseline); the
     /// prefill ranks' cache descriptors (hex).
-    KvSetup { spec: crate::kv::KvSpec, senders: Vec<String> },
+    KvSetup { setup: usize, spec: crate::kv::KvSpec, senders: Vec<String> },
     /// Server -> client: the decode ranks' cache descriptors (hex).
     KvReady { decoders: Vec<String> },
-    /// Client -> server: expect one request on every decode rank.
-    KvExpect,
+    /// Client -> server: expect one request on every decode rank of setup
+    /// `setup`.
+    KvExpect { setup: usize },
     /// Server -> client: the requests (hex), one per decode rank.
     KvRequests { requests: Vec<String> },
-    /// Client -> server: wait for the requests' outcomes.
-    KvWait,
+    /// Client -> server: wait for setup `setup`'s requests' outcomes.
+    KvWait { setup: usize },
     /// Server -> client: every decode rank's outcome.
     KvDone { error: Option<String> },
     /// Client -> server: the results, for the server to print.

@@ -97,7 +97,8 @@ struct Session<'a> {
     client_desc: MrDesc,
     region: strait::MemoryRegion,
     raw: Option<RawEnd>,
-    kv: Option<crate::kv::KvServer>,
+    /// KV setups, by number.
+    kv: Vec<crate::kv::KvServer>,
     quiet: bool,
 }
 
@@ -152,7 +153,7 @@ impl<'a> Session<'a> {
             nics: engine.nic_count(),
             provider: engine.provider().to_string(),
         })?;
-        Ok(Session { engine, ch, local_ip, client_engine, client_desc, region, raw, kv: None, quiet })
+        Ok(Session { engine, ch, local_ip, client_engine, client_desc, region, raw, kv: Vec::new(), quiet })
     }
 
     /// Waits for the next message, keeping the raw endpoints progressing
@@ -218,22 +219,23 @@ impl<'a> Session<'a> {
                 self.ch.send(&Msg::Echoed)?;
             }
             Msg::TcpListen { streams } => self.tcp(streams)?,
-            Msg::KvSetup { spec, senders } => match crate::kv::KvServer::setup(self.engine, spec, &senders) {
+            Msg::KvSetup { setup, spec, senders } => match crate::kv::KvServer::setup(self.engine, spec, &senders) {
                 Ok((kv, reply)) => {
-                    self.kv = Some(kv);
+                    self.kv.truncate(setup);
+                    self.kv.push(kv);
                     self.ch.send(&reply)?;
                 }
                 Err(message) => self.ch.send(&Msg::Error { message })?,
             },
-            Msg::KvExpect => {
-                let reply = match self.kv.as_mut() {
+            Msg::KvExpect { setup } => {
+                let reply = match self.kv.get_mut(setup) {
                     Some(kv) => kv.expect().unwrap_or_else(|message| Msg::Error { message }),
                     None => Msg::Error { message: "no KV setup".into() },
                 };
                 self.ch.send(&reply)?;
             }
-            Msg::KvWait => {
-                let reply = match self.kv.as_mut() {
+            Msg::KvWait { setup } => {
+                let reply = match self.kv.get_mut(setup) {
                     Some(kv) => kv.wait(),
                     None => Msg::Error { message: "no KV setup".into() },
                 };
