@@ -472,6 +472,12 @@ typedef struct strait_stats_summary {
   struct strait_latency send;
   // Immediate counters at this engine: from arming to the count reached.
   struct strait_latency imm;
+  // Requests this engine moved packed (see `strait_builder_set_packing`).
+  uint64_t packed_requests;
+  // Chunks of them committed to peers.
+  uint64_t packed_chunks;
+  // Chunks this engine copied into its regions for peers.
+  uint64_t packed_served;
 } strait_stats_summary;
 
 // Operations by kind.
@@ -590,6 +596,14 @@ enum strait_status strait_builder_set_efa_fabric(struct strait_builder *builder,
 // machine has no such GPU.
 enum strait_status strait_builder_set_gpu(struct strait_builder *builder,
                                           uint32_t gpu);
+
+// Packs strided copies and paged writes whose runs average fewer than
+// `runs_below` bytes (0: never): their runs are gathered and moved in
+// chunks of 2 MiB, and the target copies them into place before it
+// answers. Without this call, the provider's figure: 64 KiB on tcp
+// (whose cost is per operation), never elsewhere.
+enum strait_status strait_builder_set_packing(struct strait_builder *builder,
+                                              uint64_t runs_below);
 
 // Busy polling: the worker never sleeps (lowest latency, one core).
 enum strait_status strait_builder_set_poll_busy(struct strait_builder *builder);

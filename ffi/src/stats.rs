@@ -143,6 +143,12 @@ pub struct strait_stats_summary {
     pub send: strait_latency,
     /// Immediate counters at this engine: from arming to the count reached.
     pub imm: strait_latency,
+    /// Requests this engine moved packed (see `strait_builder_set_packing`).
+    pub packed_requests: u64,
+    /// Chunks of them committed to peers.
+    pub packed_chunks: u64,
+    /// Chunks this engine copied into its regions for peers.
+    pub packed_served: u64,
 }
 
 /// A snapshot of an engine's counters. Immutable, thread-safe.
@@ -193,6 +199,9 @@ pub unsafe extern "C" fn strait_stats_get_summary(
             read: latency(&s.latency.read),
             send: latency(&s.latency.send),
             imm: latency(&s.latency.imm),
+            packed_requests: s.packed.requests,
+            packed_chunks: s.packed.chunks,
+            packed_served: s.packed.served,
         };
         // SAFETY: header contract.
         unsafe { put(out, summary, "out") }

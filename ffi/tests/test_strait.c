@@ -392,6 +392,22 @@ static void test_paged_and_strided(strait_engine *a, strait_engine *b) {
     wait_ok(t);
     for (int r = 0; r < 32; r++) CHECK(memcmp(k + r * 512, s + 512 + r * 1024, 256) == 0);
 
+    /* On tcp both strided requests (32 short rows each) went packed, and
+     * the peer copied the write's rows in; shm never packs. */
+    strait_stats *st = NULL;
+    struct strait_stats_summary sa, sb;
+    OK(strait_engine_stats(a, &st));
+    OK(strait_stats_get_summary(st, &sa));
+    OK(strait_stats_destroy(st));
+    OK(strait_engine_stats(b, &st));
+    OK(strait_stats_get_summary(st, &sb));
+    OK(strait_stats_destroy(st));
+    if (provider == STRAIT_PROVIDER_TCP) {
+        CHECK(sa.packed_requests == 2 && sa.packed_chunks == 1 && sb.packed_served == 1);
+    } else {
+        CHECK(sa.packed_requests == 0 && sb.packed_served == 0);
+    }
+
     /* Overlapping destinations are refused when the list is made. */
     struct strait_strided overlap[2] = {{0, 0, 1, 100, 100, 100}, {200, 50, 1, 100, 100, 100}};
     strait_copy_list *none = NULL;

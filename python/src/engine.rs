@@ -364,7 +364,11 @@ impl ScatterTarget {
 /// (the default: the provider's RDM protocol) or ``"efa-direct"``
 /// (libfabric 2.1+; sends limited to the device's MTU); every engine of a
 /// job must open the same one. ``gpu=n`` uses the RDMA NICs nearest to GPU
-/// ``n`` (PCI order; ``strait.gpu_nic_map()`` shows them).
+/// ``n`` (PCI order; ``strait.gpu_nic_map()`` shows them). ``packing``:
+/// strided copies and paged writes whose runs average fewer bytes than
+/// this are packed (gathered, moved in 2 MiB chunks, copied in by the
+/// target; ``0``: never; ``None``: the provider's figure, 64 KiB on tcp,
+/// never elsewhere).
 ///
 /// Use it as a context manager, or call ``shutdown()``: requests in flight
 /// then end with ``strait.ShutdownError``. Every method releases the GIL
@@ -442,7 +446,7 @@ impl TransferEngine {
     #[pyo3(signature = (
         provider="auto", nics=1, *, interface=None, poll="adaptive", spin_us=50, pin_worker=None,
         receive_buffers=None, on_message=None, unclaimed_imm=None, request_timeout=10.0,
-        verbs_devices=None, verbs_port=1, verbs_gid_index=None, efa_fabric="efa", gpu=None
+        verbs_devices=None, verbs_port=1, verbs_gid_index=None, efa_fabric="efa", gpu=None, packing=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -462,6 +466,7 @@ impl TransferEngine {
         verbs_gid_index: Option<u8>,
         efa_fabric: &str,
         gpu: Option<usize>,
+        packing: Option<u64>,
     ) -> PyResult<Self> {
         let request_timeout = crate::handles::parse_timeout(py, request_timeout)?;
         let provider = match provider {
@@ -503,6 +508,9 @@ impl TransferEngine {
         }
         if let Some(gpu) = gpu {
             builder = builder.for_gpu(gpu);
+        }
+        if let Some(bytes) = packing {
+            builder = builder.packing(bytes);
         }
         let mut verbs = strait::VerbsConfig::default();
         verbs.devices = verbs_devices.unwrap_or_default();

@@ -78,5 +78,10 @@ pub fn to_dict<'py>(py: Python<'py>, s: &EngineStats) -> PyResult<Bound<'py, PyD
     }
     d.set_item("latency", lat)?;
     d.set_item("receive_buffers", s.receive_buffers)?;
+    let packed = PyDict::new(py);
+    packed.set_item("requests", s.packed.requests)?;
+    packed.set_item("chunks", s.packed.chunks)?;
+    packed.set_item("served", s.packed.served)?;
+    d.set_item("packed", packed)?;
     Ok(d)
 }

@@ -115,6 +115,7 @@ class TransferEngine:
         verbs_gid_index: Optional[int] = None,
         efa_fabric: str = "efa",
         gpu: Optional[int] = None,
+        packing: Optional[int] = None,
     ) -> None: ...
     @property
     def address(self) -> bytes: ...

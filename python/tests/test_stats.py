@@ -43,3 +43,28 @@ def test_stats_count_a_known_workload(provider):
             pass
         else:
             raise AssertionError("an unknown format was accepted")
+
+
+def test_short_pages_are_packed_on_tcp_and_counted():
+    """tcp packs writes of short runs (here 64 pages of 1 KiB) by default;
+    ``packing=0`` turns it off on the target, whose regions then take
+    direct writes. Bytes are exact either way."""
+    page, pages = 1024, 64
+    data = np.random.default_rng(5).integers(0, 256, page * pages, dtype=np.uint8)
+    src_pages = list(range(0, pages, 2))
+    dst_pages = [pages - 1 - p for p in src_pages]
+    for target_packing, packed in [(None, 1), (0, 0)]:
+        with engine("tcp") as a, engine("tcp", packing=target_packing) as b:
+            src = a.register(data.copy())
+            out = np.zeros(page * pages, dtype=np.uint8)
+            dst = b.register(out, remote="write")
+            arrived = b.expect_imm(12, 1)
+            a.write_paged(src, dst.descriptor, src_pages, dst_pages, page_size=page, imm=12).wait(TIMEOUT)
+            arrived.wait(TIMEOUT)
+            for s, d in zip(src_pages, dst_pages):
+                assert (out[d * page:(d + 1) * page] == data[s * page:(s + 1) * page]).all()
+            assert a.stats()["packed"]["requests"] == packed
+            assert b.stats()["packed"]["served"] == a.stats()["packed"]["chunks"]
+            assert ("packed: 1 requests" in a.stats_text()) == bool(packed)
+            prom = a.stats_text("prometheus", prefix="app")
+            assert f"app_packed_requests_total {packed}" in prom

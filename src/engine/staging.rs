@@ -13,18 +13,16 @@
 //!   that touch device memory go through the engine's *device stager*: a
 //!   thread of its own, started with the engine's first device region or
 //!   first request to a peer's staged region.
-//! * **Packed host memory.** libfabric `tcp` and `shm` carry RMA in
-//!   software: every operation costs system calls and wake-ups on both
-//!   sides (on this project's 2-core VM about 14 µs per tcp operation
-//!   whatever its size up to 32 KiB, against 0.1 µs to copy a KiB). A
-//!   strided copy list or paged write whose runs average fewer bytes than
-//!   the NICs' `Nic::pack_runs_below` (an NHD head slice of a KV block:
-//!   1 KiB per token) is packed instead: the *host packer*, a second
-//!   stager with its own pool and no CUDA, gathers the runs into a slot,
-//!   the target's host packer reads the slot in one operation and
-//!   scatters it, and only then answers. Targets opt in: a host region
-//!   registered with remote access on such an engine is served by its
-//!   packer, and its descriptor says so ([`MrDesc::is_packed`]); other
+//! * **Packed host memory.** libfabric `tcp` carries RMA in software:
+//!   every operation costs system calls and wake-ups on both sides (on
+//!   this project's 2-core VM about 14 µs per operation whatever its size
+//!   up to 32 KiB, against 0.1 µs to copy a KiB). A strided copy list or
+//!   paged write whose runs average fewer bytes than the NICs'
+//!   `Nic::pack_runs_below` (an NHD head slice of a KV block: 1 KiB per
+//!   token) is packed instead, by the *host packer*: a second stager, with
+//!   its own pool of 2 MiB slots and no CUDA. Targets opt in: a host
+//!   region registered with remote access on such an engine is served by
+//!   its packer, and its descriptor says so ([`MrDesc::is_packed`]); other
 //!   descriptors get direct operations. Requests made on the worker
 //!   thread before the packer runs go direct too.
 //!
@@ -39,10 +37,10 @@
 //!
 //! * write from device memory to host memory: device -> slot (copy
 //!   engine), then an RDMA write from the slot;
-//! * write into a peer's staged (or packed) region: (local device or host)
-//!   -> slot, then a control message `Put` to the owner, whose stager reads
-//!   the slot into one of its own, copies it into the region, and answers
-//!   `Done`;
+//! * write into a peer's staged region: (local device or host) -> slot,
+//!   then a control message `Put` to the owner, whose stager reads the
+//!   slot into one of its own, copies it into the region, and answers
+//!   `Done` (a packed region: see *Packed writes* below);
 //! * read of a peer's staged (or packed) region: a control message `Get`;
 //!   the owner copies the range into its slot, writes it into the asker's
 //!   slot, and answers `Done`; the asker copies the slot to its
@@ -55,6 +53,31 @@
 //! Copies between host memory and a slot are made on the stager's thread
 //! (one pass over the chunk's rows); copies that touch device memory go to
 //! the copy engine (CUDA streams), one per contiguous run.
+//!
+//! # Packed writes: leases
+//! A packed write must not wait a round trip per chunk (on tcp every
+//! control message also queues behind the data in flight on the same
+//! connection), so the host packer writes into slots the target *lends*:
+//!
+//! * the asker asks a target for a slot (`Lease`), at most 4 per target;
+//!   the target answers with one of its serving slots (`Grant`) when it
+//!   has one free;
+//! * per chunk: the asker writes the chunk's rows into a lent slot, from
+//!   its own slot after gathering them there, or straight from the source
+//!   region when they lie back to back in it (a KV head slice is
+//!   contiguous in the sender's own cache); then `Commit` names the rows'
+//!   places (spans) and the immediate; the target copies them in,
+//!   delivers the immediate, and answers `Done`;
+//! * `Done` says whether the lease stays with the asker (unless another
+//!   peer waits for a slot): the asker's next chunk for that target writes
+//!   into it at once; a lease nothing waits for goes back (`Release`).
+//!
+//! A chunk that fails between its write and the `Done` drops its lease;
+//! the target takes back a lease unused for a request timeout, and keeps
+//! its slot out of use for two more (a late write cannot reach a slot
+//! that serves someone else). A refused `Commit` (a dropped region, a
+//! range outside it) keeps the lease: the asker's write into it had
+//! completed. Packed reads use `Get`, as staged reads do.
 //!
 //! # Guarantees
 //! * A write into a peer's staged or packed region completes at the writer
@@ -78,19 +101,31 @@
 //!
 //! # Encoding (version 2)
 //! `"STS" 2`, lane (u8: 0 the device stagers, 1 the host packers), kind,
-//! cookie (u64 LE, the asker's chunk), then
-//! * Put (1): key (u64 LE), has-immediate (u8), immediate (u32 LE), the
-//!   asker's slot offset (u64 LE), span count (u16 LE, 0 for an immediate
-//!   alone), then per span the destination offset, row length, rows and
-//!   row stride (u64 LE each; the spans' rows lie one after another in
-//!   the asker's slot), then the asker's pool descriptor ([`MrDesc`]
-//!   encoding) to the end.
+//! cookie (u64 LE: the asker's chunk, except in `Release`), then
+//! * Put (1, device lane): key (u64 LE), has-immediate (u8), immediate
+//!   (u32 LE), the asker's slot offset (u64 LE), span count (u16 LE, 0
+//!   for an immediate alone), then per span the destination offset, row
+//!   length, rows and row stride (u64 LE each; the spans' rows lie one
+//!   after another in the asker's slot), then the asker's pool descriptor
+//!   ([`MrDesc`] encoding) to the end.
 //! * Get (2): key (u64 LE), the asker's slot offset (u64 LE), span count
 //!   (u16 LE, at least 1), per span the source offset, row length, rows
 //!   and stride (packed one after another into the asker's slot), then
 //!   the asker's pool descriptor to the end.
 //! * Done (3): status (u8: 0 done, 1 no such region, 2 access or range
-//!   refused, 3 failed), then the answering engine's address.
+//!   refused, 3 failed), keep (u8: 1 the lease stays the asker's), then
+//!   the answering engine's address.
+//! * Lease (4, host lane): the asker's address.
+//! * Grant (5): lease (u64 LE), slot offset and length in the target's
+//!   pool (u64 LE each), then the target's pool descriptor.
+//! * Commit (6): lease, key (u64 LE each), has-immediate, immediate, span
+//!   count and spans as in Put (destination side, the rows one after
+//!   another from the lent slot's start), then the asker's address.
+//! * Release (7): the cookie is the lease; then the asker's address.
+//!
+//! Spans are checked when decoded (each at least one row of at least one
+//! byte, none overflowing, at most [`MAX_CHUNK`] bytes in all) and against
+//! the region before any byte is copied.
 //!
 //! Paged writes ([`TransferEngine::write_paged`]) and strided copy lists
 //! (`write_copies`, `read_copies`: the KV, MoE and weights primitives) are

@@ -92,6 +92,7 @@ pub fn node_options(base: &EngineOptions, nics: usize) -> EngineOptions {
         efa_fabric: Default::default(),
         gpu: None,
         poll: base.poll,
+        pack_below: base.pack_below,
     }
 }
 

@@ -1,11 +1,15 @@
 //! The `kv` workload: one prefill instance (the client, TP `P` ranks)
 //! pushes a request's KV cache into one decode instance (the server, TP
-//! `D` ranks), layer by layer or whole, with real model shapes. Two
-//! baselines run in the same invocation on the same bytes: `contiguous`,
-//! each (layer, sender, decoder) share as one contiguous write (the
-//! ceiling: no layout, no scattering), and `per-block`, one engine request
-//! per (layer, K/V, block), the descriptor-per-block pattern of today's
-//! connectors (same-TP runs only, where a block's K or V is contiguous).
+//! `D` ranks), layer by layer or whole, with real model shapes. Baselines
+//! run in the same invocation on the same bytes: `contiguous`, each
+//! (layer, sender, decoder) share as one contiguous write (the ceiling: no
+//! layout, no scattering); `per-block`, one engine request per (layer,
+//! K/V, block), the descriptor-per-block pattern of today's connectors
+//! (same-TP runs only, where a block's K or V is contiguous); and, for a
+//! TP split (`P != D`) that moves the same bytes as TP 1:1 (heads split,
+//! not replicated), `same-TP`: strait's own push of the same request
+//! between one prefill and one decode rank, the transfer the split is
+//! measured against.
 
 use std::time::{Duration, Instant};
 

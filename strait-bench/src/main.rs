@@ -165,6 +165,11 @@ struct EngineArgs {
     /// piece of work before sleeping.
     #[arg(long, default_value_t = 50)]
     spin_us: u64,
+    /// Pack strided copies and paged writes whose runs average fewer
+    /// bytes than this (K, M: binary units; 0: never); the default is the
+    /// provider's (tcp: 64K, others: never). See EngineBuilder::packing.
+    #[arg(long)]
+    pack_below: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -250,11 +255,13 @@ pub struct EngineOptions {
     pub efa_fabric: strait::EfaFabric,
     pub gpu: Option<usize>,
     pub poll: PollMode,
+    pub pack_below: Option<u64>,
 }
 
 impl EngineOptions {
-    fn from_args(a: &EngineArgs) -> Self {
-        EngineOptions {
+    fn from_args(a: &EngineArgs) -> Result<Self, String> {
+        let pack_below = a.pack_below.as_deref().map(crate::units::parse_size).transpose()?;
+        Ok(EngineOptions {
             provider: a.provider,
             nics: a.nics,
             interface: a.interface.clone(),
@@ -264,7 +271,8 @@ impl EngineOptions {
                 Poll::Adaptive => PollMode::Adaptive { spin: Duration::from_micros(a.spin_us) },
                 Poll::Busy => PollMode::Busy,
             },
-        }
+            pack_below,
+        })
     }
 
     /// Builds the engine.
@@ -279,6 +287,9 @@ impl EngineOptions {
         }
         if let Some(i) = &self.interface {
             b = b.interface(i.clone());
+        }
+        if let Some(p) = self.pack_below {
+            b = b.packing(p);
         }
         b.build().map_err(|e| format!("opening the engine: {e}"))
     }
@@ -297,6 +308,9 @@ impl EngineOptions {
         match self.poll {
             PollMode::Busy => v.extend(["--poll".into(), "busy".into()]),
             PollMode::Adaptive { spin } => v.extend(["--spin-us".into(), spin.as_micros().to_string()]),
+        }
+        if let Some(p) = self.pack_below {
+            v.extend(["--pack-below".into(), p.to_string()]);
         }
         v
     }
@@ -396,7 +410,7 @@ pub fn reachable_ip() -> IpAddr {
 }
 
 fn connect(server: &str, engine: &EngineArgs, run: &RunArgs) -> Result<(), String> {
-    let options = EngineOptions::from_args(engine);
+    let options = EngineOptions::from_args(engine)?;
     let plan = run.plan(options.nics)?;
     let report = Client::connect(server, &options, plan)?.run()?;
     run.output(&report)
@@ -405,16 +419,16 @@ fn connect(server: &str, engine: &EngineArgs, run: &RunArgs) -> Result<(), Strin
 /// Starts `serve` as a child process on 127.0.0.1, reads its address line,
 /// and runs the client against it.
 /// Engine options for processes on this machine: tcp stays on `lo`.
-fn loopback_options(engine: &EngineArgs) -> EngineOptions {
-    let mut options = EngineOptions::from_args(engine);
+fn loopback_options(engine: &EngineArgs) -> Result<EngineOptions, String> {
+    let mut options = EngineOptions::from_args(engine)?;
     if options.interface.is_none() && matches!(options.provider, Provider::Auto | Provider::Tcp) {
         options.interface = Some("lo".into());
     }
-    options
+    Ok(options)
 }
 
 fn loopback(engine: &EngineArgs, server_nics: Option<usize>, run: &RunArgs) -> Result<(), String> {
-    let options = loopback_options(engine);
+    let options = loopback_options(engine)?;
     let plan = run.plan(options.nics)?;
     let server_options = EngineOptions { nics: server_nics.unwrap_or(options.nics), ..options.clone() };
     let exe = std::env::current_exe().map_err(|e| format!("finding strait-bench itself: {e}"))?;
@@ -517,17 +531,16 @@ fn info() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Cmd::Serve { engine, bind, port, forever, quiet } => server::serve(
-            &EngineOptions::from_args(engine),
-            &ServeOptions { bind: *bind, port: *port, forever: *forever, quiet: *quiet },
-        ),
+        Cmd::Serve { engine, bind, port, forever, quiet } => EngineOptions::from_args(engine).and_then(|o| {
+            server::serve(&o, &ServeOptions { bind: *bind, port: *port, forever: *forever, quiet: *quiet })
+        }),
         Cmd::Connect { server, engine, run } => connect(server, engine, run),
         Cmd::Loopback { engine, server_nics, run } => loopback(engine, *server_nics, run),
         Cmd::Info => {
             info();
             Ok(())
         }
-        Cmd::Moe { engine, moe } => moe::run(&loopback_options(engine), moe),
+        Cmd::Moe { engine, moe } => loopback_options(engine).and_then(|o| moe::run(&o, moe)),
         Cmd::Cluster { cluster } => cluster::run(
             &EngineOptions {
                 provider: Provider::Tcp,
@@ -536,14 +549,17 @@ fn main() -> ExitCode {
                 efa_fabric: Default::default(),
                 gpu: None,
                 poll: PollMode::default(),
+                pack_below: None,
             },
             cluster,
         ),
-        Cmd::Weights { engine, weights } => weights::run(&loopback_options(engine), weights),
+        Cmd::Weights { engine, weights } => loopback_options(engine).and_then(|o| weights::run(&o, weights)),
         Cmd::WeightsRank { engine, weights, role, rank } => {
-            weights::rank_main(&EngineOptions::from_args(engine), weights, role, *rank)
+            EngineOptions::from_args(engine).and_then(|o| weights::rank_main(&o, weights, role, *rank))
         }
-        Cmd::MoeRank { engine, moe, rank } => moe::rank_main(&EngineOptions::from_args(engine), moe, *rank),
+        Cmd::MoeRank { engine, moe, rank } => {
+            EngineOptions::from_args(engine).and_then(|o| moe::rank_main(&o, moe, *rank))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

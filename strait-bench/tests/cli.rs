@@ -178,8 +178,11 @@ fn kv_workload_with_its_baselines() {
         let rows = v["rows"].as_array().unwrap();
         let drivers: Vec<&str> = rows.iter().filter_map(|r| r["driver"].as_str()).collect();
         assert!(drivers.contains(&"strait") && drivers.contains(&"contiguous"), "{drivers:?}");
-        // The per-block baseline runs where a block's K or V is contiguous (same TP).
+        // The per-block baseline runs where a block's K or V is contiguous
+        // (same TP); the same-TP one where a TP split moves the same bytes
+        // (not MLA's replicated latents).
         assert_eq!(drivers.contains(&"per-block"), extra == ["--layout", "nhd"], "{drivers:?}");
+        assert_eq!(drivers.contains(&"same-TP"), extra == ["--tp", "2:1", "--kv-whole"], "{drivers:?}");
         for r in rows {
             assert!(r["bytes"].as_u64().unwrap() > 0 && r["seconds"].as_f64().unwrap() > 0.0, "{r}");
             assert!(r["cpu_us_per_layer"].as_f64().is_some() && r["label"].as_str().is_some(), "{r}");
