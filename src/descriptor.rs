@@ -171,7 +171,13 @@ impl MrDesc {
         let mut out = Vec::with_capacity(4 + 1 + 16 + owner.len() + 8 * self.inner.keys.len());
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
-        let mode = if self.inner.staged { FLAG_STAGED } else if self.inner.packed { FLAG_PACKED } else { 0 };
+        let mode = if self.inner.staged {
+            FLAG_STAGED
+        } else if self.inner.packed {
+            FLAG_PACKED
+        } else {
+            0
+        };
         out.push(self.inner.access.flags() | mode);
         out.extend_from_slice(&self.inner.base.to_le_bytes());
         out.extend_from_slice(&self.inner.len.to_le_bytes());

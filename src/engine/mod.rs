@@ -477,8 +477,7 @@ impl EngineBuilder {
         let max_piece = nics.iter().map(|n| n.max_piece()).min().unwrap_or(u64::MAX).max(1);
         let max_send = nics.iter().map(|n| n.max_message()).min().unwrap_or(u64::MAX);
         let direct_device = nics.iter().all(|n| n.device_memory());
-        let pack_below =
-            self.pack_below.unwrap_or_else(|| nics.iter().map(|n| n.pack_runs_below()).min().unwrap_or(0));
+        let pack_below = self.pack_below.unwrap_or_else(|| nics.iter().map(|n| n.pack_runs_below()).min().unwrap_or(0));
         if nics.iter().any(|n| n.needs_introduction()) && self.recv.size < access::MAX_QUERY {
             // A peer's hello must fit this engine's receive buffers.
             return Err(Error::InvalidRequest(format!(
@@ -1608,7 +1607,8 @@ impl TransferEngine {
         // The plan's checks (extents inside both regions), not its pieces.
         StridedPlan::new(list, src_base, dst_base, src_len, dst_len, 0, 1, 1, u64::MAX, 1)?;
         // One group per copy, at the bases (the stagers walk the rows).
-        let at = |c: &Strided| Strided { src_offset: src_base + c.src_offset, dst_offset: dst_base + c.dst_offset, ..*c };
+        let at =
+            |c: &Strided| Strided { src_offset: src_base + c.src_offset, dst_offset: dst_base + c.dst_offset, ..*c };
         let groups = list.copies().iter().map(at).collect();
         if read {
             // (offsets in the peer's region, offsets in the local one)

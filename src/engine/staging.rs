@@ -553,8 +553,12 @@ fn read_spans(r: &mut Reader<'_>, min: usize) -> Result<Vec<Span>> {
     let mut spans = Vec::with_capacity(count.min(CONTROL_SLOT_SIZE / SPAN_BYTES));
     let mut total = 0u64;
     for _ in 0..count {
-        let span =
-            Span { offset: r.u64("span offset")?, row_len: r.u64("row length")?, rows: r.u64("rows")?, stride: r.u64("stride")? };
+        let span = Span {
+            offset: r.u64("span offset")?,
+            row_len: r.u64("row length")?,
+            rows: r.u64("rows")?,
+            stride: r.u64("stride")?,
+        };
         if span.rows == 0 || span.row_len == 0 {
             return Err(r.error("a span without bytes"));
         }
@@ -1370,8 +1374,12 @@ impl Stager {
         // timeout (a dead asker, or one that lost track): kept out of use
         // for two more, as any slot a peer may still write into.
         let timeout = self.timeout();
-        let stale: Vec<u64> =
-            self.lent.iter().filter(|(_, l)| !l.busy && now.duration_since(l.since) > timeout).map(|(&k, _)| k).collect();
+        let stale: Vec<u64> = self
+            .lent
+            .iter()
+            .filter(|(_, l)| !l.busy && now.duration_since(l.since) > timeout)
+            .map(|(&k, _)| k)
+            .collect();
         for lease in stale {
             let l = self.lent.remove(&lease).expect("listed");
             self.quarantined.push((l.slot, now + 2 * timeout));
@@ -1571,7 +1579,8 @@ impl Stager {
                     // bytes went to a slot that is out of use.
                     return self.answer(from, cookie, REFUSED, false);
                 };
-                let served = self.serve(key, &spans, true).and_then(|r| if total <= slot_size { Ok(r) } else { Err(REFUSED) });
+                let served =
+                    self.serve(key, &spans, true).and_then(|r| if total <= slot_size { Ok(r) } else { Err(REFUSED) });
                 let region = match served {
                     Ok(r) => r,
                     Err(status) => {
@@ -1708,7 +1717,7 @@ fn pack(groups: &[Strided], size: u64, max: usize) -> Vec<(Vec<Strided>, bool)> 
     let mut chunks: Vec<Vec<Strided>> = Vec::new();
     let mut current: Vec<Strided> = Vec::new();
     let mut used = 0;
-    for g in groups.iter().filter(|g| g.len() > 0) {
+    for g in groups.iter().filter(|g| !g.is_empty()) {
         let (mut row, mut within) = (0, 0);
         while row < g.rows {
             if used == size || current.len() == max || (within == 0 && used > 0 && g.row_len > size - used) {
@@ -1837,7 +1846,15 @@ mod tests {
         let span = |offset, row_len, rows, stride| Span { offset, row_len, rows, stride };
         let (d, h) = (Lane::Device, Lane::Host);
         let messages = [
-            Wire::Put { lane: d, cookie: 1, key: 2, imm: Some(5), slot: 6, spans: vec![span(3, 4, 1, 4)], pool: pool.clone() },
+            Wire::Put {
+                lane: d,
+                cookie: 1,
+                key: 2,
+                imm: Some(5),
+                slot: 6,
+                spans: vec![span(3, 4, 1, 4)],
+                pool: pool.clone(),
+            },
             Wire::Put { lane: h, cookie: 1, key: 2, imm: Some(5), slot: 6, spans: vec![], pool: pool.clone() },
             Wire::Put {
                 lane: h,
@@ -1848,7 +1865,14 @@ mod tests {
                 spans: vec![span(3, 4, 1, 4), span(100, 7, 16, 2048)],
                 pool: pool.clone(),
             },
-            Wire::Get { lane: h, cookie: 7, key: 8, slot: 11, spans: vec![span(9, 10, 1, 10), span(40, 2, 3, 9)], pool: pool.clone() },
+            Wire::Get {
+                lane: h,
+                cookie: 7,
+                key: 8,
+                slot: 11,
+                spans: vec![span(9, 10, 1, 10), span(40, 2, 3, 9)],
+                pool: pool.clone(),
+            },
             Wire::Done { lane: d, cookie: 12, status: REFUSED, keep: false, from: address() },
             Wire::Done { lane: h, cookie: 12, status: OK, keep: true, from: address() },
             Wire::Lease { lane: h, cookie: 13, from: address() },
@@ -1916,7 +1940,15 @@ mod tests {
             Span { offset: 0, row_len: 1, rows: 3, stride: u64::MAX },
             Span { offset: 0, row_len: MAX_CHUNK, rows: 2, stride: MAX_CHUNK },
         ] {
-            let put = Wire::Put { lane: Lane::Host, cookie: 1, key: 2, imm: None, slot: 0, spans: vec![span], pool: pool.clone() };
+            let put = Wire::Put {
+                lane: Lane::Host,
+                cookie: 1,
+                key: 2,
+                imm: None,
+                slot: 0,
+                spans: vec![span],
+                pool: pool.clone(),
+            };
             assert!(Wire::decode(&put.encode()).is_err(), "{span:?}");
         }
         let get = Wire::Get { lane: Lane::Host, cookie: 1, key: 2, slot: 0, spans: vec![], pool };

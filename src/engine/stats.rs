@@ -304,9 +304,19 @@ impl EngineStats {
         let help = |s: &mut String, name: &str, kind: &str, text: &str| {
             let _ = writeln!(s, "# HELP {p}_{name} {text}\n# TYPE {p}_{name} {kind}");
         };
-        help(&mut s, "packed_requests_total", "counter", "Requests moved packed (short runs gathered, copied in by the target).");
+        help(
+            &mut s,
+            "packed_requests_total",
+            "counter",
+            "Requests moved packed (short runs gathered, copied in by the target).",
+        );
         let _ = writeln!(s, "{p}_packed_requests_total {}", self.packed.requests);
-        help(&mut s, "packed_chunks_total", "counter", "Packed chunks, committed to peers (asker) or served for them (owner).");
+        help(
+            &mut s,
+            "packed_chunks_total",
+            "counter",
+            "Packed chunks, committed to peers (asker) or served for them (owner).",
+        );
         let _ = writeln!(s, "{p}_packed_chunks_total{{role=\"asker\"}} {}", self.packed.chunks);
         let _ = writeln!(s, "{p}_packed_chunks_total{{role=\"owner\"}} {}", self.packed.served);
         help(&mut s, "ops_posted_total", "counter", "Operations posted, by NIC and kind.");

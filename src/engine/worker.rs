@@ -1195,7 +1195,9 @@ impl<N: Nic> Worker<N> {
                 self.nic_stats[nic].receives_posted = self.nic_stats[nic].receives_posted.saturating_sub(1);
                 if message && imm.is_some() {
                     // Only the engine's control messages carry an immediate.
-                    if imm == Some(CONTROL_IMM) && (self.diagnose || self.introduce || self.staging.iter().any(Option::is_some)) {
+                    if imm == Some(CONTROL_IMM)
+                        && (self.diagnose || self.introduce || self.staging.iter().any(Option::is_some))
+                    {
                         let pool = &self.pools[nic];
                         // SAFETY: as for messages below.
                         let bytes = unsafe {
