@@ -60,7 +60,9 @@ impl Access {
 ///
 /// Encoding (version 1): `"STD" 1`, flags byte (bit 0 remote write, bit 1
 /// remote read, bit 2 staged device memory, bit 3 packed transfers
-/// served), base address (u64 LE; the owner's virtual address when its
+/// served: new with packing, and refused by the decoders of earlier
+/// releases, like every unknown bit; the engines of a job run one strait
+/// release), base address (u64 LE; the owner's virtual address when its
 /// provider addresses regions by virtual address, else 0), length (u64 LE),
 /// then the owner's engine address (as [`EngineAddress`] encodes it) and one
 /// key (u64 LE) per NIC of that address.

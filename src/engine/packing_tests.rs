@@ -227,8 +227,26 @@ fn a_dropped_target_region_fails_the_request() {
     drop(dst);
     let e = a.write_copies(&src, 0, &desc, 0, &list, None).unwrap().wait_timeout(WAIT).unwrap_err();
     assert!(matches!(e, Error::RemoteAccess(_)), "{e}");
-    // The packers still work for a live region.
+    // The packers still work for a live region, also while requests to the
+    // dropped one fail beside them (their queued chunks hold up no one).
     let dst = b.alloc(64 * 64 * 1024 + 1024, Access::REMOTE_WRITE).unwrap();
+    let big = CopyList::new(head_slice(256, 1024)).unwrap();
+    let src = a.alloc(256 * 32 * 1024, Access::LOCAL).unwrap();
+    let live = b.alloc(256 * 64 * 1024 + 1024, Access::REMOTE_WRITE).unwrap();
+    let started = std::time::Instant::now();
+    let mut dead = Vec::new();
+    let mut ok = Vec::new();
+    for _ in 0..3 {
+        dead.push(a.write_copies(&src, 0, &desc, 0, &list, None).unwrap());
+        ok.push(a.write_copies(&src, 0, live.descriptor(), 0, &big, None).unwrap());
+    }
+    for t in ok {
+        t.wait_timeout(WAIT).unwrap();
+    }
+    for t in dead {
+        assert!(matches!(t.wait_timeout(WAIT), Err(Error::RemoteAccess(_))));
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     a.write_copies(&src, 0, dst.descriptor(), 0, &list, None).unwrap().wait_timeout(WAIT).unwrap();
 }
 
@@ -246,4 +264,29 @@ fn a_target_that_is_gone_fails_the_request_within_the_timeout() {
     let started = std::time::Instant::now();
     let e = a.write_copies(&src, 0, &desc, 0, &list, None).unwrap().wait_timeout(WAIT).unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(5), "failed after {:?}: {e}", started.elapsed());
+}
+
+#[test]
+fn chunks_queued_for_a_lease_wait_past_the_request_timeout() {
+    // 80 requests of 8 MiB to one target: most of their chunks wait for one
+    // of the 4 leases far longer than the 300 ms timeout, which only bounds
+    // how long a peer may leave a chunk unanswered.
+    let (a, b) = (engine(Duration::from_millis(300)), engine(Duration::from_millis(300)));
+    let copies = head_slice(256, 1024);
+    let list = CopyList::new(copies.clone()).unwrap();
+    let src = a.alloc(256 * 32 * 1024, Access::LOCAL).unwrap();
+    let dst = b.alloc(256 * 64 * 1024 + 1024, Access::REMOTE_WRITE).unwrap();
+    let data = pattern(256 * 32 * 1024, 6);
+    src.write_at(0, &data).unwrap();
+    let started = std::time::Instant::now();
+    let all: Vec<Transfer> =
+        (0..80).map(|_| a.write_copies(&src, 0, dst.descriptor(), 0, &list, None).unwrap()).collect();
+    for t in all {
+        t.wait_timeout(WAIT).unwrap();
+    }
+    let took = started.elapsed();
+    let mut want = vec![0u8; dst.len() as usize];
+    reference(&data, &mut want, &copies, 0, 0);
+    assert_eq!(dst.to_vec(0, dst.len()).unwrap(), want);
+    assert!(took > Duration::from_millis(300), "the queue outlived the timeout ({took:?}): the test tests something");
 }

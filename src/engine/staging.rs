@@ -495,11 +495,13 @@ impl Wire {
                 let imm = imm(&mut r)?;
                 let slot = r.u64("slot")?;
                 let spans = read_spans(&mut r, 0)?;
+                check_slot(&r, slot, &spans)?;
                 Ok(Wire::Put { lane, cookie, key, imm, slot, spans, pool: pool(r)? })
             }
             GET => {
                 let (key, slot) = (r.u64("key")?, r.u64("slot")?);
                 let spans = read_spans(&mut r, 1)?;
+                check_slot(&r, slot, &spans)?;
                 Ok(Wire::Get { lane, cookie, key, slot, spans, pool: pool(r)? })
             }
             DONE => {
@@ -570,6 +572,16 @@ fn read_spans(r: &mut Reader<'_>, min: usize) -> Result<Vec<Span>> {
         spans.push(span);
     }
     Ok(spans)
+}
+
+/// A slot offset whose chunk (the spans' bytes) does not run past the end
+/// of the address space.
+fn check_slot(r: &Reader<'_>, slot: u64, spans: &[Span]) -> Result<()> {
+    let total: u64 = spans.iter().map(Span::len).sum();
+    match slot.checked_add(total) {
+        Some(_) => Ok(()),
+        None => Err(r.error(format!("slot {slot} + {total} bytes overflows"))),
+    }
 }
 
 /// The most spans a `Put` or `Get` from a pool whose descriptor encodes in
@@ -691,9 +703,10 @@ enum Wait {
     Transfer,
     /// A peer's `Done` (or `Grant`), until the deadline.
     Answer(Instant),
-    /// (Host lane) A lease to come back from another chunk, until the
-    /// deadline.
-    Lease(Instant),
+    /// (Host lane) A lease to come back from another chunk. No deadline:
+    /// the chunks holding the leases have theirs, and each lease that
+    /// comes back (or fails) moves the queue on.
+    Lease,
 }
 
 struct Chunk {
@@ -1172,8 +1185,7 @@ impl Stager {
                 }
                 Step::Acquire { owner } => self.acquire(id, owner),
                 Step::WriteLeased { src, len } => {
-                    let chunk = self.chunks.get_mut(&id).expect("advancing");
-                    chunk.keep = false;
+                    let chunk = self.chunks.get(&id).expect("advancing");
                     let (owner, lease) = chunk.lease.as_ref().expect("acquired before writing");
                     let held = self.held.get(owner).and_then(|p| p.held.iter().find(|h| h.lease == *lease));
                     let held = held.expect("a chunk's lease is held");
@@ -1188,6 +1200,9 @@ impl Stager {
                         };
                         let plan = self.plan(from, at, len, dst.owner().nic_count());
                         let op = RequestOp::Write { src: Some(local), dst, plan, imm: None };
+                        // From here until the owner's `Done`, the lease's
+                        // state is the owner's to say.
+                        self.chunks.get_mut(&id).expect("advancing").keep = false;
                         self.engine_request(id, op).map(|()| Wait::Transfer)
                     }
                 }
@@ -1242,7 +1257,6 @@ impl Stager {
     /// slots, else a `Lease` request (up to [`MAX_LEASES`] per owner), else
     /// a wait for a lease to come back.
     fn acquire(&mut self, id: u64, owner: EngineAddress) -> Result<Wait> {
-        let deadline = Instant::now() + self.timeout();
         let peer = self.held.entry(owner.clone()).or_default();
         if let Some(h) = peer.held.iter_mut().find(|h| !h.busy) {
             h.busy = true;
@@ -1254,7 +1268,7 @@ impl Stager {
         }
         if peer.held.len() + peer.asking >= MAX_LEASES {
             peer.waiting.push_back(id);
-            return Ok(Wait::Lease(deadline));
+            return Ok(Wait::Lease);
         }
         peer.asking += 1;
         if let Some(c) = self.chunks.get_mut(&id) {
@@ -1269,18 +1283,19 @@ impl Stager {
     /// (`keep`: the owner left it with this engine): the next chunk
     /// waiting for one takes it, or it goes back.
     fn lease_done(&mut self, owner: &EngineAddress, lease: u64, keep: bool) {
-        let Some(peer) = self.held.get_mut(owner) else { return };
-        let Some(at) = peer.held.iter().position(|h| h.lease == lease) else { return };
+        if !self.held.get(owner).is_some_and(|p| p.held.iter().any(|h| h.lease == lease)) {
+            return;
+        }
         if keep {
-            while let Some(next) = peer.waiting.pop_front() {
-                let Some(c) = self.chunks.get_mut(&next).filter(|c| matches!(c.wait, Wait::Lease(_))) else {
-                    continue;
-                };
+            if let Some(next) = self.next_waiter(owner) {
+                let c = self.chunks.get_mut(&next).expect("a live waiter");
                 c.lease = Some((owner.clone(), lease));
                 c.wait = Wait::Ready;
                 return self.advance(next);
             }
         }
+        let Some(peer) = self.held.get_mut(owner) else { return };
+        let Some(at) = peer.held.iter().position(|h| h.lease == lease) else { return };
         peer.held.swap_remove(at);
         if keep {
             let (lane, from) = (self.cfg.lane, self.cfg.address.clone());
@@ -1293,16 +1308,27 @@ impl Stager {
     /// (Asker) Lets the first chunk waiting for a lease on `owner`'s slots
     /// ask for a new one, if the owner's leases allow.
     fn retry_acquire(&mut self, owner: &EngineAddress) {
-        let Some(peer) = self.held.get_mut(owner) else { return };
-        if peer.held.len() + peer.asking >= MAX_LEASES {
-            return;
+        loop {
+            let room = self.held.get(owner).is_some_and(|p| p.held.len() + p.asking < MAX_LEASES);
+            let Some(next) = room.then(|| self.next_waiter(owner)).flatten() else { return };
+            let c = self.chunks.get_mut(&next).expect("a live waiter");
+            c.steps.push_front(Step::Acquire { owner: owner.clone() });
+            c.wait = Wait::Ready;
+            self.advance(next);
         }
-        while let Some(next) = peer.waiting.pop_front() {
-            if let Some(c) = self.chunks.get_mut(&next).filter(|c| matches!(c.wait, Wait::Lease(_))) {
-                c.steps.push_front(Step::Acquire { owner: owner.clone() });
-                c.wait = Wait::Ready;
-                return self.advance(next);
+    }
+
+    /// (Asker) The first chunk waiting for a lease on `owner`'s slots whose
+    /// request is still alive. Waiters of failed requests met on the way
+    /// end (they hold nothing), and ids of chunks gone are dropped.
+    fn next_waiter(&mut self, owner: &EngineAddress) -> Option<u64> {
+        loop {
+            let next = self.held.get_mut(owner)?.waiting.pop_front()?;
+            let Some(c) = self.chunks.get(&next).filter(|c| c.wait == Wait::Lease) else { continue };
+            if self.requests.get(&c.request).is_some_and(|r| r.error.is_none()) {
+                return Some(next);
             }
+            self.end_chunk(next, Ok(()));
         }
     }
 
@@ -1362,7 +1388,7 @@ impl Stager {
         let overdue: Vec<u64> = self
             .chunks
             .iter()
-            .filter(|(_, c)| matches!(c.wait, Wait::Answer(d) | Wait::Lease(d) if d <= now))
+            .filter(|(_, c)| matches!(c.wait, Wait::Answer(d) if d <= now))
             .map(|(&id, _)| id)
             .collect();
         for id in overdue {
@@ -1409,8 +1435,12 @@ impl Stager {
         let Some(mut chunk) = self.chunks.remove(&id) else { return };
         // A lease's slot goes back to the lease, not to the pool.
         let leased = chunk.leased.map(|lease| (lease, chunk.slot.take()));
+        // No peer touches a host packer's own slot (owners are written
+        // into, and read nothing): only this engine's transfer from it
+        // can still be running, when it failed during one.
+        let touched = self.cfg.lane == Lane::Device || chunk.wait == Wait::Transfer;
         if let Some(slot) = chunk.slot {
-            if result.is_err() {
+            if result.is_err() && touched {
                 // A failed step may leave operations in the provider that
                 // still read or write the slot (the worker ends a request
                 // at its timeout without waiting for them), and a peer that
@@ -1446,9 +1476,13 @@ impl Stager {
             }
             Role::Asker => {
                 if chunk.acquiring && chunk.lease.is_none() {
-                    // Its `Lease` is unanswered: a late grant is released.
-                    if let Some(peer) = chunk.asked.as_ref().and_then(|o| self.held.get_mut(o)) {
-                        peer.asking -= 1;
+                    // Its `Lease` is unanswered (a late grant is released):
+                    // one request fewer, so a waiting chunk may ask.
+                    if let Some(owner) = &chunk.asked {
+                        if let Some(peer) = self.held.get_mut(owner) {
+                            peer.asking -= 1;
+                        }
+                        self.retry_acquire(owner);
                     }
                 }
                 if let Some((owner, lease)) = &chunk.lease {
@@ -1470,6 +1504,17 @@ impl Stager {
                             }
                             !drop
                         });
+                        // And those waiting for a lease (they hold no slot).
+                        for peer in self.held.values_mut() {
+                            peer.waiting.retain(|q| {
+                                let drop = chunks.get(q).is_some_and(|c| c.request == request && c.wait == Wait::Lease);
+                                if drop {
+                                    chunks.remove(q);
+                                    r.left -= 1;
+                                }
+                                !drop
+                            });
+                        }
                     }
                 }
                 r.left -= 1;
