@@ -260,7 +260,10 @@ pub struct EngineOptions {
 
 impl EngineOptions {
     fn from_args(a: &EngineArgs) -> Result<Self, String> {
-        let pack_below = a.pack_below.as_deref().map(crate::units::parse_size).transpose()?;
+        let pack_below = match a.pack_below.as_deref().map(str::trim) {
+            Some("0") => Some(0),
+            other => other.map(crate::units::parse_size).transpose()?,
+        };
         Ok(EngineOptions {
             provider: a.provider,
             nics: a.nics,
