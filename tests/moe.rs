@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{engine, LineChild};
 use strait::moe::{bf16_to_f32, f32_to_bf16, Dispatched, MoeConfig, MoeDtype, MoeGroup, MoeRank, MoeRankDesc};
-use strait::{Error, Provider};
+use strait::{Error, Provider, TransferEngine};
 
 /// One rank's input: tokens `[t, hidden]` (as bytes), top-k experts and
 /// weights.
@@ -285,9 +285,17 @@ fn bad_arguments_and_descriptors_are_refused() {
 /// A rank that never shows up (alive, silent): the others fail within the
 /// timeout, naming it; the group then refuses further calls.
 #[test]
-fn a_silent_rank_fails_the_call_naming_it() {
+fn a_silent_rank_fails_the_call_naming_it_and_the_survivors_regroup() {
     let c = MoeConfig { timeout: Duration::from_millis(1500), ..config(3, 6, 2, 8, MoeDtype::F32) };
-    let mut groups = group(Provider::Tcp, c);
+    let engines: Vec<TransferEngine> = (0..3).map(|_| engine(Provider::Tcp, 1)).collect();
+    let connect = |c: MoeConfig, engines: &[TransferEngine]| -> Vec<MoeGroup> {
+        let ranks: Vec<MoeRank> =
+            engines.iter().enumerate().map(|(r, e)| MoeRank::new(e, c, r as u32).unwrap()).collect();
+        let descs: Vec<MoeRankDesc> =
+            ranks.iter().map(|r| MoeRankDesc::from_bytes(&r.descriptor().to_bytes()).unwrap()).collect();
+        ranks.into_iter().map(|r| r.connect(&descs).unwrap()).collect()
+    };
+    let mut groups = connect(c, &engines);
     let _silent = groups.pop().unwrap();
     let start = Instant::now();
     let errors: Vec<Error> = std::thread::scope(|s| {
@@ -311,6 +319,14 @@ fn a_silent_rank_fails_the_call_naming_it() {
     assert!(
         matches!(groups[0].dispatch(&inp.x, &inp.idx, &inp.w), Err(Error::InvalidRequest(m)) if m.contains("build a new one"))
     );
+    // The survivors build a group of two on the same engines (the silent
+    // rank's experts spread over them) and go on, exact.
+    drop(groups);
+    let c2 = config(2, 6, 2, 8, MoeDtype::F32);
+    let mut survivors = connect(c2, &engines[..2]);
+    let inputs: Vec<Input> = (0..2).map(|r| input(&c2, 10, 20 + r, true)).collect();
+    let out = round_trip(&mut survivors, &inputs);
+    check(&c2, &inputs, &out);
 }
 
 // ---- ranks in separate processes, and a SIGKILLed one ----

@@ -729,10 +729,11 @@ struct Chunk {
     lease: Option<(EngineAddress, u64)>,
     /// (Asker) It sent a `Lease` and awaits the `Grant`.
     acquiring: bool,
-    /// (Asker) Its lease is in a known state: not written into yet, or
-    /// the owner's `Done` left it with this engine. False from the write
-    /// into it until that `Done`: a chunk that fails in between drops the
-    /// lease (the owner expires it).
+    /// (Asker) Its lease is this engine's to reuse or release: nothing is
+    /// in flight on it (not written into yet, the write into it landed and
+    /// no commit went, or the owner's `Done` left it with this engine).
+    /// False while the write runs and from the commit to the `Done`: a
+    /// chunk that fails then drops the lease (the owner expires it).
     keep: bool,
     /// (Owner) The lease whose slot it copies out of (`slot` is the
     /// lease's, not the chunk's: it goes back to the lease at the end).
@@ -923,7 +924,12 @@ impl Stager {
                 Err(e) => tracing::debug!(error = %e, "ignoring a malformed staging message"),
             },
             Msg::Ended { chunk, result } => {
-                if self.chunks.get(&chunk).is_some_and(|c| c.wait == Wait::Transfer) {
+                if let Some(c) = self.chunks.get_mut(&chunk).filter(|c| c.wait == Wait::Transfer) {
+                    // A write into a lease that landed leaves nothing in
+                    // flight on it: until a commit, it is this engine's.
+                    if result.is_ok() && c.lease.is_some() {
+                        c.keep = true;
+                    }
                     self.step_done(chunk, result);
                 }
             }
@@ -1207,7 +1213,10 @@ impl Stager {
                     }
                 }
                 Step::Commit { owner, key, spans, imm } => {
-                    let lease = self.chunks.get(&id).and_then(|c| c.lease.as_ref()).map(|l| l.1).expect("acquired");
+                    let chunk = self.chunks.get_mut(&id).expect("advancing");
+                    let lease = chunk.lease.as_ref().map(|l| l.1).expect("acquired");
+                    // Until the owner's `Done`, the lease is the owner's.
+                    chunk.keep = false;
                     self.cfg.counters.chunks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let (lane, from) = (self.cfg.lane, self.cfg.address.clone());
                     self.ask(owner, Wire::Commit { lane, cookie: id, lease, key, imm, spans, from })
