@@ -902,6 +902,11 @@ impl Stager {
     /// request is cut into at least as many chunks as there are slots (not
     /// below `MIN_CHUNK`).
     fn chunk_size(&self, bytes: u64) -> u64 {
+        if self.cfg.lane == Lane::Host {
+            // Packed chunks are whole slots: a chunk's cost is mostly fixed
+            // (a commit and its answer), and many requests are in flight.
+            return self.slot_size();
+        }
         let spread = bytes.div_ceil(self.cfg.staging.slots as u64).next_multiple_of(4096);
         self.slot_size().min(spread.max(MIN_CHUNK))
     }
