@@ -1458,9 +1458,10 @@ impl TransferEngine {
         if dst.is_staged() || src.inner.staged() {
             return self.staged_paged(src, dst, layout, src_pages, dst_pages, imm);
         }
-        if dst.is_packed() && src.inner.device.is_none() && self.shared.pack_below > 0 {
-            // Packed if its coalesced runs are short (the plan is made
-            // twice otherwise: only toward packed regions).
+        let short = layout.page_len < self.shared.pack_below && src_pages.len() as u64 >= MIN_PACKED_RUNS;
+        if short && dst.is_packed() && src.inner.device.is_none() {
+            // Packed if its coalesced runs are short too (the plan is made
+            // twice otherwise: only for short pages toward packed regions).
             let op = self.staged_paged_op(src, dst, layout, src_pages.clone(), dst_pages.clone(), imm)?;
             let StagedOp::Write { groups, .. } = &op else { unreachable!("a paged write") };
             if self.packs(src, dst, groups.iter().map(Strided::len).sum(), groups.len() as u64) {
