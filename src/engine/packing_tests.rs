@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use super::staging_tests::pattern;
 use super::*;
 use crate::plan::Strided;
 
@@ -19,10 +20,6 @@ fn engine(timeout: Duration) -> TransferEngine {
         .request_timeout(timeout)
         .build()
         .expect("engine on libfabric tcp over lo")
-}
-
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8).collect()
 }
 
 /// What `copies` do to `dst` (a copy of the destination's bytes) given
@@ -215,9 +212,11 @@ fn a_target_without_packing_takes_direct_requests() {
     assert_eq!(a.stats().unwrap().packed.requests, 0);
 }
 
-#[test]
-fn a_dropped_target_region_fails_the_request() {
-    let (a, b) = (engine(Duration::from_secs(10)), engine(Duration::from_secs(10)));
+/// Engines `a` and `b` (request timeout `timeout`), and a packed write
+/// from `a` into a region of `b` that succeeded and was then dropped: the
+/// list, its source, and the dropped region's descriptor.
+fn after_a_dropped_region(timeout: Duration) -> (TransferEngine, TransferEngine, CopyList, MemoryRegion, MrDesc) {
+    let (a, b) = (engine(timeout), engine(timeout));
     let list = CopyList::new(head_slice(64, 1024)).unwrap();
     let src = a.alloc(64 * 32 * 1024, Access::LOCAL).unwrap();
     let dst = b.alloc(64 * 64 * 1024 + 1024, Access::REMOTE_WRITE).unwrap();
@@ -225,6 +224,12 @@ fn a_dropped_target_region_fails_the_request() {
     // Once through, so the leases exist, then the region goes.
     a.write_copies(&src, 0, &desc, 0, &list, None).unwrap().wait_timeout(WAIT).unwrap();
     drop(dst);
+    (a, b, list, src, desc)
+}
+
+#[test]
+fn a_dropped_target_region_fails_the_request() {
+    let (a, b, list, src, desc) = after_a_dropped_region(Duration::from_secs(10));
     let e = a.write_copies(&src, 0, &desc, 0, &list, None).unwrap().wait_timeout(WAIT).unwrap_err();
     assert!(matches!(e, Error::RemoteAccess(_)), "{e}");
     // The packers still work for a live region, also while requests to the
@@ -252,14 +257,7 @@ fn a_dropped_target_region_fails_the_request() {
 
 #[test]
 fn a_target_that_is_gone_fails_the_request_within_the_timeout() {
-    let a = engine(Duration::from_millis(800));
-    let b = engine(Duration::from_millis(800));
-    let list = CopyList::new(head_slice(64, 1024)).unwrap();
-    let src = a.alloc(64 * 32 * 1024, Access::LOCAL).unwrap();
-    let dst = b.alloc(64 * 64 * 1024 + 1024, Access::REMOTE_WRITE).unwrap();
-    let desc = dst.descriptor().clone();
-    a.write_copies(&src, 0, &desc, 0, &list, None).unwrap().wait_timeout(WAIT).unwrap();
-    drop(dst);
+    let (a, b, list, src, desc) = after_a_dropped_region(Duration::from_millis(800));
     drop(b);
     let started = std::time::Instant::now();
     let e = a.write_copies(&src, 0, &desc, 0, &list, None).unwrap().wait_timeout(WAIT).unwrap_err();

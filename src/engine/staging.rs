@@ -247,8 +247,9 @@ pub(crate) trait CopyEngine: Send {
     fn busy(&self) -> bool;
 }
 
-/// Plain memory copies: the copy engine of the host packer, and in tests
-/// the stand-in of a GPU's (device regions of host memory; see
+/// Plain memory copies: the copy engine of a device stager without CUDA
+/// (the host packer copies inline, never through it), and in tests the
+/// stand-in of a GPU's (device regions of host memory; see
 /// `EngineBuilder::host_device_stand_in`). A copy is made at the first
 /// poll after it starts, never at start, so the stager cannot rely on a
 /// copy having happened before it is reported.

@@ -26,7 +26,8 @@ fn engine(timeout: Duration) -> TransferEngine {
         .expect("engine on libfabric tcp over lo")
 }
 
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
+/// `len` bytes that differ with `seed` (shared with `packing_tests`).
+pub(super) fn pattern(len: usize, seed: u32) -> Vec<u8> {
     (0..len as u32).map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8).collect()
 }
 
