@@ -1069,16 +1069,33 @@ impl TransferEngine {
     /// The stager, started on first use (for GPU `gpu`, unless `for_gpu`
     /// named one).
     fn stager(&self, gpu: Option<u32>) -> Result<&StagerHandle> {
-        if let Some(s) = self.shared.stager.get() {
+        self.start_once(&self.shared.stager, "starting the stager for device memory", || self.start_stager(gpu))
+    }
+
+    /// The handle in `cell`, started by `start` the first time: once, under
+    /// the stagers' lock, and never on the worker thread (starting one sends
+    /// the worker a command and registers its pool).
+    fn start_once<'a>(
+        &'a self,
+        cell: &'a OnceLock<StagerHandle>,
+        what: &'static str,
+        start: impl FnOnce() -> Result<StagerHandle>,
+    ) -> Result<&'a StagerHandle> {
+        if let Some(s) = cell.get() {
             return Ok(s);
         }
         let _init = self.shared.stager_init.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = self.shared.stager.get() {
+        if let Some(s) = cell.get() {
             return Ok(s);
         }
         if self.shared.link.on_worker() {
-            return Err(Error::WouldDeadlock("starting the stager for device memory"));
+            return Err(Error::WouldDeadlock(what));
         }
+        let handle = start()?;
+        Ok(cell.get_or_init(|| handle))
+    }
+
+    fn start_stager(&self, gpu: Option<u32>) -> Result<StagerHandle> {
         // for_gpu's GPU (by PCI address: CUDA may number it otherwise),
         // else the first device region's, else the calling thread's current
         // device (PyTorch's), else 0.
@@ -1103,22 +1120,16 @@ impl TransferEngine {
         let pool = self.register_inner(ptr, bytes, Access::REMOTE_READ_WRITE, Some(owner), false)?;
         let handle = self.spawn_stager(staging::Lane::Device, config, pool, copies, context, gpu)?;
         tracing::info!(gpu, cuda = handle.context.is_some(), pool = bytes, "stager started");
-        Ok(self.shared.stager.get_or_init(|| handle))
+        Ok(handle)
     }
 
     /// The host packer (see [`EngineBuilder::packing`]), started on first
     /// use: a stager of host memory only, with no CUDA.
     fn packer(&self) -> Result<&StagerHandle> {
-        if let Some(p) = self.shared.packer.get() {
-            return Ok(p);
-        }
-        let _init = self.shared.stager_init.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = self.shared.packer.get() {
-            return Ok(p);
-        }
-        if self.shared.link.on_worker() {
-            return Err(Error::WouldDeadlock("starting the packer"));
-        }
+        self.start_once(&self.shared.packer, "starting the packer", || self.start_packer())
+    }
+
+    fn start_packer(&self) -> Result<StagerHandle> {
         let config = self.shared.packing;
         let bytes = config.pool_bytes();
         let buf = AlignedBuf::zeroed(bytes)?;
@@ -1127,7 +1138,7 @@ impl TransferEngine {
         let copies = Box::new(staging::HostCopies::default());
         let handle = self.spawn_stager(staging::Lane::Host, config, pool, copies, None, 0)?;
         tracing::info!(pool = bytes, runs_below = self.shared.pack_below, "packer started");
-        Ok(self.shared.packer.get_or_init(|| handle))
+        Ok(handle)
     }
 
     /// Starts a stager of `lane` over its registered `pool`.
